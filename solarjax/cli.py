@@ -1,0 +1,51 @@
+"""The ``solarjax`` command line: one entry point, one module per verb.
+
+Each module in ``solarjax/commands/`` defines ``register(subparsers)``, which adds its verb and
+sets ``func`` on the parser. Verbs are discovered, so adding one never touches this file. Heavy
+imports (jax, transformers) happen inside the verbs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import solarjax.commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="solarjax",
+        description="Depth up-scaling (SOLAR 10.7B) of Llama/Mistral models in JAX: convert, up-scale, "
+        "train, evaluate, generate, merge.",
+        epilog="Run 'solarjax VERB --help' for the options of one verb.",
+    )
+    parser.add_argument("--version", action="version", version=f"solarjax {solarjax.__version__}")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for info in sorted(pkgutil.iter_modules(solarjax.commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"solarjax.commands.{info.name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # Our errors (ConfigError, CheckpointError, PlanError, ...) are ValueErrors with a message
+        # that names the culprit; a traceback would only bury it.
+        print(f"solarjax {args.verb}: error: {err}", file=sys.stderr)
+        return 1
+
+
+import solarjax  # noqa: E402  (for __version__ above without a cycle at import time)
+
+if __name__ == "__main__":
+    sys.exit(main())

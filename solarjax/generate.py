@@ -1,0 +1,340 @@
+"""Autoregressive generation with a preallocated, layer-stacked KV cache.
+
+The cache is one ``(layers, batch, slots, kv_heads, head_dim)`` array for keys and one for values,
+so a forward step is the same ``lax.scan`` over layers as training, with each layer's cache slice
+as a scanned input and its updated slice as a scanned output. Every slot also records the
+*position* and *segment* of the token it holds; attention is masked with the model's own
+``attention_mask`` (causal by position, same segment, sliding window), which makes left-padded
+batches and Mistral's sliding window work without special cases: pads are segment 0, real tokens
+segment 1, and positions count real tokens only.
+
+Shapes are rounded up to buckets so a prompt of 37 tokens and one of 50 share a compiled
+program: prefill is compiled once per (batch, prompt bucket, cache length) and the decode loop
+once per (batch, cache length, new-token bucket, top_k).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from solarjax import model as M
+from solarjax.config import ModelConfig
+from solarjax.model import Params
+
+EMPTY_POSITION = 2**30  # position of a slot nothing was written to: never causally visible
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run as asked; the message names the argument."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None):
+    """``(cfg, params, tokenizer)`` from an HF directory or a solarjax Orbax checkpoint.
+
+    The tokenizer is ``tokenizer`` (a ``tokenizer.json`` file or a directory holding one) when
+    given, else ``PATH/tokenizer.json`` when it exists, else ``None`` (callers that need text
+    raise then). Both formats share this helper so every verb accepts either.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from solarjax.hf import load_hf
+
+        cfg, params = load_hf(path, dtype=dtype)
+    elif (path / "params").is_dir():
+        from solarjax.ckpt import load_params
+
+        cfg, params = load_params(path, dtype=dtype)
+    elif not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    else:
+        raise GenerationError(f"{path} is neither an HF model directory (config.json) nor a solarjax Orbax "
+                              "checkpoint (params/)")
+    tok_file = None
+    if tokenizer is not None:
+        tok_file = Path(tokenizer)
+        if tok_file.is_dir():
+            tok_file = tok_file / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"tokenizer file {tok_file} does not exist")
+    elif (path / "tokenizer.json").is_file():
+        tok_file = path / "tokenizer.json"
+    tok = Tokenizer.from_file(str(tok_file)) if tok_file is not None else None
+    return cfg, params, tok
+
+
+def require_tokenizer(tokenizer: Any, path: Any) -> Any:
+    if tokenizer is None:
+        raise GenerationError(f"no tokenizer.json in {path}; pass --tokenizer FILE_OR_DIR")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (L, B, S, K, hd)
+    v: jax.Array  # (L, B, S, K, hd)
+    positions: jax.Array  # (B, S) int32; EMPTY_POSITION where nothing is written yet
+    segments: jax.Array  # (B, S) int32; 1 real token, 0 padding or empty
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache of ``length`` slots per row, in the compute dtype."""
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, cfg.compute_dtype),
+        v=jnp.zeros(shape, cfg.compute_dtype),
+        positions=jnp.full((batch, length), EMPTY_POSITION, jnp.int32),
+        segments=jnp.zeros((batch, length), jnp.int32),
+    )
+
+
+def forward_cached(
+    params: Params,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segments: jax.Array,
+    index: jax.Array | int,
+    cfg: ModelConfig,
+    last_only: bool = False,
+) -> tuple[jax.Array, KVCache]:
+    """Run ``tokens`` (B, T) written at cache slots ``index..index+T``; returns fp32 logits.
+
+    Queries attend to everything in the cache (including what this call writes), masked by
+    position, segment and sliding window, so prefill (T = prompt) and decode (T = 1) are one code
+    path. ``last_only`` computes logits for the final column only (what sampling needs).
+    """
+    index = jnp.asarray(index, jnp.int32)
+    kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
+    kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments.astype(jnp.int32), index, axis=1)
+    mask = M.attention_mask(positions, kv_pos, segments, kv_seg, cfg.sliding_window)
+    cos, sin = M.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    impl = "xla" if cfg.attention == "cudnn" else cfg.attention  # cuDNN wants causal/padding masks only
+
+    def body(x, xs):
+        layer, k_cache, v_cache = xs
+        q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        out = M.attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, impl)
+        return M.finish_layer(x, out, layer, cfg), (k_cache, v_cache)
+
+    x = M.embed(params, tokens, cfg)
+    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
+    if last_only:
+        x = x[:, -1:]
+    return M.lm_head(params, x, cfg), KVCache(k_new, v_new, kv_pos, kv_seg)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pad token lists to ``length``: (tokens, segments 0/1, positions counting real tokens)."""
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    segments = np.zeros((len(prompts), length), np.int32)
+    for row, ids in enumerate(prompts):
+        if len(ids):
+            tokens[row, length - len(ids):] = ids
+            segments[row, length - len(ids):] = 1
+    positions = np.cumsum(segments, axis=1, dtype=np.int32) - 1
+    return tokens, segments, positions
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int = 0,
+                  top_p: jax.Array | float = 1.0) -> jax.Array:
+    """Next tokens (B,) from logits (B, V): greedy when ``temperature`` is 0, else filtered sampling.
+
+    ``top_k`` is static (``lax.top_k`` needs it); temperature and top_p are traced so changing
+    them does not recompile.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits / jnp.maximum(temperature, 1e-6)
+    neg = jnp.finfo(x.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
+        x = jnp.where(x < kth, neg, x)
+    # nucleus: keep the smallest set of tokens whose probability mass reaches top_p
+    desc = -jnp.sort(-x, axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x < cutoff, neg, x)
+    sampled = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+# ----------------------------------------------------------------------------- prefill + decode
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    token: jax.Array  # (B,) last sampled token, fed at the next step
+    position: jax.Array  # (B,) its position
+    index: jax.Array  # () its cache slot
+    done: jax.Array  # (B,) hit a stop token
+    key: jax.Array
+
+
+def _prefill(params, tokens, segments, positions, key, temperature, top_p, stop_ids, cfg, cache_len, top_k):
+    cache = init_cache(cfg, tokens.shape[0], cache_len)
+    logits, cache = forward_cached(params, cache, tokens, positions, segments, 0, cfg, last_only=True)
+    key, sub = jax.random.split(key)
+    token = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
+    return DecodeState(cache, token, positions[:, -1], jnp.int32(tokens.shape[1]), jnp.isin(token, stop_ids), key)
+
+
+def _step(params, state: DecodeState, temperature, top_p, stop_ids, pad_id, cfg, top_k) -> DecodeState:
+    """Feed ``state.token``, sample the next one; finished rows emit ``pad_id``."""
+    position = state.position + 1
+    logits, cache = forward_cached(params, state.cache, state.token[:, None], position[:, None],
+                                   jnp.ones_like(position)[:, None], state.index, cfg, last_only=True)
+    key, sub = jax.random.split(state.key)
+    token = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
+    token = jnp.where(state.done, pad_id, token)
+    done = state.done | jnp.isin(token, stop_ids)
+    return DecodeState(cache, token, position, state.index + 1, done, key)
+
+
+def _decode_loop(params, state, max_new, temperature, top_p, stop_ids, pad_id, cfg, n_bucket, top_k):
+    """All remaining tokens in one ``while_loop``; stops early when every row is done."""
+    out = jnp.full((state.token.shape[0], n_bucket), pad_id, jnp.int32).at[:, 0].set(state.token)
+
+    def cond(carry):
+        i, _, st = carry
+        return (i < max_new) & ~jnp.all(st.done)
+
+    def body(carry):
+        i, out, st = carry
+        st = _step(params, st, temperature, top_p, stop_ids, pad_id, cfg, top_k)
+        return i + 1, out.at[:, i].set(st.token), st
+
+    _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, state))
+    return out
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "top_k"))
+_step_jit = jax.jit(_step, static_argnames=("cfg", "top_k"), donate_argnames=("state",))
+_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("cfg", "n_bucket", "top_k"))
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Round a length up to a compile bucket: powers of two up to 512, then multiples of 512."""
+    n = max(n, minimum)
+    if n <= 512:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 512) * 512
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    pad_id: int = 0,
+    on_token: Callable[[np.ndarray], None] | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` per prompt (token-id lists, batched with left padding).
+
+    Returns the new tokens of each row, ending with the stop token when one was produced.
+    ``temperature=0`` is greedy. ``on_token`` streams: it is called with the (B,) tokens of every
+    step (finished rows give ``pad_id``) and switches to one compiled step per token.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt needs at least one token (got an empty prompt or no prompts)")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise GenerationError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0 "
+                              f"(got {temperature}, {top_p}, {top_k})")
+    bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+    p_len = bucket(max(len(p) for p in prompts))
+    n_bucket = bucket(max_new_tokens, 32)
+    tokens, segments, positions = left_pad(prompts, p_len, pad_id)
+    stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
+    state = _prefill_jit(params, tokens, segments, positions, jax.random.key(seed), temp, nucleus, stop_ids,
+                         cfg=cfg, cache_len=p_len + n_bucket, top_k=top_k)
+    if on_token is None:
+        out = np.asarray(_decode_loop_jit(params, state, jnp.int32(max_new_tokens), temp, nucleus, stop_ids,
+                                          jnp.int32(pad_id), cfg=cfg, n_bucket=n_bucket, top_k=top_k))
+    else:
+        steps = [np.asarray(state.token)]
+        on_token(steps[-1])
+        while len(steps) < max_new_tokens and not bool(np.all(state.done)):
+            state = _step_jit(params, state, temp, nucleus, stop_ids, jnp.int32(pad_id), cfg=cfg, top_k=top_k)
+            steps.append(np.asarray(state.token))
+            on_token(steps[-1])
+        out = np.stack(steps, axis=1)
+    stops = set(int(s) for s in stop_tokens)
+    results = []
+    for row in out[:, :max_new_tokens].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:end])
+    return results
+
+
+def generate_text(
+    params: Params,
+    cfg: ModelConfig,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    stop_strings: Sequence[str] = (),
+    stream: Callable[[str], None] | None = None,
+    skip_special_tokens: bool = True,
+    **kwargs: Any,
+) -> list[str]:
+    """Text in, completions out (a ``tokenizers.Tokenizer``); cuts each at the first stop string.
+
+    ``stream`` (batch of one only) receives each newly decoded piece of text as it is produced;
+    stop tokens default to the config's EOS. Other keyword arguments go to :func:`generate`.
+    """
+    if stream is not None and len(prompts) != 1:
+        raise GenerationError("streaming prints one completion; pass a single prompt or no stream callback")
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    if "stop_tokens" not in kwargs:
+        kwargs["stop_tokens"] = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
+    on_token = None
+    if stream is not None:
+        seen: list[int] = []
+        printed = [""]
+
+        def on_token(tokens: np.ndarray) -> None:
+            seen.append(int(tokens[0]))
+            text = tokenizer.decode(seen, skip_special_tokens=skip_special_tokens)
+            # a byte-level BPE token can end mid-character: wait for the rest before printing
+            if text.endswith("\ufffd"):
+                return
+            stream(text[len(printed[0]):])
+            printed[0] = text
+
+    outs = generate(params, cfg, ids, on_token=on_token, **kwargs)
+    texts = [tokenizer.decode(o, skip_special_tokens=skip_special_tokens) for o in outs]
+    return [cut_at_stop(t, stop_strings) for t in texts]
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest of ``stop_strings``."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
+    return text[:cut]

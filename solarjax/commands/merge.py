@@ -1,0 +1,32 @@
+"""``solarjax merge RECIPE OUT``: run a mergekit-style YAML recipe on local checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "merge",
+        help="merge checkpoints (linear, slerp, task_arithmetic, ties, dare_ties, dare_linear)",
+        description="Merge Hugging Face safetensors (or solarjax Orbax) checkpoints of one architecture "
+        "with a mergekit-style YAML recipe: models: [{model: PATH, parameters: {weight: 0.5}}], "
+        "merge_method, base_model, parameters, dtype. Streams one tensor at a time and writes an HF "
+        "directory atomically. SOLAR 10.7B-Instruct is a linear 0.5/0.5 merge of two DPO models.",
+    )
+    p.add_argument("recipe", help="YAML recipe (mergekit's 'models' form)")
+    p.add_argument("out", help="output directory (HF safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--seed", type=int, default=0, help="random seed for DARE (default 0)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from solarjax.merge import merge_checkpoints
+
+    out = merge_checkpoints(args.recipe, args.out, overwrite=args.overwrite, seed=args.seed,
+                            max_shard_size=args.max_shard_size, progress=not args.no_progress)
+    print(f"wrote {out}")
+    return 0

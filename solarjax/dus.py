@@ -492,7 +492,7 @@ def _write_shard(file: Path, tensors: list[_Out], fds: dict[Path, int], chunk: i
                 _copy_range(fds[t.src.file], f, t.src.offset, t.src.nbytes, chunk, bar)
             else:
                 array = _tensor_bytes(t, fds)
-                f.write(memoryview(array).cast("B"))
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))  # no copy; works for bf16
                 bar.update(array.nbytes)
                 del array
     return offset

@@ -322,11 +322,17 @@ def merge_group(
     if not layered:
         args = tuple(a[0] for a in args)
     fn = _compiled(spec.name, layered, **_static(spec, plans, tensor_name))
+    # Kernels only do elementwise math and whole-tensor reductions, so they run on flat vectors:
+    # one compiled program per tensor size instead of per shape.
+    shape = inputs[0].shape
+    flat = (lambda x: x.reshape(shape[0], -1)) if layered else (lambda x: x.reshape(-1))
     if spec.name == "linear":
-        return fn(jnp.stack(list(inputs)), *args)
-    if spec.name == "slerp":
-        return fn(args[0], base, inputs[0])
-    return fn(base, jnp.stack(list(inputs)), *args)
+        out = fn(jnp.stack([flat(x) for x in inputs]), *args)
+    elif spec.name == "slerp":
+        out = fn(args[0], flat(base), flat(inputs[0]))
+    else:
+        out = fn(flat(base), jnp.stack([flat(x) for x in inputs]), *args)
+    return out.reshape(shape)
 
 
 def tensor_key(seed: int, tensor_name: str) -> jax.Array:

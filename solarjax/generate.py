@@ -250,13 +250,14 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
     pad_id: int = 0,
-    on_token: Callable[[np.ndarray], None] | None = None,
+    on_token: Callable[[np.ndarray], bool | None] | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt (token-id lists, batched with left padding).
 
     Returns the new tokens of each row, ending with the stop token when one was produced.
     ``temperature=0`` is greedy. ``on_token`` streams: it is called with the (B,) tokens of every
-    step (finished rows give ``pad_id``) and switches to one compiled step per token.
+    step (finished rows give ``pad_id``) and switches to one compiled step per token; it may
+    return True to end generation early (e.g. a stop string appeared).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token (got an empty prompt or no prompts)")
@@ -280,11 +281,11 @@ def generate(
                                           jnp.int32(pad_id), cfg=cfg, n_bucket=n_bucket, top_k=top_k))
     else:
         steps = [np.asarray(state.token)]
-        on_token(steps[-1])
-        while len(steps) < max_new_tokens and not bool(np.all(state.done)):
+        stop = on_token(steps[-1])
+        while not stop and len(steps) < max_new_tokens and not bool(np.all(state.done)):
             state = _step_jit(params, state, temp, nucleus, stop_ids, jnp.int32(pad_id), cfg=cfg, top_k=top_k)
             steps.append(np.asarray(state.token))
-            on_token(steps[-1])
+            stop = on_token(steps[-1])
         out = np.stack(steps, axis=1)
     stops = set(int(s) for s in stop_tokens)
     results = []
@@ -320,21 +321,58 @@ def generate_text(
         seen: list[int] = []
         printed = [""]
 
-        def on_token(tokens: np.ndarray) -> None:
+        def on_token(tokens: np.ndarray) -> bool:
             seen.append(int(tokens[0]))
-            text = tokenizer.decode(seen, skip_special_tokens=skip_special_tokens)
+            full = tokenizer.decode(seen, skip_special_tokens=skip_special_tokens)
+            text = cut_at_stop(full, stop_strings)
             # a byte-level BPE token can end mid-character: wait for the rest before printing
-            if text.endswith("\ufffd"):
-                return
-            stream(text[len(printed[0]):])
-            printed[0] = text
+            if text == full and text.endswith("\ufffd"):
+                return False
+            # hold back a tail that may be the start of a stop string
+            hold = max((len(s) - 1 for s in stop_strings if s), default=0) if text == full else 0
+            upto = max(len(text) - hold, len(printed[0]))
+            stream(text[len(printed[0]):upto])
+            printed[0] = text[:upto]
+            return text != full
+
 
     outs = generate(params, cfg, ids, on_token=on_token, **kwargs)
-    texts = [tokenizer.decode(o, skip_special_tokens=skip_special_tokens) for o in outs]
-    return [cut_at_stop(t, stop_strings) for t in texts]
+    texts = [cut_at_stop(tokenizer.decode(o, skip_special_tokens=skip_special_tokens), stop_strings) for o in outs]
+    if stream is not None and len(texts[0]) > len(printed[0]):
+        stream(texts[0][len(printed[0]):])  # the held-back tail when no stop string came
+    return texts
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     """``text`` up to (not including) the earliest of ``stop_strings``."""
     cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def chat_prompt(model_dir: str | os.PathLike, user_message: str, system: str | None = None) -> str:
+    """Render the model's own chat template (``tokenizer_config.json`` or ``chat_template.jinja``).
+
+    Instruct models answer far better inside their template; jinja2 renders it the way
+    transformers does (one user turn, generation prompt appended).
+    """
+    import json
+
+    import jinja2
+
+    model_dir = Path(model_dir)
+    template, special = None, {}
+    config_file = model_dir / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        template = config.get("chat_template")
+        special = {k: config.get(k) for k in ("bos_token", "eos_token")}
+        special = {k: (v.get("content") if isinstance(v, dict) else v) or "" for k, v in special.items()}
+    if (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text()
+    if not template:
+        raise GenerationError(f"{model_dir} has no chat template (tokenizer_config.json or chat_template.jinja)")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=special.get("bos_token", ""),
+                                            eos_token=special.get("eos_token", ""))

@@ -1,0 +1,107 @@
+"""``solarjax eval``: perplexity on a text file, offline MMLU, or the lm-eval harness."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory or solarjax Orbax checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the model's")
+    p.add_argument("--dtype", help="param dtype to load as, e.g. bfloat16")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model: perplexity, offline MMLU, or lm-eval-harness tasks",
+        description="Evaluate a model. 'ppl' scores a text or JSONL file with a sliding window; 'mmlu' "
+        "runs the MMLU questions that ship inside lm-eval (no download); 'lm-eval' runs harness tasks.",
+    )
+    sub = parser.add_subparsers(dest="eval_kind", metavar="KIND", required=True)
+
+    p = sub.add_parser("ppl", help="token-level perplexity of a .txt file or .jsonl file (one doc per line)")
+    _model_args(p)
+    p.add_argument("--data", required=True, help=".txt (one document) or .jsonl (field --field per line)")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--window", type=int, help="tokens per window (default: min(max_seq_len, 1024))")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: window / 2)")
+    p.set_defaults(func=run_ppl)
+
+    p = sub.add_parser("mmlu", help="MMLU dev questions shipped in lm-eval, scored by log-likelihood")
+    _model_args(p)
+    p.add_argument("--subjects", help="comma-separated subjects (default: all 57)")
+    p.add_argument("--limit", type=int, help="at most this many questions, spread over subjects")
+    p.add_argument("--shots", type=int, default=0, help="solved same-subject examples before each question")
+    p.set_defaults(func=run_mmlu)
+
+    p = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks through the solarjax model class")
+    _model_args(p)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=float, help="examples per task (or a fraction)")
+    p.add_argument("--include-path", help="directory of extra task YAMLs (e.g. local data)")
+    p.add_argument("--output", help="write the results JSON here")
+    p.set_defaults(func=run_lm_eval)
+
+
+def run_ppl(args: argparse.Namespace) -> int:
+    from solarjax.eval import read_documents, text_perplexity
+    from solarjax.generate import load_model, require_tokenizer
+
+    docs = read_documents(args.data, args.field)
+    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
+    require_tokenizer(tokenizer, args.model)
+    result = text_perplexity(params, cfg, tokenizer, docs, window=args.window, stride=args.stride,
+                             batch_size=args.batch_size, progress=True)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"perplexity {result.ppl:.4f} (loss {result.loss:.4f} nats/token) over {result.tokens} tokens "
+              f"in {result.documents} document(s)")
+    return 0
+
+
+def run_mmlu(args: argparse.Namespace) -> int:
+    from solarjax.eval import mmlu_accuracy
+    from solarjax.generate import load_model, require_tokenizer
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
+    require_tokenizer(tokenizer, args.model)
+    result = mmlu_accuracy(params, cfg, tokenizer, subjects, args.limit, shots=args.shots,
+                           batch_size=args.batch_size, progress=True)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"MMLU accuracy {result.accuracy:.4f} ± {result.stderr:.4f} ({result.correct}/{result.total}, "
+              f"{args.shots}-shot; chance 0.25)")
+    return 0
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from lm_eval.evaluator import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:  # lm-eval installed without its dependencies
+        raise ValueError(f"the lm-eval harness cannot run here ({err}); install lm-eval with its dependencies "
+                         "(pip install lm-eval)") from err
+    from solarjax.lm_eval_adapter import SolarJaxLM
+
+    model = SolarJaxLM(path=args.model, tokenizer=args.tokenizer, batch_size=args.batch_size, dtype=args.dtype)
+    results = simple_evaluate(
+        model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
+        task_manager=TaskManager(include_path=args.include_path) if args.include_path else None,
+    )
+    table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+             for task, metrics in results["results"].items()}
+    print(json.dumps(table, indent=None if args.json else 2))
+    if args.output:
+        from lm_eval.utils import handle_non_serializable
+
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2, default=handle_non_serializable)
+    return 0

@@ -1,0 +1,52 @@
+"""``solarjax generate``: sample text from a model, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with a KV cache (greedy or sampled), streamed as it is produced",
+        description="Generate continuations of one or more prompts. One prompt streams token by token; "
+        "several run as one left-padded batch.",
+    )
+    p.add_argument("--model", required=True, help="HF model directory or solarjax Orbax checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the model's")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); EOS always stops")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", help="param dtype to load as, e.g. bfloat16")
+    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from solarjax.generate import chat_prompt, generate_text, load_model, require_tokenizer
+
+    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
+    require_tokenizer(tokenizer, args.model)
+    prompts = [chat_prompt(args.model, p) if args.chat else p for p in args.prompt]
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
+    if len(prompts) == 1 and not args.no_stream:
+        def stream(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        sys.stdout.write(args.prompt[0])
+        generate_text(params, cfg, tokenizer, prompts, stream=stream, **options)
+        sys.stdout.write("\n")
+        return 0
+    for prompt, text in zip(args.prompt, generate_text(params, cfg, tokenizer, prompts, **options)):
+        print(f"{prompt}{text}")
+        if len(prompts) > 1:
+            print("-" * 40)
+    return 0

@@ -1,0 +1,132 @@
+"""lm-evaluation-harness model class ``solarjax``: the Open LLM Leaderboard tasks on our params.
+
+Importing this module registers the class, so ``lm_eval.simple_evaluate(model="solarjax",
+model_args="path=...")`` works after ``import solarjax.lm_eval_adapter``; the
+``solarjax eval lm-eval`` verb does that import and then runs the harness (the plain ``lm_eval``
+CLI never imports solarjax). Scoring goes through :func:`solarjax.eval.loglikelihoods` and
+generation through :func:`solarjax.generate.generate`, so the harness sees the same numbers as
+our own verbs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from solarjax.eval import loglikelihoods
+from solarjax.generate import cut_at_stop, generate, load_model, require_tokenizer
+
+
+@register_model("solarjax")
+class SolarJaxLM(TemplateLM):
+    """A solarjax model (HF directory or Orbax checkpoint) behind lm-eval's ``LM`` interface.
+
+    ``model_args``: ``path`` (required unless ``params``/``cfg``/``tokenizer`` objects are
+    passed), ``tokenizer`` (file or dir), ``batch_size``, ``max_length``, ``max_gen_toks``,
+    ``dtype``, ``add_bos_token`` (default False, as lm-eval's HF model).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        tokenizer: Any = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        dtype: str | None = None,
+        add_bos_token: bool = False,
+        params: Any = None,
+        cfg: Any = None,
+        **_ignored: Any,  # harness-wide options such as device / max_batch_size
+    ) -> None:
+        super().__init__()
+        if params is not None and cfg is not None:
+            self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        elif path is not None:
+            tok_path = tokenizer if isinstance(tokenizer, str) else None
+            self.cfg, self.params, loaded = load_model(path, tok_path, dtype=dtype)
+            self.tokenizer = tokenizer if tokenizer is not None and tok_path is None else loaded
+        else:
+            raise ValueError("the solarjax lm-eval model needs model_args path=MODEL_DIR (or params=, cfg=)")
+        require_tokenizer(self.tokenizer, path)
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self._max_length = int(max_length) if max_length else self.cfg.max_seq_len
+        self.max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = bool(add_bos_token)
+
+    # --------------------------------------------------------------- tokenization
+    @property
+    def eot_token_id(self) -> int:
+        return self.cfg.eos_token_id if self.cfg.eos_token_id is not None else 0
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        special = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        return self.tokenizer.encode(string, add_special_tokens=special).ids
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    # --------------------------------------------------------------- scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        results = loglikelihoods(self.params, self.cfg, pairs, batch_size=self.batch_size,
+                                 max_length=self.max_length, progress=not disable_tqdm)
+        for (key, _, _), result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", key, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-string log-likelihood in disjoint windows of ``max_length``, prefixed by EOT."""
+        per_doc, pairs = [], []
+        for (string,) in (r.args for r in requests):
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            per_doc.append(len(windows))
+            pairs.extend(windows)
+        scores = loglikelihoods(self.params, self.cfg, pairs, batch_size=self.batch_size,
+                                max_length=self.max_length, progress=not disable_tqdm)
+        out, i = [], 0
+        for (string,), n in zip((r.args for r in requests), per_doc):
+            total = sum(s for s, _ in scores[i:i + n])
+            i += n
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
+            out.append(total)
+        return out
+
+    # --------------------------------------------------------------- generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Batches requests that share generation settings; stops at ``until`` strings and EOT."""
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+        for indices in groups.values():
+            kwargs = dict(requests[indices[0]].args[1])
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
+            options = dict(temperature=temperature, top_k=int(kwargs.pop("top_k", 0) or 0),
+                           top_p=float(kwargs.pop("top_p", 1.0) or 1.0), seed=int(kwargs.pop("seed", 0) or 0))
+            keep = max(self.max_length - max_new, 1)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                prompts = [self.tok_encode(requests[i].args[0])[-keep:] or [self.prefix_token_id] for i in chunk]
+                outs = generate(self.params, self.cfg, prompts, max_new_tokens=max_new,
+                                stop_tokens=[self.eot_token_id], pad_id=self.eot_token_id, **options)
+                for i, ids in zip(chunk, outs):
+                    if ids and ids[-1] == self.eot_token_id:
+                        ids = ids[:-1]
+                    text = cut_at_stop(self.tok_decode(ids), until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                    results[i] = text
+        return results  # type: ignore[return-value]

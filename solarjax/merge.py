@@ -188,13 +188,14 @@ def _rescale_l1(x: jax.Array, masked: jax.Array, eps: float = 1e-7) -> jax.Array
 
 
 def magnitude_prune(delta: jax.Array, k: jax.Array, rescale: bool) -> jax.Array:
-    """Keep the ``k`` largest-magnitude entries (mergekit: k = max(1, int(density * size)))."""
+    """Keep exactly the ``k`` largest-magnitude entries (mergekit: k = max(1, int(density * size))).
+
+    Exactly k even when magnitudes tie (common in bf16); ties go to the lower index.
+    """
     mag = jnp.abs(delta).ravel()
-    ordered = jnp.sort(mag)[::-1]
-    threshold = ordered[jnp.clip(k - 1, 0, mag.size - 1)]
-    # ties at the threshold keep a few more than k; torch's unstable argsort picks arbitrarily anyway
-    mask = (jnp.abs(delta) >= threshold) & (k > 0)
-    masked = jnp.where(mask, delta, 0.0)
+    order = jnp.argsort(mag, descending=True, stable=True)
+    keep = jnp.zeros(mag.shape, bool).at[order].set(jnp.arange(mag.size) < k).reshape(delta.shape)
+    masked = jnp.where(keep, delta, 0.0)
     return _rescale_l1(delta, masked) if rescale else masked
 
 

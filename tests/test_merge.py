@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
+import ml_dtypes  # noqa: F401  (numpy bfloat16, for safetensors)
 import numpy as np
 import pytest
 import yaml
@@ -42,6 +43,16 @@ models:
 merge_method: linear
 parameters: {{normalize: false}}
 dtype: float32
+""",
+    # bf16 output: both compute in fp32 and round once, so at most one bf16 ulp apart
+    "linear_bf16": """
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+dtype: bfloat16
 """,
     "slerp": """
 models:
@@ -158,14 +169,17 @@ def test_matches_mergekit(name, mergekit_outputs, our_outputs, merge_models):
     ours, theirs = _tensors(our_outputs[name]), _tensors(mergekit_outputs[name])
     assert sorted(ours) == sorted(theirs)
     base = _tensors(merge_models["base"])
+    dtype = "bfloat16" if name.endswith("bf16") else "float32"
+    rtol = 2**-7 if dtype == "bfloat16" else 0
     for key in theirs:
-        assert ours[key].dtype == theirs[key].dtype == np.float32, key
-        np.testing.assert_allclose(ours[key], theirs[key], rtol=0, atol=ATOL, err_msg=f"{name}: {key}")
+        assert ours[key].dtype.name == theirs[key].dtype.name == dtype, key
+        np.testing.assert_allclose(ours[key].astype(np.float32), theirs[key].astype(np.float32), rtol=rtol,
+                                   atol=ATOL, err_msg=f"{name}: {key}")
     # not a trivial merge (SLERP's gradients reach t=0, i.e. the base, at some layers)
     changed = [not np.array_equal(ours[k], base[k]) for k in theirs]
     assert np.mean(changed) > 0.75
     config = json.loads((our_outputs[name] / "config.json").read_text())
-    assert config["num_hidden_layers"] == 4 and config["torch_dtype"] == "float32"
+    assert config["num_hidden_layers"] == 4 and config["torch_dtype"] == dtype
 
 
 def test_slerp_uses_both_branches(merge_models, our_outputs):

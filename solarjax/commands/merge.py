@@ -24,7 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
+
     from solarjax.merge import merge_checkpoints
+
+    # recipe warnings (e.g. a parameter the method ignores) as one line, not a source excerpt
+    warnings.formatwarning = lambda message, *_, **__: f"solarjax merge: warning: {message}\n"
 
     out = merge_checkpoints(args.recipe, args.out, overwrite=args.overwrite, seed=args.seed,
                             max_shard_size=args.max_shard_size, progress=not args.no_progress)

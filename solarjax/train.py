@@ -96,7 +96,7 @@ def make_train_step(
             metrics = {k: v if k == "tokens" else v / grad_accum for k, v in metrics.items()}
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
         return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
@@ -183,6 +183,7 @@ def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, num_devices: int) -
 def checkpoint_manager(directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
     import orbax.checkpoint as ocp
 
+    # ``every`` is enforced by the caller (``train``); Orbax alone would also save the first step.
     options = ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
     return ocp.CheckpointManager(Path(directory).resolve(), options=options)
@@ -446,8 +447,8 @@ def train(
         else:
             window_tokens += tokens_per_step
         done = step + 1
-        if manager is not None:
-            save_checkpoint(manager, state, cfg, data_state, force=done == end)
+        if manager is not None and ((ck.every and done % ck.every == 0) or done == end):
+            save_checkpoint(manager, state, cfg, data_state, force=True)
         if done % tc.log_every == 0 or done == end:
             fetched = jax.device_get(pending)
             losses.extend(float(m["loss"]) for m in fetched)

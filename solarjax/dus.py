@@ -194,7 +194,9 @@ def parse_plan_spec(spec: str, n_layers: int) -> Plan:
         return make_plan([_parse_range(part, spec) for part in text.split(",")], n_layers)
     name = head.replace("-", "_").lower()
     if name not in OPERATORS:
-        raise PlanError(f"unknown plan method {head!r} in {spec!r}; known: {sorted(OPERATORS)} or ranges like '0:24,8:32'")
+        raise PlanError(
+            f"unknown plan method {head!r} in {spec!r}; known: {sorted(OPERATORS)} or ranges like '0:24,8:32'"
+        )
     fn, keys = OPERATORS[name]
     kwargs = {}
     for item in filter(None, rest.split(",")):

@@ -104,5 +104,6 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
     print(f"{args.src} ({n_src} layers) -> {args.dst} ({len(dus.plan_layers(plan))} layers), plan "
-          f"{dus.format_plan(plan)}: {size / 1e9:.3f} GB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+          f"{dus.format_plan(plan)}: {size / 1e9:.3f} GB in {seconds:.1f} s "
+          f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
     return 0

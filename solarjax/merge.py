@@ -693,11 +693,14 @@ def merge_checkpoints(
     seed: int = 0,
     max_shard_size: int | str = "5GB",
     progress: bool = False,
+    out_format: str = "hf",
 ) -> Path:
     """Run a recipe on disk and write an HF safetensors directory at ``out``, atomically.
 
     The output config.json (and tokenizer files) come from ``base_model`` or else the first
     model, as in mergekit; the recipe is saved beside the weights as ``merge_recipe.yml``.
+    ``out_format="orbax"`` writes a solarjax Orbax params checkpoint instead (via a temporary
+    HF directory, holding the merged model in memory once).
     """
     import json
 
@@ -705,6 +708,8 @@ def merge_checkpoints(
 
     from solarjax.hf import atomic_output_dir, copy_tokenizer_files, write_safetensors
 
+    if out_format not in ("hf", "orbax"):
+        raise MergeError(f"unknown output format {out_format!r}; use 'hf' or 'orbax'")
     recipe_text = None
     if not isinstance(recipe, Recipe):
         recipe_text = Path(recipe).read_text() if Path(recipe).is_file() else None
@@ -714,6 +719,18 @@ def merge_checkpoints(
     names = _check_tensors(inputs)
     donor = inputs.base if inputs.base is not None else inputs.models[0]
     all_paths = [e.path for e in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+    if out_format == "orbax":
+        import tempfile
+
+        from solarjax.ckpt import save_params
+        from solarjax.hf import load_hf
+
+        atomic_output_dir(out, overwrite=overwrite, sources=tuple(all_paths))  # only its checks
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent, prefix=".merge-") as tmp:
+            hf_dir = merge_checkpoints(recipe, Path(tmp) / "hf", seed=seed, progress=progress)
+            cfg, params = load_hf(hf_dir)
+            return save_params(out, params, cfg, overwrite=overwrite)
     with atomic_output_dir(out, overwrite=overwrite, sources=tuple(all_paths)) as tmp:
         stream = _merge_stream(recipe, spec, inputs, names, seed, progress)
         write_safetensors(stream, tmp, max_shard_size, total=len(names))

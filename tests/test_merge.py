@@ -265,6 +265,25 @@ def test_orbax_input_equals_hf(merge_models, loaded, our_outputs, tmp_path):
         np.testing.assert_allclose(ours[key], want[key], rtol=0, atol=ATOL, err_msg=key)
 
 
+def test_orbax_output(recipes, our_outputs, tmp_path):
+    from solarjax.ckpt import load_params
+    from solarjax.hf import load_hf
+
+    out = merge_checkpoints(recipes["ties"], tmp_path / "orbax", out_format="orbax")
+    cfg, got = load_params(out)
+    want_cfg, want = load_hf(our_outputs["ties"])
+    assert cfg == want_cfg
+    for a, b in zip(jax_leaves(got), jax_leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".merge-")]
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
 def test_cli(recipes, our_outputs, tmp_path, capsys):
     from solarjax.cli import main
 

@@ -15,10 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "directory atomically. SOLAR 10.7B-Instruct is a linear 0.5/0.5 merge of two DPO models.",
     )
     p.add_argument("recipe", help="YAML recipe (mergekit's 'models' form)")
-    p.add_argument("out", help="output directory (HF safetensors)")
+    p.add_argument("out", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--seed", type=int, default=0, help="random seed for DARE (default 0)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--format", choices=("hf", "orbax"), default="hf",
+                   help="output as an HF safetensors directory (default) or a solarjax Orbax checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -32,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     warnings.formatwarning = lambda message, *_, **__: f"solarjax merge: warning: {message}\n"
 
     out = merge_checkpoints(args.recipe, args.out, overwrite=args.overwrite, seed=args.seed,
-                            max_shard_size=args.max_shard_size, progress=not args.no_progress)
+                            max_shard_size=args.max_shard_size, progress=not args.no_progress, out_format=args.format)
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,149 @@
+"""Generation latency: solarjax KV-cache decode vs transformers ``generate``, side by side.
+
+    python bench/generate.py [--prompt-len 512] [--new-tokens 64] [--dtype float32|bfloat16]
+
+Builds one random model of SmolLM2-135M shape (or ``--shape tiny``), saves it as an HF directory,
+then measures each framework in its own subprocess (so peak memory is each one's own) and prints
+one JSON line per figure: prefill ms (batch 1, prompt-len tokens), decode ms/token and peak
+memory, with ``ratio = transformers / ours`` (above 1: we are faster or leaner). Peak memory is
+device memory on a GPU and the process's peak RSS on CPU. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SHAPES = {
+    "smollm2_135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                         tie_word_embeddings=True, max_position_embeddings=8192),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+}
+
+
+def build_model(path: str, shape: str) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(path)
+
+
+def _timed(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, in ms (after the caller's warm-up)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from solarjax import generate as G
+
+    cfg, params, _ = G.load_model(path, dtype=dtype)
+    cfg = cfg.replace(dtype=dtype)
+    prompt = [np.random.default_rng(0).integers(3, cfg.vocab_size, prompt_len).tolist()]
+    p_len, n_bucket = G.bucket(prompt_len), G.bucket(new_tokens, 32)
+    tokens, segments, positions = G.left_pad(prompt, p_len)
+    args = (params, tokens, segments, positions, jax.random.key(0), jnp.float32(0), jnp.float32(1),
+            jnp.asarray([-1], jnp.int32))
+
+    def prefill():
+        jax.block_until_ready(G._prefill_jit(*args, cfg=cfg, cache_len=p_len + n_bucket, top_k=0).token)
+
+    def full():
+        G.generate(params, cfg, prompt, max_new_tokens=new_tokens)  # returns host lists: synchronous
+
+    prefill(), full()  # compile
+    prefill_ms = _timed(prefill, repeats)
+    total_ms = _timed(full, repeats)
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": (total_ms - prefill_ms) / (new_tokens - 1),
+            "peak_memory_mb": peak / 2**20, "device": device.device_kind}
+
+
+def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(dev).eval()
+    ids = torch.tensor(np.random.default_rng(0).integers(3, model.config.vocab_size, (1, prompt_len)), device=dev)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    @torch.no_grad()
+    def prefill():
+        model(ids, use_cache=True)
+        sync()
+
+    @torch.no_grad()
+    def full():
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=0)
+        sync()
+
+    prefill(), full()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    prefill_ms = _timed(prefill, repeats)
+    total_ms = _timed(full, repeats)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": (total_ms - prefill_ms) / (new_tokens - 1),
+            "peak_memory_mb": peak / 2**20, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2_135m")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # child process: one framework, one JSON object
+        fn = bench_ours if args.side == "ours" else bench_transformers
+        print(json.dumps(fn(args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats)))
+        return
+    if args.dtype is None:
+        import torch
+
+        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    with tempfile.TemporaryDirectory() as tmp:
+        build_model(tmp, args.shape)
+        results = {}
+        for side in ("ours", "transformers"):
+            cmd = [sys.executable, __file__, "--side", side, "--model-dir", tmp, "--prompt-len", str(args.prompt_len),
+                   "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
+            results[side] = json.loads(out.strip().splitlines()[-1])
+    common = {"shape": args.shape, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "dtype": args.dtype, "device": results["ours"]["device"]}
+    for figure in ("prefill_ms", "decode_ms_per_token", "peak_memory_mb"):
+        ours, theirs = results["ours"][figure], results["transformers"][figure]
+        print(json.dumps({"figure": figure, "ours": round(ours, 3), "transformers": round(theirs, 3),
+                          "ratio": round(theirs / ours, 3), **common}))
+
+
+if __name__ == "__main__":
+    main()

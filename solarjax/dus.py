@@ -448,36 +448,49 @@ def _pread_all(fd: int, nbytes: int, offset: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _copy_range(src_fd: int, dst, offset: int, nbytes: int, chunk: int, bar) -> None:
-    """Copy bytes in-kernel when possible; otherwise through one bounded buffer."""
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, chunk: int, bar) -> None:
+    """Copy bytes in-kernel when possible; otherwise through one bounded buffer.
+
+    Both paths write at ``dst_fd``'s position, so callers must use unbuffered writes too.
+    """
     done = 0
     use_kernel = hasattr(os, "copy_file_range")
     while done < nbytes:
         n = min(chunk, nbytes - done)
+        copied = 0
         if use_kernel:
             try:
-                copied = os.copy_file_range(src_fd, dst.fileno(), n, offset + done)
-            except OSError:
-                use_kernel, copied = False, 0
-            if copied == 0 and use_kernel:
-                raise CheckpointError(f"unexpected end of source file at byte {offset + done}")
+                copied = os.copy_file_range(src_fd, dst_fd, n, offset + done)
+            except OSError:  # e.g. EXDEV/ENOSYS on old kernels or odd file systems
+                use_kernel = False
+            else:
+                if copied == 0:
+                    raise CheckpointError(f"unexpected end of source file at byte {offset + done}")
         if not use_kernel:
-            copied = dst.write(_pread_all(src_fd, n, offset + done))
+            _write_all(dst_fd, _pread_all(src_fd, n, offset + done))
+            copied = n
         done += copied
         bar.update(copied)
 
 
-def _tensor_bytes(t: _Out, fds: dict[Path, int]):
+def _tensor_bytes(t: _Out, fds: dict[Path, int]) -> np.ndarray:
     """Decode, scale and/or cast one tensor; returns a contiguous array."""
     array = np.frombuffer(_pread_all(fds[t.src.file], t.src.nbytes, t.src.offset), _np_dtype(t.src.dtype))
     if t.scale == 0.0:
         return np.zeros(array.shape, _np_dtype(t.dtype))
     if t.scale is not None:
-        array = (array.astype(np.float32) * np.float32(t.scale))
+        array = array.astype(np.float32) * np.float32(t.scale)
     return np.ascontiguousarray(array.astype(_np_dtype(t.dtype)))
 
 
 def _write_shard(file: Path, tensors: list[_Out], fds: dict[Path, int], chunk: int, bar) -> int:
+    """Write one safetensors file: header first (all offsets are known), then tensor by tensor."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -486,17 +499,19 @@ def _write_shard(file: Path, tensors: list[_Out], fds: dict[Path, int], chunk: i
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        f.flush()
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, struct.pack("<Q", len(blob)) + blob)
         for t in tensors:
             if t.scale is None and t.dtype == t.src.dtype:
-                _copy_range(fds[t.src.file], f, t.src.offset, t.src.nbytes, chunk, bar)
+                _copy_range(fds[t.src.file], fd, t.src.offset, t.src.nbytes, chunk, bar)
             else:
                 array = _tensor_bytes(t, fds)
-                f.write(memoryview(array.reshape(-1).view(np.uint8)))  # no copy; works for bf16
+                _write_all(fd, array.reshape(-1).view(np.uint8))  # no copy; works for bf16 too
                 bar.update(array.nbytes)
                 del array
+    finally:
+        os.close(fd)
     return offset
 
 

@@ -308,3 +308,16 @@ def test_orbax_format(hf_llama_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(grown["layers"][name]), expected)
     assert run_cli(tmp_path / "ckpt", tmp_path / "bad", "--format", "orbax", "--m", "7") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_small_scaled_tensors_between_copied_ones(tmp_path):
+    """Decoded writes (scale) smaller than any I/O buffer must land before the next byte copy."""
+    src = save_hf_model(make_hf_model("llama", seed=4, hidden_size=32, intermediate_size=32, num_attention_heads=2,
+                                      num_key_value_heads=1), tmp_path / "small")
+    plan = "0:3*0.25,1:4"
+    dus.upscale_hf(src, tmp_path / "out", plan)
+    cfg, params = hf.load_hf(src)
+    grown, _ = dus.upscale_params(params, cfg, plan)
+    _, disk = hf.load_hf(tmp_path / "out")
+    for name, leaf in grown["layers"].items():
+        np.testing.assert_array_equal(np.asarray(disk["layers"][name]), np.asarray(leaf), err_msg=name)

@@ -435,14 +435,16 @@ def gguf_to_hf(
     dst: str | os.PathLike,
     overwrite: bool = False,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
     progress: bool = False,
 ) -> Path:
     """Write a GGUF as a transformers-loadable directory (weights, config, tokenizer, chat template).
 
     Written atomically through :func:`solarjax.hf.save_hf`; the tokenizer files are staged in a
-    temporary directory that ``save_hf`` copies from.
+    temporary directory that ``save_hf`` copies from. ``dtype`` defaults to float32, which holds
+    every dequantized value exactly.
     """
+    dtype = dtype or "float32"
     reader = open_gguf(src)
     src_path = Path(reader.data.filename).resolve()
     if Path(dst).resolve() == src_path:

@@ -373,6 +373,12 @@ class atomic_output_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in self.tmp.rglob("*"):  # safetensors creates its files owner-only (0600)
+            if file.is_file():
+                file.chmod(0o666 & ~umask)
+        self.tmp.chmod(0o777 & ~umask)
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
             os.replace(self.dest, old)

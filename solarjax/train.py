@@ -279,7 +279,8 @@ def _tokenizer_for(config, cfg: ModelConfig, docs, out_dir: Path | None):
     if path is not None:
         tokenizer = data.load_tokenizer(path)
     else:
-        tokenizer = data.train_tokenizer(docs, cfg.vocab_size, out_dir / "tokenizer.json" if out_dir else None)
+        sample = docs[:: max(1, len(docs) // 200)]  # a small-vocabulary BPE needs no more
+        tokenizer = data.train_tokenizer(sample, cfg.vocab_size, out_dir / "tokenizer.json" if out_dir else None)
     data.check_tokenizer(tokenizer, cfg.vocab_size)
     return tokenizer
 

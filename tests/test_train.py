@@ -22,11 +22,26 @@ from solarjax.config import ConfigError, load_config
 from solarjax.model import init_params
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fixtures import ConcatProcesses, process_dataset, tiny_config  # noqa: E402
+from train_fixtures import ConcatProcesses, numpy_params, process_dataset, tiny_config  # noqa: E402
 
 # 8 query heads / 2 kv heads so that tensor=8 splits the queries (kv heads replicated by rule).
 CFG = load_config("tiny")
 MODEL = tr.model_config(CFG).replace(n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Each ``train()`` call builds fresh closures; a persistent cache turns repeats into cache hits."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +177,8 @@ def test_two_processes_match_single_process(tmp_path):
         assert p.returncode == 0, out[-3000:]
     results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     assert results[0]["devices"] == 8 and results[0]["local"] == 4
-    single = tr.train(tiny_config(**{"train.steps": 3}), train_data=ConcatProcesses(2, 8))
+    config = tiny_config(**{"train.steps": 3})
+    single = tr.train(config, params=numpy_params(tr.model_config(config)), train_data=ConcatProcesses(2, 8))
     np.testing.assert_allclose(results[0]["losses"], single["losses"], rtol=1e-5)
     assert results[0]["losses"] == results[1]["losses"]
 

@@ -38,6 +38,18 @@ def word_tokenizer():
     return tok
 
 
+def numpy_params(cfg, seed: int = 0):
+    """Random params from NumPy: no init jit to compile (tests that only need *some* weights)."""
+    import jax
+    import numpy as np
+
+    from solarjax.model import param_shapes
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s)).astype(np.float32), param_shapes(cfg),
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
 def process_dataset(process_index: int, process_count: int, batch_size: int, seq_len: int = 32):
     from solarjax import data
 
@@ -71,7 +83,10 @@ def worker(process_id: int, port: int, out: str) -> None:
     config = tiny_config(**{"distributed.enabled": True, "distributed.coordinator_address": f"127.0.0.1:{port}",
                             "distributed.num_processes": 2, "distributed.process_id": process_id,
                             "train.steps": 3})
-    summary = train(config, train_data=process_dataset(process_id, 2, config.train.batch_size // 2))
+    from solarjax.train import model_config
+
+    summary = train(config, params=numpy_params(model_config(config)),
+                    train_data=process_dataset(process_id, 2, config.train.batch_size // 2))
     with open(out, "w") as f:
         json.dump({"losses": summary["losses"], "devices": jax.device_count(), "local": jax.local_device_count()}, f)
     jax.distributed.shutdown()

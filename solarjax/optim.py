@@ -6,7 +6,7 @@ and its learning-rate schedule (kept separately so the train step can log the cu
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import optax

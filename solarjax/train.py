@@ -21,7 +21,6 @@ Checkpoint layout (``<dir>/<step>/``, an Orbax ``CheckpointManager``): items ``p
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jax
 
 from solarjax import data
 from solarjax.cli import main as cli_main

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from solarjax import sharding as shd
 from solarjax import train as tr

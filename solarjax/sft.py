@@ -345,8 +345,10 @@ class LoadStats:
     first_errors: list[str] = field(default_factory=list)
 
     def skip(self, err: Exception) -> None:
+        import re
+
         msg = str(err)
-        reason = msg.split(": ", 1)[-1].split(" (")[0]
+        reason = re.sub(r"\d+", "N", msg.split(": ", 1)[-1].split(" (")[0].split(", which")[0])
         self.skipped[reason] += 1
         if len(self.first_errors) < 3:
             self.first_errors.append(msg)
@@ -390,6 +392,22 @@ def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "positions": row["inputs_positions"].astype(np.int32)}
 
 
+class PadBatch:
+    """Fill a short final batch (``repeat=False``) with empty rows: zero tokens, segment 0, no loss.
+
+    Keeps every batch divisible by the mesh's batch axes; empty rows change no loss or metric.
+    """
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = self.rows - len(next(iter(batch.values())))
+        if missing <= 0:
+            return batch
+        return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
 def make_sft_dataset(
     examples: Sequence[dict[str, np.ndarray]],
     *,
@@ -406,7 +424,8 @@ def make_sft_dataset(
     """A grain ``IterDataset`` of ``(batch_size, seq_len)`` batches for one process (trainer batch keys).
 
     First-fit packing over ``packing_bins`` open rows (default: 4 batches' worth); ``pack=False``
-    puts one example per row. Each process reads every ``process_count``-th example.
+    puts one example per row. Each process reads every ``process_count``-th example. Without
+    ``repeat`` (eval) the last batch is filled up with empty rows.
     """
     import grain
 
@@ -423,7 +442,8 @@ def make_sft_dataset(
     ds = grain.experimental.FirstFitPackIterDataset(
         ds.to_iter_dataset(), length_struct=lengths, num_packing_bins=packing_bins or 4 * batch_size,
         seed=seed, shuffle_bins=shuffle, max_sequences_per_bin=None if pack else 1)
-    return ds.map(_to_batch).batch(batch_size, drop_remainder=repeat)
+    ds = ds.map(_to_batch).batch(batch_size, drop_remainder=repeat)
+    return ds if repeat else ds.map(PadBatch(batch_size))
 
 
 # ----------------------------------------------------------------------------- config and run

@@ -136,6 +136,12 @@ def test_pairs_stay_whole_in_microbatches_and_across_processes():
         micro.append(dpo.dpo_loss(policy[rows], reference[rows], pair[rows], beta=0.3)[1])
     for key in ("loss", "reward_margin", "reward_accuracy"):
         np.testing.assert_allclose(np.mean([float(m[key]) for m in micro]), float(full[key]), rtol=1e-6)
+    # an eval set that does not fill the last batch: empty rows (pair 0) change nothing
+    last = list(dpo.make_dpo_dataset(pairs[:5], seq_len=8, pairs_per_batch=4, shuffle=False, repeat=False))[-1]
+    np.testing.assert_array_equal(last["pair"], [1, -1, 0, 0, 0, 0, 0, 0])
+    padded = dpo.dpo_loss(policy[:8], reference[:8], last["pair"], beta=0.3)[1]
+    alone = dpo.dpo_loss(policy[:2], reference[:2], np.array([1, -1]), beta=0.3)[1]
+    assert float(padded["loss"]) == pytest.approx(float(alone["loss"]), rel=1e-6)
 
 
 def test_dpo_steps_raise_reward_accuracy(tmp_path, policy_dir):
@@ -170,13 +176,13 @@ def test_dpo_steps_raise_reward_accuracy(tmp_path, policy_dir):
 
 def test_bad_pairs_name_file_and_line(tmp_path, policy_dir, capsys):
     tok = load_tokenizer(policy_dir)
-    encoder = sft.Encoder(tok, 32, "alpaca")
+    encoder = sft.Encoder(tok, 64, "alpaca")
     good = preference_records(2)
     bad = [
         ({"prompt": "Repeat: red", "chosen": "red"}, r"missing field\(s\) \['rejected'\]"),
         ({"prompt": "Repeat: red", "chosen": " ", "rejected": "blue"}, "empty response"),
         ({"prompt": "", "chosen": "red", "rejected": "blue"}, "'prompt' is empty"),
-        ({"prompt": " ".join(["red"] * 60), "chosen": "red", "rejected": "blue"}, "prompt has"),
+        ({"prompt": " ".join(["red"] * 100), "chosen": "red", "rejected": "blue"}, "prompt has"),
         ({"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}], "rejected": "x"}, "end with an assistant"),
     ]
     for i, (record, message) in enumerate(bad):
@@ -190,7 +196,7 @@ def test_bad_pairs_name_file_and_line(tmp_path, policy_dir, capsys):
 
     from solarjax.cli import main
 
-    rc = main(["dpo", "--data", str(tmp_path / "bad1.jsonl"), "--init", str(policy_dir), "--config.train.seq_len=32",
+    rc = main(["dpo", "--data", str(tmp_path / "bad1.jsonl"), "--init", str(policy_dir), "--config.train.seq_len=64",
                "--config.mesh.data=8"])
     assert rc == 1 and f"bad1.jsonl:2: empty response" in capsys.readouterr().err
     config = _config_with_dpo()

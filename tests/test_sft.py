@@ -106,10 +106,11 @@ def test_packed_loss_equals_unpacked_transformers_loss(model_dir, tok):
 
 def test_unpacked_rows_hold_one_example(tok):
     encoder = sft.Encoder(tok, 96, "alpaca")
-    examples = [encoder.encode(sft.record_messages(r, "u:1")) for r in alpaca_records(4)]
+    examples = [encoder.encode(sft.record_messages(r, "u:1")) for r in alpaca_records(5)]
     batches = list(sft.make_sft_dataset(examples, seq_len=96, batch_size=2, pack=False, shuffle=False, repeat=False))
-    assert sum(b["tokens"].shape[0] for b in batches) == 4
+    assert [b["tokens"].shape[0] for b in batches] == [2, 2, 2]  # the last one filled up with an empty row
     assert all(b["segment_ids"].max() == 1 for b in batches)
+    assert batches[-1]["segment_ids"][1].max() == 0 and batches[-1]["loss_mask"][1].sum() == 0
 
 
 def test_bad_records_name_file_and_line(tmp_path, tok):

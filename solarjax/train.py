@@ -402,7 +402,8 @@ def train(
         cfg, params = init_model(config, mesh, rules)
     else:
         cfg = (cfg or model_config(config)).replace(param_dtype="float32")
-        params = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s),
+        # may_alias=False: the step donates its state, and the caller's arrays must survive it
+        params = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s, may_alias=False),
                               params, shd.param_shardings(cfg, mesh, rules))
     if train_data is None:
         train_data, default_eval, _ = make_data(config, cfg, out_dir)

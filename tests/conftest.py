@@ -35,6 +35,20 @@ def save_hf_model(model, path, **kwargs):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compile cache for the whole run: ``train()``, ``generate`` and the eval
+    scorers build fresh closures per call, so identical programs would otherwise recompile."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    cc.reset_cache()
+    yield
+    cc.reset_cache()
+
+
 @pytest.fixture(scope="session")
 def hf_llama_dir(tmp_path_factory):
     """Untied Llama, GQA 4/2, one safetensors file."""

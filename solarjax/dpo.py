@@ -399,8 +399,6 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
         else:
             window_steps += 1
         done = step + 1
-        if manager is not None and ((ck.every and done % ck.every == 0) or done == end):
-            tr.save_checkpoint(manager, state, cfg, data_state, force=True)
         if done % tc.log_every == 0 or done == end:
             fetched = jax.device_get(pending)
             pending = []
@@ -412,6 +410,10 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
                            for i, m in enumerate(fetched))
             logger.log(record, say)
             window_start, window_steps = time.perf_counter(), 0
+        if manager is not None and ((ck.every and done % ck.every == 0) or done == end):
+            save_start = time.perf_counter()
+            tr.save_checkpoint(manager, state, cfg, data_state, force=True)
+            window_start += time.perf_counter() - save_start  # saving is not training throughput
         if tc.eval_every and eval_data is not None and (done % tc.eval_every == 0 or done == tc.steps):
             eval_start = time.perf_counter()
             fetched = [jax.device_get(eval_fn(state["params"], with_reference(b)))

@@ -172,6 +172,11 @@ def test_dpo_steps_raise_reward_accuracy(tmp_path, policy_dir):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= set(lines[0])
     assert (tmp_path / "run" / "checkpoints" / "8" / "params").is_dir()
+    # a second run of the same config resumes from the last checkpoint (here: nothing left to do)
+    again = dpo.run_dpo(config)
+    assert again["start_step"] == 8 and not again["metrics"]
+    for a, b in zip(jax.tree.leaves(again["params"]), jax.tree.leaves(summary["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bad_pairs_name_file_and_line(tmp_path, policy_dir, capsys):

@@ -166,20 +166,23 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     ``top_k`` is static (``lax.top_k`` needs it); temperature and top_p are traced so changing
     them does not recompile.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = logits / jnp.maximum(temperature, 1e-6)
-    neg = jnp.finfo(x.dtype).min
-    if top_k > 0:
-        kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
-        x = jnp.where(x < kth, neg, x)
-    # nucleus: keep the smallest set of tokens whose probability mass reaches top_p
-    desc = -jnp.sort(-x, axis=-1)
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x < cutoff, neg, x)
-    sampled = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+
+    def sample() -> jax.Array:
+        x = logits / jnp.maximum(temperature, 1e-6)
+        neg = jnp.finfo(x.dtype).min
+        if top_k > 0:
+            kth = jax.lax.top_k(x, min(top_k, x.shape[-1]))[0][..., -1:]
+            x = jnp.where(x < kth, neg, x)
+        # nucleus: keep the smallest set of tokens whose probability mass reaches top_p
+        desc = -jnp.sort(-x, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, neg, x)
+        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+    # a real branch, so greedy decoding never pays for the vocabulary sort
+    return jax.lax.cond(temperature > 0, sample, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------- prefill + decode
@@ -278,7 +281,8 @@ def generate(
     p_len = bucket(max(len(p) for p in prompts))
     n_bucket = bucket(max_new_tokens, 32)
     tokens, segments, positions = left_pad(prompts, p_len, pad_id)
-    stop_ids = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+    stops = list(stop_tokens)
+    stop_ids = jnp.asarray(stops + [-1] * (-len(stops) % 8 or (0 if stops else 8)), jnp.int32)  # fixed shape
     temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
     state = _prefill_jit(params, tokens, segments, positions, jax.random.key(seed), temp, nucleus, stop_ids,
                          cfg=cfg, cache_len=p_len + n_bucket, top_k=top_k)
@@ -293,10 +297,10 @@ def generate(
             steps.append(np.asarray(state.token))
             stop = on_token(steps[-1])
         out = np.stack(steps, axis=1)
-    stops = set(int(s) for s in stop_tokens)
+    stop_set = set(int(s) for s in stops)
     results = []
     for row in out[:, :max_new_tokens].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
         results.append(row[:end])
     return results
 

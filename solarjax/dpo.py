@@ -197,7 +197,8 @@ def make_dpo_dataset(
 # ----------------------------------------------------------------------------- loss
 
 
-def sequence_logps(params: Params, batch: Mapping[str, jax.Array], cfg: ModelConfig, average: bool = False) -> jax.Array:
+def sequence_logps(params: Params, batch: Mapping[str, jax.Array], cfg: ModelConfig,
+                   average: bool = False) -> jax.Array:
     """Per row: the sum (or mean) of ``log p(target)`` over ``loss_mask`` tokens, fp32."""
     logits = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
     logp = -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -304,7 +305,8 @@ def load_reference(source: str | None, policy_cfg: ModelConfig, params: Params, 
     else:
         raise ConfigError(f"dpo.reference={source!r} is neither an HF checkpoint (config.json) nor an Orbax "
                           "params checkpoint (params/)")
-    shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "tie_embeddings")
+    shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
+                    "tie_embeddings")
     diff = [f for f in shape_fields if getattr(ref_cfg, f) != getattr(policy_cfg, f)]
     if diff:
         raise ConfigError(f"dpo.reference={source!r} differs from the policy in {diff}")
@@ -376,13 +378,15 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
     train_iter = iter(train_data)
     ck = config.checkpoint
     ckpt_dir = ck.dir or (out_dir / "checkpoints" if out_dir else None)
-    manager = tr.checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save) if ckpt_dir else None
+    manager = (tr.checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save)
+               if ckpt_dir else None)
     data_state = train_iter if hasattr(train_iter, "get_state") else None
     if manager is not None and ck.resume and manager.latest_step() is not None:
         state = tr.restore_checkpoint(manager, tr.abstract_train_state(cfg, optimizer, state_sh), data_state)
     start = int(jax.device_get(state["step"]))
 
-    logger = tr._Logger(Path(config.logging.jsonl) if config.logging.jsonl else (out_dir / "metrics.jsonl" if out_dir else None),
+    jsonl = Path(config.logging.jsonl) if config.logging.jsonl else (out_dir / "metrics.jsonl" if out_dir else None)
+    logger = tr._Logger(jsonl,
                         (out_dir / "tensorboard") if (config.logging.tensorboard and out_dir) else None)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc="dpo", unit="step",

@@ -163,7 +163,8 @@ def load_chat_template(path: str | os.PathLike | None) -> ChatTemplate | None:
         template, origin = jinja.read_text(encoding="utf-8"), jinja
     if not template:
         return None
-    return ChatTemplate(template, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")), str(origin))
+    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    return ChatTemplate(template, bos, eos, str(origin))
 
 
 # ----------------------------------------------------------------------------- records
@@ -310,7 +311,8 @@ class Encoder:
 
     # -- tokens
 
-    def encode(self, messages: list[dict], where: str = "<example>", last_turn_only: bool = False) -> dict[str, np.ndarray]:
+    def encode(self, messages: list[dict], where: str = "<example>",
+               last_turn_only: bool = False) -> dict[str, np.ndarray]:
         render = self._alpaca_text if self.template == "alpaca" else self._chat_text
         text, spans = render(messages, where, last_turn_only)
         enc = self.tokenizer.encode(text, add_special_tokens=False)
@@ -455,7 +457,8 @@ def add_sft_config(config) -> None:
 
     if "sft" not in config:
         # template: auto (the tokenizer's chat template when it has one, else Alpaca), alpaca or chat.
-        # chat_template: a dir / tokenizer_config.json / .jinja to take the template from (default: the tokenizer's dir).
+        # chat_template: a dir / tokenizer_config.json / .jinja holding the template (default: the
+        # tokenizer's directory).
         config.sft = ml_collections.ConfigDict(dict(template="auto", chat_template=None, skip_bad=False,
                                                     pack=True, packing_bins=0))
 

@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_hf_model, save_hf_model  # noqa: E402
-from sft_fixtures import build_tokenizer, hf_tokenizer, model_with_tokenizer, preference_records, write_jsonl  # noqa: E402
+from sft_fixtures import (build_tokenizer, hf_tokenizer, model_with_tokenizer, preference_records,  # noqa: E402
+                          write_jsonl)
 
 from solarjax import dpo, sft  # noqa: E402
 from solarjax.config import ConfigError  # noqa: E402

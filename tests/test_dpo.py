@@ -146,7 +146,7 @@ def test_pairs_stay_whole_in_microbatches_and_across_processes():
 
 
 def test_dpo_steps_raise_reward_accuracy(tmp_path, policy_dir):
-    """Policy starts equal to the reference (loss ln 2, accuracy 0); a few steps separate the pairs."""
+    """Policy starts equal to the reference (loss ln 2, zero margins); a few steps separate the pairs."""
     import jax
 
     from solarjax.config import apply_overrides
@@ -162,7 +162,7 @@ def test_dpo_steps_raise_reward_accuracy(tmp_path, policy_dir):
     summary = dpo.run_dpo(config)
     first = summary["metrics"][0]
     assert math.isclose(first["loss"], math.log(2), rel_tol=1e-5)
-    assert first["reward_accuracy"] == 0.0
+    assert abs(first["reward_margin"]) < 1e-5  # rewards start at 0 (up to float noise between the two jits)
     evals = summary["eval"][-1]
     assert evals["eval_reward_accuracy"] >= 0.75 and evals["eval_reward_margin"] > 0, summary["eval"]
     assert evals["eval_loss"] < math.log(2)

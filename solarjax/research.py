@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 
 from solarjax.config import ModelConfig, base_config
 from solarjax.model import Params

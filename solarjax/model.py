@@ -9,8 +9,10 @@ transpose, because RoPE here uses HF's rotate-half convention.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +194,31 @@ def remat_policy(name: str):
     return policies[name]
 
 
+
+# Sharding of (batch, seq, d_model) activations while a step is traced; None: leave it to XLA.
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(sharding: Any) -> Iterator[None]:
+    """Pin the residual stream to ``sharding`` (e.g. batch over data+fsdp) in code traced inside.
+
+    Without it XLA's sharding propagation can follow the FSDP-sharded weights (embed dim) into the
+    activations and run every layer on the whole global batch, all-reducing full-batch logits:
+    ``solarjax aot`` measured 4.35 GB instead of 0.29 GB of temporaries per v5p chip on 64 chips.
+    """
+    token = _ACTIVATION_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain_activations(x: jax.Array) -> jax.Array:
+    sharding = _ACTIVATION_SHARDING.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
 
@@ -227,12 +254,12 @@ def hidden_states(
     """Run the stack and return the last hidden states (before the final norm)."""
     if positions is None:
         positions = default_positions(tokens, segment_ids)
-    x = embed(params, tokens, cfg)
+    x = constrain_activations(embed(params, tokens, cfg))
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
 
     def body(carry, layer):
-        return decoder_layer(carry, layer, cos, sin, mask, cfg), None
+        return constrain_activations(decoder_layer(carry, layer, cos, sin, mask, cfg)), None
 
     policy = remat_policy(cfg.remat)
     if cfg.remat != "none":

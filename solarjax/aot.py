@@ -230,6 +230,10 @@ def install_libtpu(cache_dir: Path | None = None) -> str:
     return path
 
 
+def _on_tpu_vm() -> bool:
+    return any(Path("/dev").glob("accel*")) or any(Path("/dev").glob("vfio/[0-9]*"))
+
+
 def use_libtpu(install: bool = False, accelerator_type: str = "v5p-8") -> str:
     """Make libtpu loadable by this process only, keeping jax's own backend on the CPU."""
     import jax
@@ -245,6 +249,8 @@ def use_libtpu(install: bool = False, accelerator_type: str = "v5p-8") -> str:
     # Without these, libtpu looks for TPU metadata and prints warnings; they describe no real chips.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if not _on_tpu_vm():  # compile-only: several AOT processes may share libtpu (no /tmp/libtpu_lockfile)
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax._src import xla_bridge
 
     if not xla_bridge.backends_are_initialized() and not jax.config.jax_platforms:

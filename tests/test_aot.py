@@ -1,0 +1,158 @@
+"""AOT compilation for TPU topologies on a CPU machine: the XLA TPU compiler is the oracle.
+
+The compile tests need libtpu. It is installed once into a cache directory (``pip install
+--target``, never onto the default import path) and the tests are skipped, saying why, only
+when that install fails. Each compile runs ``solarjax aot`` in a subprocess, as users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from solarjax import aot
+from solarjax.config import load_config
+
+# A small Llama whose per-chip shards are whole TPU tiles (multiples of 8 x 128), so XLA's byte
+# counts are not inflated by tile padding: d 512 / fsdp 4 = 128, head_dim 128, MLP 1024.
+TINY = ["--config.model.d_model=512", "--config.model.n_heads=4", "--config.model.n_kv_heads=4",
+        "--config.model.ffn_dim=1024", "--config.model.vocab_size=1024",
+        "--config.model.n_layers=2", "--config.model.dtype='bfloat16'", "--config.train.batch_size=8",
+        "--config.train.seq_len=128"]
+
+
+def _tiny_params() -> int:
+    """Parameter count written out from the shapes (embed, head, 2 x (q k v o, gate up down, 2 norms), norm)."""
+    d, v, hd, heads, kv, f, layers = 512, 1024, 128, 4, 4, 1024, 2
+    per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * f + 2 * d
+    return 2 * v * d + layers * per_layer + d
+
+
+@pytest.fixture(scope="session")
+def libtpu_dir() -> Path:
+    path = aot.find_libtpu()
+    if path is not None:
+        return Path(path).parent.parent
+    try:
+        return Path(aot.install_libtpu()).parent.parent
+    except aot.AotError as err:
+        pytest.skip(f"libtpu could not be installed, so TPU AOT compilation cannot run: {err}")
+
+
+def _run_aot(libtpu_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SOLARJAX_LIBTPU_DIR=str(libtpu_dir), JAX_PLATFORMS="cpu")
+    env.pop("TPU_LIBRARY_PATH", None)
+    return subprocess.run([sys.executable, "-m", "solarjax.cli", "aot", *args], env=env, text=True,
+                          capture_output=True, timeout=300)
+
+
+def _report(done: subprocess.CompletedProcess) -> dict:
+    assert done.stdout.strip(), done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_shards_params_and_optimizer_state(libtpu_dir):
+    """Per-chip argument bytes (XLA's count) = state / fsdp; replicated (data-parallel) = all of it."""
+    total = 3 * 4 * _tiny_params() + 4  # fp32 params + AdamW mu, nu, + the int32 step (+ count scalars)
+    fsdp = _report(_run_aot(libtpu_dir, "--config", "tiny", "--topology", "v5p-8", "--json",
+                            "--config.mesh.data=1", "--config.mesh.fsdp=4", *TINY))
+    assert fsdp["chips"] == 4 and fsdp["topology_name"] == "v5p:2x2x1" and fsdp["fits"]
+    assert fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert abs(fsdp["state_bytes_total"] - total) <= 64
+    assert fsdp["argument_bytes"] == pytest.approx(total / 4, rel=0.05)
+
+    dp = _report(_run_aot(libtpu_dir, "--config", "tiny", "--topology", "v5p-8", "--json",
+                          "--config.mesh.data=4", "--config.mesh.fsdp=1", *TINY))
+    assert dp["argument_bytes"] == pytest.approx(total, rel=0.05)
+    # Activations follow the batch in both layouts, so temporaries are per-chip sized, not global.
+    assert fsdp["temp_bytes"] < 2 * dp["temp_bytes"]
+    for report in (fsdp, dp):
+        assert 0 < report["xla_flops_per_chip"] < report["program_flops_per_chip"]  # XLA counts the scan once
+        assert report["roofline_seconds"] == pytest.approx(report["program_flops_per_chip"] / 459e12)
+
+
+def test_multislice_compiles_with_data_over_slices(libtpu_dir):
+    done = _run_aot(libtpu_dir, "--config", "tiny", "--topology", "v5p-8", "--num-slices", "2", "--json",
+                    "--config.mesh.data=2", "--config.mesh.fsdp=4", *TINY)
+    report = _report(done)
+    assert report["num_slices"] == 2 and report["chips"] == 8 and report["fits"]
+    assert report["argument_bytes"] == pytest.approx(report["state_bytes_total"] / 4, rel=0.05)
+
+
+def test_does_not_fit_exits_nonzero_with_message(libtpu_dir):
+    # 64 sequences of 4096 on four 16 GiB v5e chips: the attention scores alone are tens of GB.
+    done = _run_aot(libtpu_dir, "--config", "solar_10_7b", "--topology", "v5e-4", "--json",
+                    "--config.model.n_layers=2", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+                    "--config.train.batch_size=64", "--config.train.seq_len=4096")
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "does not fit on v5litepod-4" in done.stderr
+    report = _report(done)
+    assert not report["fits"] and report["temp_bytes"] > report["hbm_bytes"]
+
+
+def test_missing_libtpu_says_what_to_run(tmp_path):
+    if aot.find_libtpu(tmp_path) is not None:  # importable libtpu or TPU_LIBRARY_PATH: nothing is missing
+        pytest.skip("libtpu is importable in this environment")
+    env = dict(os.environ, SOLARJAX_LIBTPU_DIR=str(tmp_path / "none"), JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "solarjax.cli", "aot", "--config", "tiny", "--topology", "v5p-8"],
+                          env=env, text=True, capture_output=True, timeout=120)
+    assert done.returncode == 1
+    assert "--install-libtpu" in done.stderr and "pip install --no-deps --target" in done.stderr
+
+
+@pytest.mark.parametrize("name, chips, shape, wrap, tpu", [
+    ("v5p-128", 64, (4, 4, 4), (True,) * 3, "v5p-128"),
+    ("v4-64", 32, (2, 4, 4), (False,) * 3, "v4-64"),
+    ("v5p-8", 4, (2, 2, 1), (False,) * 3, "v5p-8"),
+    ("v5litepod-256", 256, (16, 16), (True, True, False), "v5litepod-256"),
+    ("v5e-128", 128, (8, 16), (False, True, False), "v5litepod-128"),
+    ("v6e-256", 256, (16, 16), (True, True, False), "v6e-256"),
+    ("v5p:4x4x12", 192, (4, 4, 12), (True,) * 3, "v5p-384"),
+])
+def test_topology_names(name, chips, shape, wrap, tpu):
+    topo = aot.parse_topology(name)
+    assert (topo.num_chips, topo.shape, topo.wrap, topo.name) == (chips, shape, wrap, tpu)
+    assert aot.parse_topology(name, num_slices=2).num_chips == 2 * chips
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("v5p-7", "even"), ("v9-8", "unknown TPU generation"), ("v5e-512", "more than"), ("v5p-96", "power of two"),
+    ("tpu", "slice name"), ("v5e:4x4x4", "2 dimensions"),
+])
+def test_bad_topology_names(name, needle):
+    with pytest.raises(aot.AotError, match=needle):
+        aot.parse_topology(name)
+
+
+def test_program_flops_counts_every_layer_and_remat():
+    """Traced matmul FLOPs = 6N + 12 L H hd T per token (no remat), more with full remat."""
+    from solarjax import sharding as shd
+    from solarjax import train as tr
+    from solarjax.optim import make_optimizer
+
+    config = load_config("tiny")
+    cfg = aot.model_shape_config(config)
+    mesh = shd.make_mesh(data=-1, devices=jax.devices()[:2])
+    optimizer, _ = make_optimizer(config.optim, 10)
+    state_sh, batch_sh = tr.train_state_shardings(cfg, optimizer, mesh), shd.batch_sharding(mesh)
+    state, batch = tr.abstract_train_state(cfg, optimizer, state_sh), tr.abstract_batch(4, 32, batch_sh)
+
+    def flops(cfg, accum=1):
+        step = tr.jit_train_step(tr.make_train_step(cfg, optimizer, grad_accum=accum), state_sh, batch_sh)
+        return aot.program_flops(step, state, batch)
+
+    d, v, L, heads, kv, hd, f, seq = 64, 256, 4, 4, 2, 16, 128, 32
+    matmul_params = L * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * f) + d * v
+    expected = 4 * seq * (6 * matmul_params + 12 * L * heads * hd * seq)
+    assert flops(cfg) == pytest.approx(expected, rel=1e-6)
+    assert flops(cfg, accum=2) == pytest.approx(expected, rel=1e-6)
+    # full remat re-runs each layer's forward (2 of the 6 per param) in the backward pass, except
+    # w_down's product, which the backward never reads (the layer's output is not an input there)
+    layer_fwd = 4 * seq * (2 * (matmul_params - d * v) - 2 * L * d * f + 4 * L * heads * hd * seq)
+    assert flops(cfg.replace(remat="full")) == pytest.approx(expected + layer_fwd, rel=1e-6)

@@ -55,12 +55,13 @@ class Chip:
 
 
 GiB = 1024**3
+# HBM: what XLA's TPU compiler reports as available to a program (its out-of-memory message, libtpu
+# 0.0.42), a little under the marketing figure (v4 32 GiB, v5e 16 GiB, v5p 95 GB, v6e 32 GiB).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 32 * GiB, 275e12, 1.2e12, 3, True, 4096),
-    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 2, False, 256),
-    # 95.74e9 is the HBM XLA reports as available on a v5p chip (its out-of-memory message).
+    "v4": Chip("v4", 30.75 * GiB, 275e12, 1.2e12, 3, True, 4096),
+    "v5e": Chip("v5e", 15.75 * GiB, 197e12, 819e9, 2, False, 256),
     "v5p": Chip("v5p", 95.74e9, 459e12, 2.765e12, 3, True, 8960),
-    "v6e": Chip("v6e", 32 * GiB, 918e12, 1.64e12, 2, False, 256),
+    "v6e": Chip("v6e", 31.25 * GiB, 918e12, 1.64e12, 2, False, 256),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e", "v6lite": "v6e"}
 # libtpu's topology-name prefixes
@@ -437,6 +438,8 @@ class AotReport:
              if self.roofline_seconds else "n/a"),
             ("MFU upper bound", f"{100 * self.mfu_upper_bound:.1f}%"),
         ]
+        if self.error and not self.argument_bytes:  # the compiler itself refused: no memory analysis
+            rows = rows[:5] + [("", ""), ("compiler", self.error)] + rows[13:]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" if k or v else "" for k, v in rows)
 

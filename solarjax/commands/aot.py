@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.format())
     if not report.fits:
-        print(f"solarjax aot: the step does not fit on {topo.name}: {report.error}. Try a larger mesh.fsdp, "
+        print(f"solarjax aot: the step does not fit on {topo.name}: {report.error.rstrip('.')}. Try a larger mesh.fsdp, "
               "--config.model.remat=full, a smaller train.batch_size with train.grad_accum, or a bigger slice.",
               file=sys.stderr)
         return EXIT_DOES_NOT_FIT

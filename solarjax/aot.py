@@ -494,8 +494,6 @@ def with_activation_sharding(step, mesh, rules=None):
 
 def compile_train_step(config, topo: Topology, devices: list | None = None) -> AotReport:
     """Lower and compile ``solarjax train``'s step for ``topo``; a report (``fits=False`` on OOM)."""
-    import jax
-
     from solarjax import sharding as shd
     from solarjax.optim import make_optimizer
     from solarjax.train import (abstract_batch, abstract_train_state, jit_train_step, make_train_step,

@@ -469,29 +469,6 @@ def model_shape_config(config):
     return cfg
 
 
-def with_activation_sharding(step, mesh, rules=None):
-    """``step`` traced with its (batch, seq, d) activations pinned to the batch sharding.
-
-    The trainer should wrap its step the same way (``solarjax.model.activation_sharding``); see
-    that function for why an FSDP mesh needs it.
-    """
-    import functools
-
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from solarjax import sharding as shd
-    from solarjax.model import activation_sharding
-
-    sharding = NamedSharding(mesh, P(shd.batch_spec(mesh, rules)[0], None, None))
-
-    @functools.wraps(step)
-    def wrapped(*args, **kwargs):
-        with activation_sharding(sharding):
-            return step(*args, **kwargs)
-
-    return wrapped
-
-
 def compile_train_step(config, topo: Topology, devices: list | None = None) -> AotReport:
     """Lower and compile ``solarjax train``'s step for ``topo``; a report (``fits=False`` on OOM)."""
     from solarjax import sharding as shd
@@ -510,9 +487,8 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     optimizer, schedule = make_optimizer(config.optim, tc.steps)
     state_sh = train_state_shardings(cfg, optimizer, mesh, rules)
     batch_sh = shd.batch_sharding(mesh, rules)
-    step_fn = with_activation_sharding(make_train_step(cfg, optimizer, grad_accum=tc.grad_accum, schedule=schedule),
-                                       mesh, rules)
-    step = jit_train_step(step_fn, state_sh, batch_sh)
+    step = jit_train_step(make_train_step(cfg, optimizer, grad_accum=tc.grad_accum, schedule=schedule),
+                          state_sh, batch_sh)  # the trainer's own jit, activation sharding included
     state = abstract_train_state(cfg, optimizer, state_sh)
     batch = abstract_batch(tc.batch_size, tc.seq_len, batch_sh)
     tokens = tc.batch_size * tc.seq_len

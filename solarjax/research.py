@@ -169,7 +169,8 @@ def held_out_loss(params: Params, cfg: ModelConfig, held_out, budget: Budget) ->
     mesh = shd.make_mesh()
     batch_sh = shd.batch_sharding(mesh)
     params = jax.device_put(params, shd.param_shardings(cfg, mesh))
-    return train.evaluate(train.make_eval_step(cfg), params, held_out, budget.eval_batches, batch_sh)
+    eval_step = train.make_eval_step(cfg, batch_sharding=batch_sh["tokens"])
+    return train.evaluate(eval_step, params, held_out, budget.eval_batches, batch_sh)
 
 
 def _mmlu(params: Params, cfg: ModelConfig, tokenizer: Any, budget: Budget) -> float | None:

@@ -10,15 +10,16 @@ XLA's own error for an uneven split names neither the param nor the rule.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from solarjax.config import ModelConfig
-from solarjax.model import Params, param_axes, param_shapes
+from solarjax.model import Params, activation_sharding, param_axes, param_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -177,3 +178,20 @@ def check_batch(batch_size: int, mesh: Mesh, rules: Mapping[str, Any] | None = N
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def with_activation_sharding(fn: Callable, batch_sharding: NamedSharding) -> Callable:
+    """``fn`` traced with its (batch, seq, d_model) activations sharded like the batch rows.
+
+    Every jitted step over a mesh needs this: without it XLA may follow the FSDP-sharded weights
+    into the activations and run each layer on the whole global batch (see
+    ``solarjax.model.activation_sharding``).
+    """
+    sharding = NamedSharding(batch_sharding.mesh, P(batch_sharding.spec[0], None, None))
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(sharding):
+            return fn(*args, **kwargs)
+
+    return wrapped

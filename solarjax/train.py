@@ -103,8 +103,11 @@ def make_train_step(
     return step
 
 
-def make_eval_step(cfg: ModelConfig, loss_fn: LossFn = next_token_loss):
-    return jax.jit(lambda params, batch: loss_fn(params, batch, cfg)[1])
+def make_eval_step(cfg: ModelConfig, loss_fn: LossFn = next_token_loss,
+                   batch_sharding: NamedSharding | None = None):
+    """Jitted ``(params, batch) -> metrics``; pass the batch sharding when params live on a mesh."""
+    fn = lambda params, batch: loss_fn(params, batch, cfg)[1]  # noqa: E731
+    return jax.jit(fn if batch_sharding is None else shd.with_activation_sharding(fn, batch_sharding))
 
 
 # ----------------------------------------------------------------------------- state and shardings
@@ -141,8 +144,10 @@ def abstract_batch(batch_size: int, seq_len: int, shardings: Mapping[str, Any] |
 
 
 def jit_train_step(step, state_shardings: TrainState, batch_shardings: Mapping[str, NamedSharding]):
-    """``jax.jit`` with explicit shardings and the state donated (updated in place)."""
+    """``jax.jit`` with explicit shardings, the state donated (updated in place) and activations
+    pinned to the batch sharding."""
     mesh = jax.tree.leaves(state_shardings)[0].mesh
+    step = shd.with_activation_sharding(step, batch_shardings["tokens"])
     return jax.jit(step, in_shardings=(state_shardings, dict(batch_shardings)),
                    out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=0)
 
@@ -416,7 +421,7 @@ def train(
     batch_sh = shd.batch_sharding(mesh, rules)
     step_fn = jit_train_step(make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum, schedule=schedule),
                              state_sh, batch_sh)
-    eval_step = make_eval_step(cfg, loss_fn)
+    eval_step = make_eval_step(cfg, loss_fn, batch_sh["tokens"])
     state = {"params": params,
              "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
              "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}

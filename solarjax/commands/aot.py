@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands.train import _OverrideParser
+from solarjax.cli import accept_config_overrides
 
 EXIT_DOES_NOT_FIT = 3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    default_class, subparsers._parser_class = subparsers._parser_class, _OverrideParser
-    try:
-        parser = subparsers.add_parser(
-            "aot",
-            help="compile the train step ahead of time for a TPU topology: HBM per chip, FLOPs, roofline",
-            description="Lower and compile the exact step 'solarjax train' runs, for a TPU slice (v4, v5e, v5p, "
-            "v6e; several slices with --num-slices) using compile-only devices from libtpu, without a TPU and "
-            "without allocating weights. Prints per-chip HBM (arguments, temporaries, outputs) against the "
-            "chip's HBM, FLOPs per step, the roofline step time and the MFU upper bound. Exits with status 3 "
-            "when the step does not fit. Override any config field with --config.section.key=value.",
-            epilog="Example: solarjax aot --config configs/solar_10_7b_v5p_128.py --topology v5p-128",
-        )
-    finally:
-        subparsers._parser_class = default_class
+    parser = subparsers.add_parser(
+        "aot",
+        help="compile the train step ahead of time for a TPU topology: HBM per chip, FLOPs, roofline",
+        description="Lower and compile the exact step 'solarjax train' runs, for a TPU slice (v4, v5e, v5p, "
+        "v6e; several slices with --num-slices) using compile-only devices from libtpu, without a TPU and "
+        "without allocating weights. Prints per-chip HBM (arguments, temporaries, outputs) against the "
+        "chip's HBM, FLOPs per step, the roofline step time and the MFU upper bound. Exits with status 3 "
+        "when the step does not fit. Override any config field with --config.section.key=value.",
+        epilog="Example: solarjax aot --config configs/solar_10_7b_v5p_128.py --topology v5p-128",
+    )
     parser.add_argument("--config", required=True, help="config file (configs/<name>.py) or preset name")
     parser.add_argument("--topology", required=True,
                         help="slice name (v5p-128 = 64 chips, v4-64 = 32 chips, v5litepod-256 / v5e-256, v6e-256) "
@@ -34,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--install-libtpu", action="store_true",
                         help="if libtpu is missing, pip-install it (~700 MB, once) into ~/.cache/solarjax "
                         "(or $SOLARJAX_LIBTPU_DIR); it is never put on the default import path")
+    accept_config_overrides(parser)
     parser.set_defaults(func=run)
 
 

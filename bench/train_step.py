@@ -128,8 +128,11 @@ def main() -> None:
         ours, peer = sides["ours"][figure], sides["peer"][figure]
         print(json.dumps({"figure": f"train_{figure}", "unit": unit, "ours": round(ours, 2), "peer": round(peer, 2),
                           "ratio_ours_over_peer": round(ours / peer, 3), **shape}))
+    achieved = {side: sides[side]["tokens_per_s"] * sides["ours"]["flops_per_token"] / 1e9 for side in sides}
     print(json.dumps({"figure": "train_mfu", "ours": sides["ours"]["mfu"], "note": "null where the device's peak "
-                      "FLOP/s is unknown (CPU)", "flops_per_token": sides["ours"]["flops_per_token"], **shape}))
+                      "FLOP/s is unknown (CPU)", "flops_per_token": sides["ours"]["flops_per_token"],
+                      "achieved_gflops_ours": round(achieved["ours"], 1), "achieved_gflops_peer": round(achieved["peer"], 1),
+                      **shape}))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import time
 
 def run_ours(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from solarjax import sharding as shd

@@ -326,12 +326,12 @@ def generate_text(
     ids = [tokenizer.encode(p).ids for p in prompts]
     if "stop_tokens" not in kwargs:
         kwargs["stop_tokens"] = [cfg.eos_token_id] if cfg.eos_token_id is not None else []
-    on_token = None
+    on_token: Callable[[np.ndarray], bool] | None = None
     if stream is not None:
         seen: list[int] = []
         printed = [""]
 
-        def on_token(tokens: np.ndarray) -> bool:
+        def stream_piece(tokens: np.ndarray) -> bool:
             seen.append(int(tokens[0]))
             full = tokenizer.decode(seen, skip_special_tokens=skip_special_tokens)
             text = cut_at_stop(full, stop_strings)
@@ -345,7 +345,7 @@ def generate_text(
             printed[0] = text[:upto]
             return text != full
 
-
+        on_token = stream_piece
     outs = generate(params, cfg, ids, on_token=on_token, **kwargs)
     texts = [cut_at_stop(tokenizer.decode(o, skip_special_tokens=skip_special_tokens), stop_strings) for o in outs]
     if stream is not None and len(texts[0]) > len(printed[0]):

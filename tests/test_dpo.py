@@ -204,7 +204,7 @@ def test_bad_pairs_name_file_and_line(tmp_path, policy_dir, capsys):
 
     rc = main(["dpo", "--data", str(tmp_path / "bad1.jsonl"), "--init", str(policy_dir), "--config.train.seq_len=64",
                "--config.mesh.data=8"])
-    assert rc == 1 and f"bad1.jsonl:2: empty response" in capsys.readouterr().err
+    assert rc == 1 and "bad1.jsonl:2: empty response" in capsys.readouterr().err
     config = _config_with_dpo()
     config.dpo.loss_type = "hinge"
     with pytest.raises(ConfigError, match="loss_type"):

@@ -221,29 +221,6 @@ def perplexity(
                       documents=len(documents))
 
 
-def read_documents(path: str | os.PathLike, field: str = "text") -> list[str]:
-    """A ``.jsonl`` file gives one document per line (its ``field``); any other file is one document."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
-    docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvalError(f"{path}:{n} is not valid JSON: {err}") from err
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise EvalError(f"{path}:{n} has no string field {field!r}")
-        docs.append(record[field])
-    if not docs:
-        raise EvalError(f"{path} holds no documents")
-    return docs
-
-
 def text_perplexity(params: Params, cfg: ModelConfig, tokenizer: Any, texts: Sequence[str], **kwargs: Any) -> Perplexity:
     """:func:`perplexity` of raw texts, tokenized with a ``tokenizers.Tokenizer``."""
     docs = [ids for ids in (tokenizer.encode(t).ids for t in texts) if len(ids) > 1]

@@ -23,9 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = parser.add_subparsers(dest="eval_kind", metavar="KIND", required=True)
 
-    p = sub.add_parser("ppl", help="token-level perplexity of a .txt file or .jsonl file (one doc per line)")
+    p = sub.add_parser("ppl", help="token-level perplexity of text, JSONL or Parquet documents")
     _model_args(p)
-    p.add_argument("--data", required=True, help=".txt (one document) or .jsonl (field --field per line)")
+    p.add_argument("--data", required=True, help=".txt/.md (one document each), .jsonl (field --field per line) "
+                   "or .parquet; files, globs or directories, comma-separated")
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--window", type=int, help="tokens per window (default: min(max_seq_len, 1024))")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: window / 2)")
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_ppl(args: argparse.Namespace) -> int:
-    from solarjax.eval import read_documents, text_perplexity
+    from solarjax.data import read_documents
+    from solarjax.eval import text_perplexity
     from solarjax.generate import load_model, require_tokenizer
 
     docs = read_documents(args.data, args.field)

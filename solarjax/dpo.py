@@ -363,31 +363,19 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
     loss_fn = make_dpo_loss_fn(float(dc.beta), float(dc.label_smoothing), dc.loss_type)
     step_fn = tr.jit_train_step(tr.make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum,
                                                    schedule=schedule), state_sh, batch_sh)
-    ref_fn = jax.jit(lambda ref, b: sequence_logps(ref, b, cfg, average=dc.loss_type == "ipo"),
-                     out_shardings=batch_sh["ref_logps"])
-    eval_fn = jax.jit(lambda p, b: loss_fn(p, b, cfg)[1])
+    ref_fn = jax.jit(shd.with_activation_sharding(lambda ref, b: sequence_logps(ref, b, cfg, average=dc.loss_type == "ipo"),
+                                                  batch_sh["tokens"]), out_shardings=batch_sh["ref_logps"])
+    eval_fn = tr.make_eval_step(cfg, loss_fn, batch_sh["tokens"])
 
     def with_reference(local):
         batch = global_rows(local, batch_sh)
         batch["ref_logps"] = ref_fn(reference, batch)
         return batch
 
-    state = {"params": params,
-             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
-             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
     train_iter = iter(train_data)
-    ck = config.checkpoint
-    ckpt_dir = ck.dir or (out_dir / "checkpoints" if out_dir else None)
-    manager = (tr.checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save)
-               if ckpt_dir else None)
-    data_state = train_iter if hasattr(train_iter, "get_state") else None
-    if manager is not None and ck.resume and manager.latest_step() is not None:
-        state = tr.restore_checkpoint(manager, tr.abstract_train_state(cfg, optimizer, state_sh), data_state)
+    state, manager, data_state = tr.start_or_resume(config, cfg, params, optimizer, state_sh, train_iter, out_dir)
     start = int(jax.device_get(state["step"]))
-
-    jsonl = Path(config.logging.jsonl) if config.logging.jsonl else (out_dir / "metrics.jsonl" if out_dir else None)
-    logger = tr._Logger(jsonl,
-                        (out_dir / "tensorboard") if (config.logging.tensorboard and out_dir) else None)
+    logger = tr.metrics_logger(config, out_dir)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc="dpo", unit="step",
                disable=not tc.progress or jax.process_index() != 0, file=sys.stdout)
@@ -414,7 +402,7 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
                            for i, m in enumerate(fetched))
             logger.log(record, say)
             window_start, window_steps = time.perf_counter(), 0
-        if manager is not None and ((ck.every and done % ck.every == 0) or done == end):
+        if manager is not None and ((config.checkpoint.every and done % config.checkpoint.every == 0) or done == end):
             save_start = time.perf_counter()
             tr.save_checkpoint(manager, state, cfg, data_state, force=True)
             window_start += time.perf_counter() - save_start  # saving is not training throughput
@@ -441,4 +429,4 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
     return {"steps": end, "start_step": start, "metrics": history, "losses": [m["loss"] for m in history],
             "eval": evals, "final_loss": final.get("loss"), "final_reward_accuracy": final.get("reward_accuracy"),
             "params": state["params"], "reference": reference, "cfg": cfg,
-            "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None}
+            "checkpoint_dir": str(manager.directory) if manager is not None else None}

@@ -322,7 +322,9 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-class _Logger:
+class MetricsLogger:
+    """Metrics to stdout (through ``echo``), a JSONL file and optionally TensorBoard; process 0 only."""
+
     def __init__(self, jsonl: Path | None, tensorboard_dir: Path | None):
         self.file = None
         self.tb = None
@@ -356,6 +358,31 @@ class _Logger:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def metrics_logger(config, out_dir: Path | None) -> MetricsLogger:
+    """``logging.jsonl`` (default ``<out_dir>/metrics.jsonl``) and TensorBoard under ``out_dir`` if enabled."""
+    jsonl = Path(config.logging.jsonl) if config.logging.jsonl else (out_dir / "metrics.jsonl" if out_dir else None)
+    return MetricsLogger(jsonl, (out_dir / "tensorboard") if (config.logging.tensorboard and out_dir) else None)
+
+
+def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.GradientTransformation,
+                    state_sh: TrainState, train_iter: Any, out_dir: Path | None):
+    """``(state, checkpoint manager | None, data iterator to checkpoint | None)``.
+
+    A fresh state from ``params``, or, when ``config.checkpoint`` has a directory with a finished
+    step and ``resume`` is set, that step's state with the data iterator moved to where it was.
+    """
+    state = {"params": params,
+             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
+    ck = config.checkpoint
+    ckpt_dir = ck.dir or (out_dir / "checkpoints" if out_dir else None)
+    manager = checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save) if ckpt_dir else None
+    data_state = train_iter if hasattr(train_iter, "get_state") else None
+    if manager is not None and ck.resume and manager.latest_step() is not None:
+        state = restore_checkpoint(manager, abstract_train_state(cfg, optimizer, state_sh), data_state)
+    return state, manager, data_state
 
 
 def evaluate(eval_step, params: Params, eval_ds, num_batches: int, batch_shardings) -> float | None:
@@ -422,21 +449,10 @@ def train(
     step_fn = jit_train_step(make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum, schedule=schedule),
                              state_sh, batch_sh)
     eval_step = make_eval_step(cfg, loss_fn, batch_sh["tokens"])
-    state = {"params": params,
-             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
-             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
     train_iter = iter(train_data)
-
-    ck = config.checkpoint
-    ckpt_dir = ck.dir or (out_dir / "checkpoints" if out_dir else None)
-    manager = checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save) if ckpt_dir else None
-    data_state = train_iter if hasattr(train_iter, "get_state") else None
-    if manager is not None and ck.resume and manager.latest_step() is not None:
-        state = restore_checkpoint(manager, abstract_train_state(cfg, optimizer, state_sh), data_state)
+    state, manager, data_state = start_or_resume(config, cfg, params, optimizer, state_sh, train_iter, out_dir)
     start = int(jax.device_get(state["step"]))
-
-    logger = _Logger(Path(config.logging.jsonl) if config.logging.jsonl else (out_dir / "metrics.jsonl" if out_dir else None),
-                     (out_dir / "tensorboard") if (config.logging.tensorboard and out_dir) else None)
+    logger = metrics_logger(config, out_dir)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step",
                disable=not tc.progress or jax.process_index() != 0, file=sys.stdout)
@@ -453,7 +469,7 @@ def train(
         else:
             window_tokens += tokens_per_step
         done = step + 1
-        if manager is not None and ((ck.every and done % ck.every == 0) or done == end):
+        if manager is not None and ((config.checkpoint.every and done % config.checkpoint.every == 0) or done == end):
             save_checkpoint(manager, state, cfg, data_state, force=True)
         if done % tc.log_every == 0 or done == end:
             fetched = jax.device_get(pending)
@@ -484,4 +500,4 @@ def train(
     return {"steps": end, "start_step": start, "losses": losses, "eval": evals,
             "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1][1] if evals else None,
             "tokens_per_s": tokens_per_s, "mfu": last_mfu, "params": state["params"], "cfg": cfg,
-            "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None}
+            "checkpoint_dir": str(manager.directory) if manager is not None else None}

@@ -27,12 +27,12 @@ from solarjax.model import Params
 class Budget:
     """How much each arm trains and how it is measured; ``for_backend`` picks sizes per device."""
 
-    steps: int = 16
+    steps: int = 48
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 1e-4
-    warmup_steps: int = 2
-    eval_every: int = 4
+    warmup_steps: int = 4
+    eval_every: int = 6
     eval_batches: int = 4
     mmlu_questions: int = 24
     generate_tokens: int = 32

@@ -20,7 +20,7 @@ PROMPT = "**HAMLET**  \nTo be, or not to be, that is the question:  \n"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="up-scale SmolLM2-135M with the SOLAR rule, train, compare (about 10 min on 2 CPU cores)",
+        help="up-scale SmolLM2-135M with the SOLAR rule, train, compare (about 6 min on 2 CPU cores)",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

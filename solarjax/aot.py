@@ -473,8 +473,8 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     """Lower and compile ``solarjax train``'s step for ``topo``; a report (``fits=False`` on OOM)."""
     from solarjax import sharding as shd
     from solarjax.optim import make_optimizer
-    from solarjax.train import (abstract_batch, abstract_train_state, jit_train_step, make_train_step,
-                                train_state_shardings)
+    from solarjax.train import (abstract_batch, abstract_train_state, default_loss, jit_train_step,
+                                make_train_step, train_state_shardings)
 
     devices = devices if devices is not None else topology_devices(topo)
     mesh = aot_mesh(config.mesh, devices, topo.num_slices)
@@ -487,7 +487,8 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     optimizer, schedule = make_optimizer(config.optim, tc.steps)
     state_sh = train_state_shardings(cfg, optimizer, mesh, rules)
     batch_sh = shd.batch_sharding(mesh, rules)
-    step = jit_train_step(make_train_step(cfg, optimizer, grad_accum=tc.grad_accum, schedule=schedule),
+    loss_fn = default_loss(mesh, rules)  # train()'s own loss: vocab-parallel when the vocabulary is split
+    step = jit_train_step(make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum, schedule=schedule),
                           state_sh, batch_sh)  # the trainer's own jit, activation sharding included
     state = abstract_train_state(cfg, optimizer, state_sh)
     batch = abstract_batch(tc.batch_size, tc.seq_len, batch_sh)

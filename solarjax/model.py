@@ -223,11 +223,15 @@ def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
 
 
+def head_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The ``(d_model, vocab)`` output projection: the embedding's transpose when tied."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
 def lm_head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final norm and vocabulary projection (tied to the embedding when configured); fp32 logits."""
+    """Final norm and vocabulary projection; fp32 logits."""
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
+    return jnp.einsum("btd,dv->btv", x, head_matrix(params, cfg).astype(x.dtype)).astype(jnp.float32)
 
 
 def default_positions(tokens: jax.Array, segment_ids: jax.Array | None) -> jax.Array:

@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -195,3 +196,36 @@ def with_activation_sharding(fn: Callable, batch_sharding: NamedSharding) -> Cal
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def vocab_parallel_cross_entropy(x: jax.Array, head: jax.Array, targets: jax.Array, mesh: Mesh,
+                                 rules: Mapping[str, Any] | None = None) -> jax.Array:
+    """Per-token cross-entropy ``(B, T)`` of ``x @ head`` with the vocabulary split over the mesh.
+
+    ``x`` is the final-normed hidden state ``(B, T, d)``, ``head`` the ``(d, V)`` projection. Each
+    device computes logits for its vocabulary shard only; the softmax normaliser and the target's
+    logit are combined across shards with ``pmax``/``psum``, so the full ``(B, T, V)`` fp32 logits,
+    the largest activation of a big-vocabulary model, never exist on one device.
+    """
+    rules = rules_from_config(rules)
+    batch = batch_spec(mesh, rules)[0]
+    vocab = logical_to_spec(("vocab",), rules, mesh)[0]
+    vocab_axes = tuple(_axes_of(vocab))
+
+    def local(x, head, targets):
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype)).astype(jnp.float32)
+        shard = head.shape[1]
+        start = jax.lax.axis_index(vocab_axes) * shard if vocab_axes else 0
+        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+        top = jax.lax.pmax(top, vocab_axes) if vocab_axes else top
+        sum_exp = jnp.sum(jnp.exp(logits - top[..., None]), axis=-1)
+        index = targets - start
+        mine = (index >= 0) & (index < shard)
+        picked = jnp.take_along_axis(logits, jnp.clip(index, 0, shard - 1)[..., None], axis=-1)[..., 0]
+        picked = jnp.where(mine, picked, 0.0)
+        if vocab_axes:
+            sum_exp, picked = jax.lax.psum(sum_exp, vocab_axes), jax.lax.psum(picked, vocab_axes)
+        return jnp.log(sum_exp) + top - picked
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(batch, None, None), P(None, vocab), P(batch, None)),
+                         out_specs=P(batch, None))(x, head, targets)

@@ -20,6 +20,7 @@ Checkpoint layout (``<dir>/<step>/``, an Orbax ``CheckpointManager``): items ``p
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from solarjax import sharding as shd
 from solarjax.config import ConfigError, ModelConfig, model_config_from_dict
-from solarjax.model import Params, abstract_params, forward, init_params
+from solarjax.model import Params, abstract_params, forward, head_matrix, hidden_states, init_params, rms_norm
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -45,14 +46,32 @@ LossFn = Callable[[Params, Batch, ModelConfig], tuple[jax.Array, dict[str, jax.A
 # ----------------------------------------------------------------------------- loss and step
 
 
-def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean cross-entropy of ``targets`` over tokens where ``loss_mask`` is set (fp32 logits)."""
-    logits = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mesh | None = None,
+                    rules: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy of ``targets`` over tokens where ``loss_mask`` is set (fp32 logits).
+
+    Given a ``mesh`` (and rules) that split the vocabulary, the cross-entropy runs vocab-parallel
+    in ``shard_map`` (:func:`solarjax.sharding.vocab_parallel_cross_entropy`); use
+    :func:`default_loss` to get that variant for a mesh.
+    """
+    if mesh is None:
+        logits = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    else:
+        x = hidden_states(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
+        x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+        ce = shd.vocab_parallel_cross_entropy(x, head_matrix(params, cfg), batch["targets"], mesh, rules)
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
     loss = jnp.sum(ce * mask) / jnp.maximum(tokens, 1.0)
     return loss, {"loss": loss, "tokens": tokens}
+
+
+def default_loss(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> LossFn:
+    """``next_token_loss``, vocab-parallel when the rules put the vocabulary on a mesh axis of size > 1."""
+    if shd.logical_to_spec(("vocab",), shd.rules_from_config(rules), mesh)[0] is None:
+        return next_token_loss
+    return functools.partial(next_token_loss, mesh=mesh, rules=rules)
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -409,14 +428,15 @@ def train(
     params: Params | None = None,
     train_data: Any = None,
     eval_data: Any = None,
-    loss_fn: LossFn = next_token_loss,
+    loss_fn: LossFn | None = None,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``config.train.steps`` steps; return a summary with losses and eval history.
 
-    ``cfg``/``params`` skip ``config.init``; ``train_data``/``eval_data`` (grain datasets or
-    iterables of per-process numpy batches) skip ``config.data``; ``stop_after`` ends the run
-    early at that step (with a checkpoint), as a pre-emption would.
+    ``loss_fn`` defaults to :func:`default_loss` for the mesh; ``cfg``/``params`` skip
+    ``config.init``; ``train_data``/``eval_data`` (grain datasets or iterables of per-process numpy
+    batches) skip ``config.data``; ``stop_after`` ends the run early at that step (with a
+    checkpoint), as a pre-emption would.
 
     Returns ``{"steps", "losses" (per step), "eval" ([step, loss] pairs), "final_loss",
     "final_eval_loss", "tokens_per_s", "mfu", "params", "cfg", "checkpoint_dir"}``.
@@ -446,6 +466,7 @@ def train(
     optimizer, schedule = make_optimizer(config.optim, tc.steps)
     state_sh = train_state_shardings(cfg, optimizer, mesh, rules)
     batch_sh = shd.batch_sharding(mesh, rules)
+    loss_fn = loss_fn or default_loss(mesh, rules)
     step_fn = jit_train_step(make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum, schedule=schedule),
                              state_sh, batch_sh)
     eval_step = make_eval_step(cfg, loss_fn, batch_sh["tokens"])

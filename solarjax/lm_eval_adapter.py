@@ -130,3 +130,19 @@ class SolarJaxLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                     results[i] = text
         return results  # type: ignore[return-value]
+
+
+def main() -> None:
+    """``python -m solarjax.lm_eval_adapter --model solarjax --model_args path=DIR --tasks ...``.
+
+    lm-eval's own ``lm_eval`` command only knows the models it imports itself and has no plugin
+    hook; this entry point registers ``solarjax`` and then hands every argument to lm-eval's CLI,
+    so the usual ``lm_eval`` flags (tasks, few-shot, limits, output paths) all work unchanged.
+    """
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
 
 
+def _load(args: argparse.Namespace):
+    """``(cfg, params, tokenizer)`` from ``--model/--tokenizer/--dtype``; scoring text needs a tokenizer."""
+    from solarjax.generate import load_model, require_tokenizer
+
+    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
+    require_tokenizer(tokenizer, args.model)
+    return cfg, params, tokenizer
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -52,11 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_ppl(args: argparse.Namespace) -> int:
     from solarjax.data import read_documents
     from solarjax.eval import text_perplexity
-    from solarjax.generate import load_model, require_tokenizer
 
     docs = read_documents(args.data, args.field)
-    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
-    require_tokenizer(tokenizer, args.model)
+    cfg, params, tokenizer = _load(args)
     result = text_perplexity(params, cfg, tokenizer, docs, window=args.window, stride=args.stride,
                              batch_size=args.batch_size, progress=True)
     if args.json:
@@ -69,11 +76,9 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 def run_mmlu(args: argparse.Namespace) -> int:
     from solarjax.eval import mmlu_accuracy
-    from solarjax.generate import load_model, require_tokenizer
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
-    require_tokenizer(tokenizer, args.model)
+    cfg, params, tokenizer = _load(args)
     result = mmlu_accuracy(params, cfg, tokenizer, subjects, args.limit, shots=args.shots,
                            batch_size=args.batch_size, progress=True)
     if args.json:

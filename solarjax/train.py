@@ -404,6 +404,15 @@ def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.G
     return state, manager, data_state
 
 
+def finish_run(bar, manager, logger: MetricsLogger) -> None:
+    """Close the progress bar, wait for the last async checkpoint to commit, close the logs."""
+    bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    logger.close()
+
+
 def evaluate(eval_step, params: Params, eval_ds, num_batches: int, batch_shardings) -> float | None:
     """Token-weighted mean loss over the first ``num_batches`` of the held-out split."""
     if eval_ds is None:
@@ -513,11 +522,7 @@ def train(
                 logger.log({"step": done, "eval_loss": eval_loss}, echo)
             window_start += time.perf_counter() - eval_start  # eval time is not training throughput
         bar.update(1)
-    bar.close()
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    logger.close()
+    finish_run(bar, manager, logger)
     return {"steps": end, "start_step": start, "losses": losses, "eval": evals,
             "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1][1] if evals else None,
             "tokens_per_s": tokens_per_s, "mfu": last_mfu, "params": state["params"], "cfg": cfg,

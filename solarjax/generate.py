@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax import model as M
+from solarjax import quant as Q
 from solarjax.config import ModelConfig
 from solarjax.model import Params
 
@@ -106,6 +107,27 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
     )
 
 
+def cache_length(cfg: ModelConfig, columns: int, ring: bool | None = None) -> int:
+    """Slots a cache needs for ``columns`` token columns: the sliding window when that is shorter.
+
+    A query at position p sees keys at positions p - window + 1 .. p, so a ring of ``window``
+    slots (column c lives in slot c mod window) holds everything a sliding-window model can see;
+    memory stays bounded however long generation runs. ``ring=False`` forces the full cache.
+    """
+    if ring is False or cfg.sliding_window is None:
+        return columns
+    return min(columns, cfg.sliding_window)
+
+
+def _attention_impl(cfg: ModelConfig) -> str:
+    # decode/prefill pass an explicit position mask: only the XLA and reference paths take any mask
+    return "reference" if cfg.attention == "reference" else "xla"
+
+
+def _layer_index(n_layers: int) -> jax.Array:
+    return jnp.arange(n_layers, dtype=jnp.int32)
+
+
 def forward_cached(
     params: Params,
     cache: KVCache,
@@ -115,33 +137,80 @@ def forward_cached(
     index: jax.Array | int,
     cfg: ModelConfig,
     last_only: bool = False,
+    *,
+    fresh: bool = False,
+    unroll: int | bool = 1,
 ) -> tuple[jax.Array, KVCache]:
-    """Run ``tokens`` (B, T) written at cache slots ``index..index+T``; returns fp32 logits.
+    """Run ``tokens`` (B, T) as cache columns ``index..index+T``; returns fp32 logits and the cache.
 
-    Queries attend to everything in the cache (including what this call writes), masked by
-    position, segment and sliding window, so prefill (T = prompt) and decode (T = 1) are one code
-    path. ``last_only`` computes logits for the final column only (what sampling needs).
+    Column c is stored in slot ``c mod S`` (S = cache slots), so a cache shorter than the
+    sequence is a ring buffer: right for sliding-window models when S >= window. Attention is
+    masked by the positions and segments each slot records (causal, same segment, window).
+
+    One token (decode): keys and values are written into the layer-stacked cache carried through
+    the layer scan (an in-place ``dynamic_update_slice``), then the query attends to the cache.
+    Several tokens (prefill): queries attend to the cache plus the new keys (only the new keys
+    when ``fresh``, i.e. the cache is known to be empty), then the new columns are written.
+    ``last_only`` computes logits for the final column only; ``unroll`` unrolls the layer scan.
+    Params may be quantized (:mod:`solarjax.quant`): each layer is dequantized in the scan body.
     """
     index = jnp.asarray(index, jnp.int32)
-    kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions.astype(jnp.int32), index, axis=1)
-    kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments.astype(jnp.int32), index, axis=1)
-    mask = M.attention_mask(positions, kv_pos, segments, kv_seg, cfg.sliding_window)
+    length, n_tokens = cache.k.shape[2], tokens.shape[1]
+    positions, segments = positions.astype(jnp.int32), segments.astype(jnp.int32)
     cos, sin = M.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    impl = "xla" if cfg.attention == "cudnn" else cfg.attention  # cuDNN wants causal/padding masks only
+    impl, dtype = _attention_impl(cfg), cfg.compute_dtype
+    x = Q.embed(params, tokens, cfg)
 
-    def body(x, xs):
-        layer, k_cache, v_cache = xs
-        q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        out = M.attend(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, impl)
-        return M.finish_layer(x, out, layer, cfg), (k_cache, v_cache)
+    if n_tokens == 1:
+        slot = index % length
+        kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, slot, axis=1)
+        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments, slot, axis=1)
+        mask = M.attention_mask(positions, kv_pos, segments, kv_seg, cfg.sliding_window)
 
-    x = M.embed(params, tokens, cfg)
-    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v))
+        def decode_body(carry, xs):
+            x, k_all, v_all = carry
+            layer, i = xs
+            layer = Q.dense_layer(layer, dtype)
+            q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
+            at = (i, jnp.int32(0), slot, jnp.int32(0), jnp.int32(0))
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
+            v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
+            return (M.finish_layer(x, M.attend(q, k_l, v_l, mask, impl), layer, cfg), k_all, v_all), None
+
+        (x, k_all, v_all), _ = jax.lax.scan(decode_body, (x, cache.k, cache.v),
+                                            (params["layers"], _layer_index(cfg.n_layers)), unroll=unroll)
+        new_cache = KVCache(k_all, v_all, kv_pos, kv_seg)
+    else:
+        if fresh:
+            mask = M.attention_mask(positions, positions, segments, segments, cfg.sliding_window)
+        else:
+            mask = M.attention_mask(positions, jnp.concatenate([cache.positions, positions], axis=1), segments,
+                                    jnp.concatenate([cache.segments, segments], axis=1), cfg.sliding_window)
+
+        def chunk_body(x, xs):
+            layer, k_cache, v_cache = xs
+            layer = Q.dense_layer(layer, dtype)
+            q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
+            k_att, v_att = k, v
+            if not fresh:
+                k_att = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
+                v_att = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
+            return M.finish_layer(x, M.attend(q, k_att, v_att, mask, impl), layer, cfg), (k, v)
+
+        x, (k_new, v_new) = jax.lax.scan(chunk_body, x, (params["layers"], cache.k, cache.v), unroll=unroll)
+        keep = min(n_tokens, length)  # a ring keeps only the last `length` columns
+        slots = (index + jnp.arange(n_tokens - keep, n_tokens, dtype=jnp.int32)) % length
+        new_cache = KVCache(
+            cache.k.at[:, :, slots].set(k_new[:, :, -keep:].astype(cache.k.dtype)),
+            cache.v.at[:, :, slots].set(v_new[:, :, -keep:].astype(cache.v.dtype)),
+            cache.positions.at[:, slots].set(positions[:, -keep:]),
+            cache.segments.at[:, slots].set(segments[:, -keep:]),
+        )
     if last_only:
         x = x[:, -1:]
-    return M.lm_head(params, x, cfg), KVCache(k_new, v_new, kv_pos, kv_seg)
+    return Q.lm_head(params, x, cfg), new_cache
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,11 +229,13 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> 
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int = 0,
-                  top_p: jax.Array | float = 1.0) -> jax.Array:
+                  top_p: jax.Array | float = 1.0, sampling: bool | None = None) -> jax.Array:
     """Next tokens (B,) from logits (B, V): greedy when ``temperature`` is 0, else filtered sampling.
 
     ``top_k`` is static (``lax.top_k`` needs it); temperature and top_p are traced so changing
-    them does not recompile.
+    them does not recompile. ``sampling`` (static) picks the branch at trace time, so a greedy
+    decode loop holds no conditional (on a GPU a ``cond`` costs a device-to-host copy per token);
+    left ``None``, a traced ``cond`` on ``temperature > 0`` picks it.
     """
 
     def sample() -> jax.Array:
@@ -181,8 +252,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
         x = jnp.where(x < cutoff, neg, x)
         return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
-    # a real branch, so greedy decoding never pays for the vocabulary sort
-    return jax.lax.cond(temperature > 0, sample, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    def greedy() -> jax.Array:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    if sampling is None:  # a real branch, so greedy decoding never pays for the vocabulary sort
+        return jax.lax.cond(temperature > 0, sample, greedy)
+    return sample() if sampling else greedy()
 
 
 # ----------------------------------------------------------------------------- prefill + decode
@@ -192,34 +267,63 @@ class DecodeState(NamedTuple):
     cache: KVCache
     token: jax.Array  # (B,) last sampled token, fed at the next step
     position: jax.Array  # (B,) its position
-    index: jax.Array  # () its cache slot
+    index: jax.Array  # () its cache column
     done: jax.Array  # (B,) hit a stop token
     key: jax.Array
 
 
-def _prefill(params, tokens, segments, positions, key, temperature, top_p, stop_ids, cfg, cache_len, top_k):
-    cache = init_cache(cfg, tokens.shape[0], cache_len)
-    logits, cache = forward_cached(params, cache, tokens, positions, segments, 0, cfg, last_only=True)
+class Sampler(NamedTuple):
+    """The traced knobs of one generate call (changing them does not recompile)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    stop_ids: jax.Array  # fixed-size, padded with -1
+    pad_id: jax.Array
+
+
+class Static(NamedTuple):
+    """What a compiled program is specialised on (hashable: a static jit argument)."""
+
+    cfg: ModelConfig
+    cache_len: int
+    n_bucket: int
+    top_k: int
+    sampling: bool
+    unroll: int | bool
+
+
+def _prefill(params, tokens, segments, positions, key, sampler: Sampler, static: Static) -> DecodeState:
+    cache = init_cache(static.cfg, tokens.shape[0], static.cache_len)
+    logits, cache = forward_cached(params, cache, tokens, positions, segments, 0, static.cfg, last_only=True,
+                                   fresh=True)
     key, sub = jax.random.split(key)
-    token = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
-    return DecodeState(cache, token, positions[:, -1], jnp.int32(tokens.shape[1]), jnp.isin(token, stop_ids), key)
+    token = sample_logits(logits[:, -1], sub, sampler.temperature, static.top_k, sampler.top_p, static.sampling)
+    return DecodeState(cache, token, positions[:, -1], jnp.int32(tokens.shape[1]), jnp.isin(token, sampler.stop_ids),
+                       key)
 
 
-def _step(params, state: DecodeState, temperature, top_p, stop_ids, pad_id, cfg, top_k) -> DecodeState:
+def _step(params, state: DecodeState, sampler: Sampler, static: Static) -> DecodeState:
     """Feed ``state.token``, sample the next one; finished rows emit ``pad_id``."""
     position = state.position + 1
     logits, cache = forward_cached(params, state.cache, state.token[:, None], position[:, None],
-                                   jnp.ones_like(position)[:, None], state.index, cfg, last_only=True)
+                                   jnp.ones_like(position)[:, None], state.index, static.cfg, last_only=True,
+                                   unroll=static.unroll)
     key, sub = jax.random.split(state.key)
-    token = sample_logits(logits[:, -1], sub, temperature, top_k, top_p)
-    token = jnp.where(state.done, pad_id, token)
-    done = state.done | jnp.isin(token, stop_ids)
+    token = sample_logits(logits[:, -1], sub, sampler.temperature, static.top_k, sampler.top_p, static.sampling)
+    token = jnp.where(state.done, sampler.pad_id, token)
+    done = state.done | jnp.isin(token, sampler.stop_ids)
     return DecodeState(cache, token, position, state.index + 1, done, key)
 
 
-def _decode_loop(params, state, max_new, temperature, top_p, stop_ids, pad_id, cfg, n_bucket, top_k):
-    """All remaining tokens in one ``while_loop``; stops early when every row is done."""
-    out = jnp.full((state.token.shape[0], n_bucket), pad_id, jnp.int32).at[:, 0].set(state.token)
+def _generate(params, tokens, segments, positions, key, max_new, sampler: Sampler, static: Static) -> jax.Array:
+    """Prefill and every decode step in one program: one dispatch, no host round-trip per token.
+
+    The decode steps run in a ``while_loop`` whose carry holds the cache, so XLA updates it in
+    place; the loop ends at ``max_new`` tokens or as soon as every row has hit a stop token.
+    Returns (B, n_bucket) tokens, ``pad_id`` past each row's end.
+    """
+    state = _prefill(params, tokens, segments, positions, key, sampler, static)
+    out = jnp.full((tokens.shape[0], static.n_bucket), sampler.pad_id, jnp.int32).at[:, 0].set(state.token)
 
     def cond(carry):
         i, _, st = carry
@@ -227,16 +331,16 @@ def _decode_loop(params, state, max_new, temperature, top_p, stop_ids, pad_id, c
 
     def body(carry):
         i, out, st = carry
-        st = _step(params, st, temperature, top_p, stop_ids, pad_id, cfg, top_k)
-        return i + 1, out.at[:, i].set(st.token), st
+        st = _step(params, st, sampler, static)
+        return i + 1, jax.lax.dynamic_update_slice_in_dim(out, st.token[:, None], i, axis=1), st
 
     _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, state))
     return out
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "top_k"))
-_step_jit = jax.jit(_step, static_argnames=("cfg", "top_k"), donate_argnames=("state",))
-_decode_loop_jit = jax.jit(_decode_loop, static_argnames=("cfg", "n_bucket", "top_k"))
+_prefill_jit = jax.jit(_prefill, static_argnames=("static",))
+_step_jit = jax.jit(_step, static_argnames=("static",), donate_argnames=("state",))
+_generate_jit = jax.jit(_generate, static_argnames=("static",))
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -245,6 +349,38 @@ def bucket(n: int, minimum: int = 16) -> int:
     if n <= 512:
         return 1 << (n - 1).bit_length()
     return -(-n // 512) * 512
+
+
+TRUNCATE_CHOICES = ("none", "left")
+
+
+def fit_context(prompts: Sequence[Sequence[int]], max_new_tokens: int, cfg: ModelConfig,
+                truncate: str = "none") -> list[list[int]]:
+    """Prompts that leave room for ``max_new_tokens`` in the model's context (``cfg.max_seq_len``).
+
+    Too long is an error naming the lengths, unless ``truncate="left"``, which keeps the last
+    ``max_seq_len - max_new_tokens`` tokens of each prompt (the end is what a continuation needs).
+    """
+    if truncate not in TRUNCATE_CHOICES:
+        raise GenerationError(f"truncate must be one of {TRUNCATE_CHOICES}, got {truncate!r}")
+    room = cfg.max_seq_len - max_new_tokens
+    if room < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                              f"context of {cfg.max_seq_len} tokens (max_seq_len)")
+    longest = max(len(p) for p in prompts)
+    if longest <= room:
+        return [list(p) for p in prompts]
+    if truncate == "left":
+        return [list(p)[-room:] for p in prompts]
+    raise GenerationError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's "
+                          f"context of {cfg.max_seq_len} tokens (max_seq_len); shorten it or truncate from the "
+                          "left (--truncate left)")
+
+
+def default_unroll(cfg: ModelConfig) -> int | bool:
+    """Unroll the decode step's layer scan on accelerators (one fused program per token, no
+    per-layer loop overhead); on CPU the loop is cheap and unrolling only lengthens compiles."""
+    return True if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") and cfg.n_layers <= 96 else 1
 
 
 def generate(
@@ -260,13 +396,20 @@ def generate(
     seed: int = 0,
     pad_id: int = 0,
     on_token: Callable[[np.ndarray], bool | None] | None = None,
+    truncate: str = "none",
+    ring: bool | None = None,
+    unroll: int | bool | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt (token-id lists, batched with left padding).
 
     Returns the new tokens of each row, ending with the stop token when one was produced.
-    ``temperature=0`` is greedy. ``on_token`` streams: it is called with the (B,) tokens of every
-    step (finished rows give ``pad_id``) and switches to one compiled step per token; it may
-    return True to end generation early (e.g. a stop string appeared).
+    ``temperature=0`` is greedy. Without ``on_token`` the whole generation is one compiled
+    program. ``on_token`` streams: it is called with the (B,) tokens of every step (finished
+    rows give ``pad_id``) and switches to one compiled step per token (slower: a host round-trip
+    each); it may return True to end generation early (e.g. a stop string appeared).
+    ``truncate="left"`` cuts over-long prompts instead of raising; a sliding-window model keeps
+    a ring-buffer cache of ``window`` slots unless ``ring=False``; params may be int8
+    (:func:`solarjax.quant.quantize_params`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("every prompt needs at least one token (got an empty prompt or no prompts)")
@@ -278,22 +421,25 @@ def generate(
     bad = [t for p in prompts for t in p if not 0 <= t < cfg.vocab_size]
     if bad:
         raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary (size {cfg.vocab_size})")
+    prompts = fit_context(prompts, max_new_tokens, cfg, truncate)
     p_len = bucket(max(len(p) for p in prompts))
     n_bucket = bucket(max_new_tokens, 32)
     tokens, segments, positions = left_pad(prompts, p_len, pad_id)
     stops = list(stop_tokens)
     stop_ids = jnp.asarray(stops + [-1] * (-len(stops) % 8 or (0 if stops else 8)), jnp.int32)  # fixed shape
-    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
-    state = _prefill_jit(params, tokens, segments, positions, jax.random.key(seed), temp, nucleus, stop_ids,
-                         cfg=cfg, cache_len=p_len + n_bucket, top_k=top_k)
+    sampler = Sampler(jnp.float32(temperature), jnp.float32(top_p), stop_ids, jnp.int32(pad_id))
+    static = Static(cfg, cache_length(cfg, p_len + n_bucket, ring), n_bucket, top_k, temperature > 0,
+                    default_unroll(cfg) if unroll is None else unroll)
+    key = jax.random.key(seed)
     if on_token is None:
-        out = np.asarray(_decode_loop_jit(params, state, jnp.int32(max_new_tokens), temp, nucleus, stop_ids,
-                                          jnp.int32(pad_id), cfg=cfg, n_bucket=n_bucket, top_k=top_k))
+        out = np.asarray(_generate_jit(params, tokens, segments, positions, key, jnp.int32(max_new_tokens), sampler,
+                                       static=static))
     else:
+        state = _prefill_jit(params, tokens, segments, positions, key, sampler, static=static)
         steps = [np.asarray(state.token)]
         stop = on_token(steps[-1])
         while not stop and len(steps) < max_new_tokens and not bool(np.all(state.done)):
-            state = _step_jit(params, state, temp, nucleus, stop_ids, jnp.int32(pad_id), cfg=cfg, top_k=top_k)
+            state = _step_jit(params, state, sampler, static=static)
             steps.append(np.asarray(state.token))
             stop = on_token(steps[-1])
         out = np.stack(steps, axis=1)

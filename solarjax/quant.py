@@ -1,0 +1,145 @@
+"""Weight-only int8 (and int4) quantization with one scale per output channel.
+
+Decoding one token reads every weight once, so at batch 1 its speed is set by weight bytes:
+int8 weights are a quarter of fp32 and half of bf16. :func:`quantize_params` replaces each
+matrix by a :class:`Quantized` leaf (integer values + a float scale per output channel, i.e.
+max-abs over the contraction axes / 127); norms stay as they are. Nothing is dequantized ahead
+of time: :func:`dense_layer` turns one layer's leaves back into compute-dtype arrays *inside* the
+layer scan body, right before the model's own matmuls, so XLA sees ``convert * scale -> dot``
+and can fuse the dequantize into the matmul instead of materializing a float copy of the model.
+
+The model functions in :mod:`solarjax.model` take plain arrays and are used unchanged;
+:func:`hidden_states`, :func:`embed` and :func:`lm_head` here are the quantization-aware entry
+points (they fall through to the model's for unquantized params).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from solarjax import model as M
+from solarjax.config import ModelConfig
+from solarjax.model import Params
+
+BITS = (8, 4)
+
+# Contraction axes of every matrix (after the leading layer axis, for stacked ones): the scale is
+# shared along these and separate for every output channel.
+CONTRACTION_AXES: dict[str, tuple[int, ...]] = {
+    "wq": (1,), "wk": (1,), "wv": (1,),  # (L, d, heads, hd)
+    "wo": (1, 2),  # (L, heads, hd, d)
+    "w_gate": (1,), "w_up": (1,),  # (L, d, ffn)
+    "w_down": (1,),  # (L, ffn, d)
+    "embed": (1,),  # (vocab, d): one scale per row, which is the head's output channel when tied
+    "lm_head": (0,),  # (d, vocab)
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Quantized:
+    """Integer weights and a broadcastable float scale: ``values * scale`` is the weight."""
+
+    values: jax.Array  # int8 (or int4)
+    scale: jax.Array  # float32, size 1 along the contraction axes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def dense(self, dtype: Any) -> jax.Array:
+        return self.values.astype(dtype) * self.scale.astype(dtype)
+
+
+def quantize(w: jax.Array, axes: tuple[int, ...], bits: int = 8) -> Quantized:
+    """Symmetric per-output-channel quantization of ``w`` (scale = max |w| over ``axes`` / qmax)."""
+    if bits not in BITS:
+        raise ValueError(f"quantization bits must be one of {BITS}, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    w32 = jnp.asarray(w, jnp.float32)
+    scale = jnp.max(jnp.abs(w32), axis=axes, keepdims=True) / qmax
+    scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero channel stays zero
+    values = jnp.clip(jnp.round(w32 / scale), -qmax, qmax).astype(jnp.int8 if bits == 8 else jnp.int4)
+    return Quantized(values, scale)
+
+
+_quantize_jit = jax.jit(quantize, static_argnames=("axes", "bits"))
+
+
+def quantize_params(params: Params, bits: int = 8) -> Params:
+    """Every matrix (attention, MLP, embedding, head) as a :class:`Quantized` leaf; norms untouched.
+
+    Leaves are converted one at a time, so peak memory is the model plus one float matrix.
+    """
+    if is_quantized(params):
+        raise ValueError("params are already quantized")
+    layers = {name: _quantize_jit(w, axes=CONTRACTION_AXES[name], bits=bits) if name in CONTRACTION_AXES else w
+              for name, w in params["layers"].items()}
+    out = {**params, "layers": layers}
+    for name in ("embed", "lm_head"):
+        if name in params:
+            out[name] = _quantize_jit(params[name], axes=CONTRACTION_AXES[name], bits=bits)
+    return out
+
+
+def is_quantized(params: Params) -> bool:
+    return any(isinstance(leaf, Quantized) for leaf in
+               jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Quantized)))
+
+
+def param_bytes(params: Params) -> int:
+    """Bytes the weights occupy (int4 counted as half a byte)."""
+    total = 0
+    for leaf in jax.tree.leaves(params):
+        bits = 4 if leaf.dtype == jnp.int4 else leaf.dtype.itemsize * 8
+        total += leaf.size * bits // 8
+    return total
+
+
+# ----------------------------------------------------------------------------- dequantizing entry points
+
+
+def dense_layer(layer: Params, dtype: Any) -> Params:
+    """One layer's (or all layers') leaves as plain arrays: call this at the top of a scan body."""
+    return {k: v.dense(dtype) if isinstance(v, Quantized) else v for k, v in layer.items()}
+
+
+def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Token embeddings; a quantized table is gathered as integers and scaled per row."""
+    table = params["embed"]
+    if not isinstance(table, Quantized):
+        return M.embed(params, tokens, cfg)
+    rows = jnp.take(table.values, tokens, axis=0).astype(cfg.compute_dtype)
+    return rows * jnp.take(table.scale, tokens, axis=0).astype(cfg.compute_dtype)
+
+
+def lm_head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The model's final norm + head, with a quantized head matrix dequantized at the matmul."""
+    head = {k: v.dense(cfg.compute_dtype) if isinstance(v, Quantized) else v
+            for k, v in params.items() if k in ("embed", "lm_head", "final_norm")}
+    return M.lm_head(head, x, cfg)
+
+
+def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
+    """:func:`solarjax.model.hidden_states` for quantized params (the model's own for plain ones)."""
+    if not is_quantized(params):
+        return M.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
+    if positions is None:
+        positions = M.default_positions(tokens, segment_ids)
+    x = embed(params, tokens, cfg)
+    cos, sin = M.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    mask = M.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
+    impl = "xla" if cfg.attention in ("auto", "cudnn", "splash") else cfg.attention  # explicit mask
+
+    def body(x, layer):
+        layer = dense_layer(layer, cfg.compute_dtype)
+        q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
+        return M.finish_layer(x, M.attend(q, k, v, mask, impl), layer, cfg), None
+
+    x, _ = jax.lax.scan(body, x, params["layers"])
+    return x

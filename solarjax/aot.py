@@ -322,6 +322,9 @@ def _sub_jaxprs(value: Any):
 def jaxpr_flops(jaxpr) -> float:
     """Matmul FLOPs of a jaxpr: 2 x output size x contracted size per ``dot_general``.
 
+    A Pallas kernel (splash attention) counts its body once per grid point, i.e. as if no block
+    were skipped: the same dense count XLA's attention has, so remat ratios stay comparable.
+
     Scan bodies count ``length`` times, the larger branch of a ``cond`` once, a ``while`` body once
     (its trip count is unknown). Elementwise work is left out: next to the matmuls of a decoder
     it is noise, and the MXU peak is a matmul peak.
@@ -333,6 +336,9 @@ def jaxpr_flops(jaxpr) -> float:
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
+            continue
+        if name == "pallas_call":  # a kernel body runs once per grid point (splash: dense count)
+            total += math.prod(eqn.params["grid_mapping"].grid) * jaxpr_flops(eqn.params["jaxpr"])
             continue
         subs = [jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
         if not subs:
@@ -381,6 +387,8 @@ class AotReport:
     xla_flops_per_chip: float | None  # compiled.cost_analysis(): per chip, loop bodies counted once
     peak_flops: float
     compile_seconds: float
+    attention: str = ""  # the kernel cfg.attention resolves to on this topology (auto -> splash)
+    kernel_calls: int = 0  # Mosaic (Pallas) custom calls in the compiled program: splash is really in it
     fits: bool = True
     error: str | None = None
 
@@ -414,7 +422,8 @@ class AotReport:
             ("topology", f"{self.topology} ({self.topology_name}, {self.num_slices} slice(s)): {self.chips} chips, "
                          f"{self.hosts} hosts"),
             ("mesh", mesh),
-            ("model", f"{self.params:,} params, remat {self.remat}"),
+            ("model", f"{self.params:,} params, remat {self.remat}, attention {self.attention} "
+                      f"({self.kernel_calls} Pallas kernel calls)"),
             ("step", f"batch {self.batch_size} x seq {self.seq_len} = {self.tokens_per_step:,} tokens, "
                      f"grad_accum {self.grad_accum}"),
             ("compile", f"{self.compile_seconds:.1f} s"),
@@ -472,6 +481,7 @@ def model_shape_config(config):
 def compile_train_step(config, topo: Topology, devices: list | None = None) -> AotReport:
     """Lower and compile ``solarjax train``'s step for ``topo``; a report (``fits=False`` on OOM)."""
     from solarjax import sharding as shd
+    from solarjax.attention import resolve as resolve_attention
     from solarjax.optim import make_optimizer
     from solarjax.train import (abstract_batch, abstract_train_state, default_loss, jit_train_step,
                                 make_train_step, train_state_shardings)
@@ -501,7 +511,8 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
         temp_bytes=0, code_bytes=0, state_bytes_total=_nbytes(state), state_bytes_per_chip=_shard_nbytes(state),
         program_flops_per_chip=program_flops(step, state, batch) / topo.num_chips,
         model_flops_per_chip=cfg.flops_per_token(tc.seq_len) * tokens / topo.num_chips,
-        xla_flops_per_chip=None, peak_flops=topo.chip.peak_flops, compile_seconds=0.0)
+        xla_flops_per_chip=None, peak_flops=topo.chip.peak_flops, compile_seconds=0.0,
+        attention=resolve_attention(cfg.attention, cfg.compute_dtype, "tpu"))
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     try:
@@ -514,6 +525,7 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
             return report
         raise
     report.compile_seconds = time.perf_counter() - start
+    report.kernel_calls = compiled.as_text().count("tpu_custom_call")
     mem = compiled.memory_analysis()
     report.argument_bytes = int(mem.argument_size_in_bytes)
     report.output_bytes = int(mem.output_size_in_bytes)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out")
-ATTENTION_IMPLS = ("xla", "cudnn", "reference")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,8 @@ class ModelConfig:
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"  # storage dtype of the weights
     remat: str = "none"  # one of REMAT_POLICIES
-    attention: str = "xla"  # one of ATTENTION_IMPLS
+    attention: str = "auto"  # one of ATTENTION_IMPLS; auto: splash on TPU, cuDNN on GPU, XLA on CPU
+    max_segments: int = 64  # packed documents per row the GPU kernel handles (cuDNN needs a static bound)
     arch: str = "llama"  # "llama" or "mistral": decides the HF architecture on export
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -58,7 +59,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first field that cannot work."""
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len",
+                     "max_segments"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

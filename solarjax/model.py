@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from solarjax import attention as attn
 from solarjax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -85,6 +86,27 @@ def init_params(key: jax.Array, cfg: ModelConfig, init_std: float = 0.02) -> Par
     return jax.tree.unflatten(treedef, leaves)
 
 
+def compute_params(params: Params, cfg: ModelConfig) -> Params:
+    """Matmul weights cast to the compute dtype once, before the layer scan.
+
+    Done per step rather than per matmul so remat's recomputation and FSDP's all-gathers move
+    bf16 copies, not fp32 masters; gradients flow back to the fp32 masters through the cast.
+    Norm scales (kept fp32: the norm runs in fp32) and the embedding table (a gather whose
+    scatter-add gradient would lose precision in bf16) stay as they are.
+    """
+    dtype = cfg.compute_dtype
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    matrix = lambda axes: len([a for a in axes if a != "layers"]) >= 2  # noqa: E731
+
+    def cast(axes, leaf, top):
+        return leaf.astype(dtype) if matrix(axes) and top != "embed" else leaf
+
+    axes = param_axes(cfg)
+    out = {top: jax.tree.map(lambda a, leaf, top=top: cast(a, leaf, top), axes[top], params[top], is_leaf=is_axes)
+           for top in axes}
+    return {**params, **out}
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 
@@ -146,10 +168,14 @@ def _reference_attention(q, k, v, mask):
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
-    """Grouped-query attention over (batch, seq, heads, head_dim) tensors."""
+    """Grouped-query attention over (batch, seq, heads, head_dim) tensors with an explicit mask.
+
+    The mask path (KV-cache decoding, CPU training): ``auto`` and ``splash`` have no masked form,
+    so they run XLA here; ``cudnn`` takes the mask as cuDNN's bias.
+    """
     if impl == "reference":
         return _reference_attention(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else "xla")
 
 
 def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
@@ -176,10 +202,27 @@ def finish_layer(x: jax.Array, attn_out: jax.Array, layer: Params, cfg: ModelCon
     return x + mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"])
 
 
-def decoder_layer(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, mask: jax.Array, cfg: ModelConfig):
+def decoder_layer(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, cfg: ModelConfig,
+                  self_attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
     """One pre-norm decoder block on (batch, seq, d_model) activations."""
     q, k, v = qkv_projection(x, layer, cos, sin, cfg)
-    return finish_layer(x, attend(q, k, v, mask, cfg.attention), layer, cfg)
+    return finish_layer(x, self_attention(q, k, v), layer, cfg)
+
+
+def self_attention_fn(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None):
+    """``(q, k, v) -> out`` for a whole sequence, with the backend's kernel (:mod:`solarjax.attention`).
+
+    Fused kernels (splash on TPU, cuDNN on GPU) never build the (B, 1, T, T) mask; the XLA and
+    reference paths build it once here and every layer reuses it.
+    """
+    sharding = _ACTIVATION_SHARDING.get()
+    impl = attn.resolve(cfg.attention, cfg.compute_dtype, attn.platform_of(sharding))
+    if impl in attn.FUSED:
+        return functools.partial(attn.fused_attention, segment_ids=segment_ids, impl=impl,
+                                 window=cfg.sliding_window, max_segments=cfg.max_segments,
+                                 batch_sharding=sharding)
+    mask = attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
+    return lambda q, k, v: attend(q, k, v, mask, impl)
 
 
 def remat_policy(name: str):
@@ -260,10 +303,10 @@ def hidden_states(
         positions = default_positions(tokens, segment_ids)
     x = constrain_activations(embed(params, tokens, cfg))
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    mask = attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
+    self_attention = self_attention_fn(cfg, positions, segment_ids)
 
     def body(carry, layer):
-        return constrain_activations(decoder_layer(carry, layer, cos, sin, mask, cfg)), None
+        return constrain_activations(decoder_layer(carry, layer, cos, sin, cfg, self_attention)), None
 
     policy = remat_policy(cfg.remat)
     if cfg.remat != "none":

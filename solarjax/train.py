@@ -1,10 +1,12 @@
-"""Sharded continued pretraining: the train step, its shardings, Orbax checkpoints and the loop.
+"""Sharded training: the step, its shardings and the one loop that pretraining, SFT and DPO drive.
 
 The pieces are separable on purpose: ``make_train_step`` is a pure function of
 ``(state, batch)`` with a pluggable ``loss_fn`` (SFT/DPO swap the loss), ``train_state_shardings``
 and ``abstract_train_state`` describe the state without allocating it (so the AOT compiler lowers
-the very same step for a TPU topology), and ``train(config)`` wires data, mesh, checkpoints and
-metrics around them.
+the very same step for a TPU topology), and ``train(config, task=...)`` wires data, mesh,
+checkpoints (``solarjax.ckpt``) and metrics around them. A :class:`Task` supplies what differs
+between pretraining, SFT and DPO (batch construction, loss, log records, eval); everything else,
+including the fault handling, is this one loop.
 
 Train state: ``{"params": fp32 master weights, "opt_state": optax state, "step": int32}``.
 Compute runs in ``cfg.dtype`` (the model casts weights at each matmul), gradients and AdamW
@@ -13,30 +15,37 @@ moments stay fp32.
 Batch: a dict of int32 ``(B, T)`` arrays ``tokens``, ``targets``, ``loss_mask``, ``segment_ids``,
 ``positions`` (``solarjax.data`` produces it).
 
-Checkpoint layout (``<dir>/<step>/``, an Orbax ``CheckpointManager``): items ``params`` (same as
-``solarjax.ckpt``, so ``load_params`` reads a step directory), ``model_config`` (JSON),
-``opt_state`` and ``data_state`` (grain iterator state, one JSON file per process).
+Faults: a step with a non-finite loss or gradient norm leaves the weights and optimizer state as
+they were (inside the jitted step) and is counted; more than ``train.max_nonfinite_skips`` in a
+row stop the run (``TrainingDiverged``) without checkpointing. SIGTERM/SIGINT finish the step,
+checkpoint it (params, optimizer, data iterator), wait for the commit and raise ``Preempted``
+(the CLI exits 143/130; running it again resumes). Checkpoint layout: ``solarjax.ckpt``.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
+from solarjax import ckpt
 from solarjax import sharding as shd
 from solarjax.config import ConfigError, ModelConfig, model_config_from_dict
-from solarjax.model import Params, abstract_params, forward, head_matrix, hidden_states, init_params, rms_norm
+from solarjax.model import (Params, abstract_params, compute_params, head_matrix, hidden_states, init_params,
+                            rms_norm)
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -48,22 +57,27 @@ LossFn = Callable[[Params, Batch, ModelConfig], tuple[jax.Array, dict[str, jax.A
 
 def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mesh | None = None,
                     rules: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean cross-entropy of ``targets`` over tokens where ``loss_mask`` is set (fp32 logits).
+    """Mean cross-entropy of ``targets`` over tokens where ``loss_mask`` is set.
 
-    Given a ``mesh`` (and rules) that split the vocabulary, the cross-entropy runs vocab-parallel
-    in ``shard_map`` (:func:`solarjax.sharding.vocab_parallel_cross_entropy`); use
-    :func:`default_loss` to get that variant for a mesh.
+    Weights are cast to the compute dtype once (:func:`solarjax.model.compute_params`) and the
+    (B, T, V) fp32 logits never exist: the cross-entropy is chunked over positions with its own
+    VJP (:func:`solarjax.losses.chunked_cross_entropy`). Given a ``mesh`` (and rules) that split
+    the vocabulary, it runs vocab-parallel in ``shard_map`` instead
+    (:func:`solarjax.sharding.vocab_parallel_cross_entropy`); :func:`default_loss` picks.
     """
+    from solarjax.losses import chunked_cross_entropy
+
+    params = compute_params(params, cfg)
+    x = hidden_states(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    head = head_matrix(params, cfg).astype(x.dtype)
     if mesh is None:
-        logits = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        ce = chunked_cross_entropy(x, head, batch["targets"])
     else:
-        x = hidden_states(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
-        x = rms_norm(x, params["final_norm"], cfg.rms_eps)
-        ce = shd.vocab_parallel_cross_entropy(x, head_matrix(params, cfg), batch["targets"], mesh, rules)
+        ce = shd.vocab_parallel_cross_entropy(x, head, batch["targets"], mesh, rules)
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
-    loss = jnp.sum(ce * mask) / jnp.maximum(tokens, 1.0)
+    loss = jnp.sum(jnp.where(mask > 0, ce, 0.0)) / jnp.maximum(tokens, 1.0)
     return loss, {"loss": loss, "tokens": tokens}
 
 
@@ -91,33 +105,44 @@ def make_train_step(
 
     With ``grad_accum > 1`` the batch is split into microbatches whose gradients are averaged in
     a ``lax.scan`` (one optimizer update per step, activation memory of one microbatch).
-    Metrics: the loss_fn's metrics (averaged over microbatches; ``tokens`` summed), ``grad_norm``
-    and ``lr`` (when a schedule is given).
+    Metrics: the loss_fn's metrics (averaged over microbatches; ``tokens`` summed), ``grad_norm``,
+    ``lr`` (when a schedule is given) and ``nonfinite`` (1 when the step was skipped).
+
+    Divergence guard: when the loss or the gradient norm is not finite, the step keeps the params
+    and the optimizer state as they were (a select inside the same program, fused with the update),
+    so a NaN never reaches the weights; only ``step`` advances (the batch is consumed). The loop
+    counts such steps (``train.max_nonfinite_skips``).
     """
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b, cfg), has_aux=True)
 
     def step(state: TrainState, batch: Batch):
         params = state["params"]
         if grad_accum == 1:
-            (_, metrics), grads = grad_fn(params, batch)
+            (loss, metrics), grads = grad_fn(params, batch)
         else:
             def body(acc, micro):
-                (_, m), g = grad_fn(params, micro)
-                return jax.tree.map(jnp.add, acc, (g, m)), None
+                (l, m), g = grad_fn(params, micro)
+                return jax.tree.map(jnp.add, acc, (g, l, m)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             first = jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum))
-            _, m_shape = jax.eval_shape(grad_fn, params, first)[0]
+            l_shape, m_shape = jax.eval_shape(grad_fn, params, first)[0]
             m_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (grads, metrics), _ = jax.lax.scan(body, (zeros, m_zeros), _microbatches(batch, grad_accum))
+            l_zero = jnp.zeros(l_shape.shape, l_shape.dtype)
+            (grads, loss, metrics), _ = jax.lax.scan(body, (zeros, l_zero, m_zeros), _microbatches(batch, grad_accum))
             grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            loss = loss / grad_accum
             metrics = {k: v if k == "tokens" else v / grad_accum for k, v in metrics.items()}
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = dict(metrics, grad_norm=grad_norm, nonfinite=jnp.logical_not(finite).astype(jnp.int32))
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        return {"params": keep_if_bad(new_params, params), "opt_state": keep_if_bad(opt_state, state["opt_state"]),
+                "step": state["step"] + 1}, metrics
 
     return step
 
@@ -200,50 +225,6 @@ def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, num_devices: int) -
     return None if peak is None else tokens_per_s * cfg.flops_per_token(seq_len) / (peak * num_devices)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
-    import orbax.checkpoint as ocp
-
-    # ``every`` is enforced by the caller (``train``); Orbax alone would also save the first step.
-    options = ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=keep,
-                                           enable_async_checkpointing=async_save, create=True)
-    return ocp.CheckpointManager(Path(directory).resolve(), options=options)
-
-
-def save_checkpoint(manager, state: TrainState, cfg: ModelConfig, data_iter: Any = None, *, force: bool = False) -> bool:
-    """Save (asynchronously when configured) at ``state["step"]``; False when not a save step."""
-    import grain
-    import orbax.checkpoint as ocp
-
-    from solarjax.ckpt import CONFIG_ITEM, PARAMS_ITEM
-
-    step = int(jax.device_get(state["step"]))
-    items = {PARAMS_ITEM: ocp.args.StandardSave(state["params"]),
-             CONFIG_ITEM: ocp.args.JsonSave(cfg.to_dict()),
-             "opt_state": ocp.args.StandardSave(state["opt_state"])}
-    if data_iter is not None:
-        items["data_state"] = grain.checkpoint.CheckpointSave(data_iter)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
-
-
-def restore_checkpoint(manager, abstract_state: TrainState, data_iter: Any = None, step: int | None = None) -> TrainState:
-    """Restore the latest complete step (Orbax skips unfinished saves) into ``abstract_state``'s shardings."""
-    import grain
-    import orbax.checkpoint as ocp
-
-    step = manager.latest_step() if step is None else step
-    items = {"params": ocp.args.StandardRestore(abstract_state["params"]),
-             "opt_state": ocp.args.StandardRestore(abstract_state["opt_state"])}
-    if data_iter is not None:
-        items["data_state"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    step_sharding = abstract_state["step"].sharding
-    return {"params": restored["params"], "opt_state": restored["opt_state"],
-            "step": jax.device_put(jnp.asarray(step, jnp.int32), step_sharding)}
-
-
 # ----------------------------------------------------------------------------- initialisation
 
 
@@ -263,15 +244,13 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
         cfg = model_config(config).replace(param_dtype="float32")
         params = None
     else:
-        path = Path(source)
+        path = ckpt.as_path(source)
         if (path / "config.json").is_file():
             from solarjax.hf import load_hf
 
             cfg, params = load_hf(path, dtype="float32")
         elif (path / "params").is_dir():
-            from solarjax.ckpt import load_params
-
-            cfg, params = load_params(path, dtype="float32")
+            cfg, params = ckpt.load_params(path, dtype="float32")
         else:
             raise ConfigError(f"init.source={source!r} is neither an HF checkpoint (config.json) nor an Orbax "
                               "params checkpoint (params/)")
@@ -291,12 +270,12 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
     return cfg, jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s), params, shardings)
 
 
-def _tokenizer_for(config, cfg: ModelConfig, docs, out_dir: Path | None):
+def _tokenizer_for(config, cfg: ModelConfig, docs, out_dir: epath.Path | None):
     from solarjax import data
 
     path = config.data.tokenizer
-    if path is None and config.init.source and (Path(config.init.source) / "tokenizer.json").is_file():
-        path = Path(config.init.source) / "tokenizer.json"
+    if path is None and config.init.source and (ckpt.as_path(config.init.source) / "tokenizer.json").is_file():
+        path = ckpt.as_path(config.init.source) / "tokenizer.json"
     if path is None and out_dir is not None and (out_dir / "tokenizer.json").is_file():
         path = out_dir / "tokenizer.json"  # trained by an earlier run of this experiment
     if path is not None:
@@ -308,7 +287,7 @@ def _tokenizer_for(config, cfg: ModelConfig, docs, out_dir: Path | None):
     return tokenizer
 
 
-def make_data(config, cfg: ModelConfig, out_dir: Path | None = None):
+def make_data(config, cfg: ModelConfig, out_dir: epath.Path | None = None):
     """``(train_dataset, eval_dataset | None, tokenizer)`` for this process, from ``config.data``."""
     from solarjax import data
 
@@ -330,9 +309,6 @@ def make_data(config, cfg: ModelConfig, out_dir: Path | None = None):
     return train_ds, eval_ds, tokenizer
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
 def maybe_initialize_distributed(config) -> None:
     dist = config.distributed
     if not dist.enabled or jax.distributed.is_initialized():
@@ -341,17 +317,28 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+# ----------------------------------------------------------------------------- logging
+
+
+def json_safe(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record that is valid JSON: non-finite floats become null and ``"nonfinite": true`` is added."""
+    out = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    if any(isinstance(v, float) and not math.isfinite(v) for v in record.values()):
+        out["nonfinite"] = True
+    return out
+
+
 class MetricsLogger:
     """Metrics to stdout (through ``echo``), a JSONL file and optionally TensorBoard; process 0 only."""
 
-    def __init__(self, jsonl: Path | None, tensorboard_dir: Path | None):
+    def __init__(self, jsonl: epath.Path | None, tensorboard_dir: epath.Path | None):
         self.file = None
         self.tb = None
         if jax.process_index() != 0:
             return
         if jsonl is not None:
             jsonl.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(jsonl, "a", encoding="utf-8")
+            self.file = jsonl.open("a")
         if tensorboard_dir is not None:
             try:
                 from tensorboardX import SummaryWriter
@@ -365,11 +352,11 @@ class MetricsLogger:
             return
         echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             self.file.flush()
         if self.tb:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
@@ -379,38 +366,11 @@ class MetricsLogger:
             self.tb.close()
 
 
-def metrics_logger(config, out_dir: Path | None) -> MetricsLogger:
+def metrics_logger(config, out_dir: epath.Path | None) -> MetricsLogger:
     """``logging.jsonl`` (default ``<out_dir>/metrics.jsonl``) and TensorBoard under ``out_dir`` if enabled."""
-    jsonl = Path(config.logging.jsonl) if config.logging.jsonl else (out_dir / "metrics.jsonl" if out_dir else None)
+    jsonl = ckpt.as_path(config.logging.jsonl) if config.logging.jsonl else (
+        out_dir / "metrics.jsonl" if out_dir else None)
     return MetricsLogger(jsonl, (out_dir / "tensorboard") if (config.logging.tensorboard and out_dir) else None)
-
-
-def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.GradientTransformation,
-                    state_sh: TrainState, train_iter: Any, out_dir: Path | None):
-    """``(state, checkpoint manager | None, data iterator to checkpoint | None)``.
-
-    A fresh state from ``params``, or, when ``config.checkpoint`` has a directory with a finished
-    step and ``resume`` is set, that step's state with the data iterator moved to where it was.
-    """
-    state = {"params": params,
-             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
-             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
-    ck = config.checkpoint
-    ckpt_dir = ck.dir or (out_dir / "checkpoints" if out_dir else None)
-    manager = checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save) if ckpt_dir else None
-    data_state = train_iter if hasattr(train_iter, "get_state") else None
-    if manager is not None and ck.resume and manager.latest_step() is not None:
-        state = restore_checkpoint(manager, abstract_train_state(cfg, optimizer, state_sh), data_state)
-    return state, manager, data_state
-
-
-def finish_run(bar, manager, logger: MetricsLogger) -> None:
-    """Close the progress bar, wait for the last async checkpoint to commit, close the logs."""
-    bar.close()
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    logger.close()
 
 
 def evaluate(eval_step, params: Params, eval_ds, num_batches: int, batch_shardings) -> float | None:
@@ -430,6 +390,215 @@ def evaluate(eval_step, params: Params, eval_ds, num_batches: int, batch_shardin
     return total / tokens if tokens else None
 
 
+# ----------------------------------------------------------------------------- the hooks of the loop
+
+
+class Task:
+    """What a kind of training plugs into the one loop of :func:`train`: next-token pretraining here.
+
+    SFT runs with these defaults (its packed rows carry the response mask); DPO overrides them
+    (:class:`solarjax.dpo.DPOTask`). Every guard of the loop (resume, preemption, divergence,
+    checkpoint errors) therefore applies to all three.
+    """
+
+    name = "train"  # progress-bar label
+    rows_per_example = 1  # batch rows per unit of train.batch_size (DPO: a chosen and a rejected row)
+
+    def check(self, config) -> None:
+        """Reject a config this task cannot run, before anything loads or compiles."""
+
+    def setup(self, config, cfg: ModelConfig, params: Params, mesh: Mesh, rules) -> None:
+        """Called once the params are on the mesh, before the first (donating) step."""
+        self.config, self.cfg, self.mesh = config, cfg, mesh
+        self.tokens_per_s = self.mfu = None
+
+    def datasets(self, config, cfg: ModelConfig, out_dir: epath.Path | None):
+        """``(train data, eval data | None)`` when the caller passed none."""
+        train_ds, eval_ds, _ = make_data(config, cfg, out_dir)
+        return train_ds, eval_ds
+
+    def batch_shardings(self, mesh: Mesh, rules) -> Mapping[str, NamedSharding]:
+        return shd.batch_sharding(mesh, rules)
+
+    def loss_fn(self, mesh: Mesh, rules) -> LossFn:
+        return default_loss(mesh, rules)
+
+    def batch(self, local: Mapping[str, np.ndarray], shardings) -> Batch:
+        """This process' rows -> the global batch the step takes."""
+        return global_batch(local, shardings)
+
+    def record(self, fetched: list[dict[str, float]], steps_per_s: float | None) -> dict[str, Any]:
+        """The log record of a window of steps (their host metrics, and the timed step rate)."""
+        tc = self.config.train
+        if steps_per_s:
+            self.tokens_per_s = steps_per_s * tc.batch_size * tc.seq_len
+            self.mfu = mfu(self.tokens_per_s, self.cfg, tc.seq_len, self.mesh.size)
+        last = fetched[-1]
+        return {"loss": float(np.mean([m["loss"] for m in fetched])), "grad_norm": last["grad_norm"],
+                "lr": last.get("lr"), "tokens_per_s": self.tokens_per_s, "mfu": self.mfu}
+
+    def evaluate(self, eval_step, params: Params, eval_data, num_batches: int, shardings) -> dict[str, Any] | None:
+        loss = evaluate(eval_step, params, eval_data, num_batches, shardings)
+        return None if loss is None else {"eval_loss": loss}
+
+    def summary(self, evals: list[dict[str, Any]]) -> dict[str, Any]:
+        """Task-specific fields of the summary :func:`train` returns."""
+        return {"eval": [[e["step"], e["eval_loss"]] for e in evals],
+                "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+                "tokens_per_s": self.tokens_per_s, "mfu": self.mfu}
+
+
+# ----------------------------------------------------------------------------- guards of the loop
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM/SIGINT after checkpointing the step it was in.
+
+    ``exit_code`` is the shell's convention for the signal (143 for SIGTERM, 130 for SIGINT), so a
+    relaunch loop can tell a preemption from a failure; running the same command again resumes.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+class TrainingDiverged(ValueError):
+    """Too many consecutive steps had a non-finite loss or gradient norm (``train.max_nonfinite_skips``)."""
+
+
+class StopSignals:
+    """SIGTERM / SIGINT ask the loop to stop after the step in progress (it then checkpoints).
+
+    One process: Python handlers set a flag. Several processes: a host may be signalled alone, and
+    every host must save the same step, so the decision is JAX's preemption sync point
+    (``multihost_utils.reached_preemption_sync_point``, through Orbax's wrapper), whose notifier owns
+    SIGTERM; a SIGINT is forwarded to it as a SIGTERM. A second SIGINT interrupts at once.
+    """
+
+    def __enter__(self) -> "StopSignals":
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+        self.multi = jax.process_count() > 1
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if not (self.multi and sig == signal.SIGTERM):
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
+        if self.multi:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def requested(self, step: int) -> bool:
+        """Called by every process after every step; True at the step to checkpoint and stop at."""
+        if not self.multi:
+            return self.signum is not None
+        from orbax.checkpoint import utils as ocp_utils
+
+        if ocp_utils.reached_preemption(step):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps, reading each step's flag one step late so the
+    host never waits for the step it has just dispatched."""
+
+    def __init__(self, budget: int):
+        self.budget, self.streak, self.total = int(budget), 0, 0
+        self.pending: tuple[int, dict[str, jax.Array]] | None = None
+
+    def observe(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Take this step's metrics; check the previous step's (raises ``TrainingDiverged``)."""
+        previous, self.pending = self.pending, (step, metrics)
+        if previous is not None:
+            self._check(*previous)
+
+    def settle(self) -> None:
+        """Check the latest step too (before a save, at a stop, at the end)."""
+        if self.pending is not None:
+            previous, self.pending = self.pending, None
+            self._check(*previous)
+
+    def _check(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        flags = jax.device_get({k: metrics[k] for k in ("nonfinite", "loss", "grad_norm")})
+        if not int(flags["nonfinite"]):
+            self.streak = 0
+            return
+        self.streak += 1
+        self.total += 1
+        if self.streak > self.budget:
+            cause = " and ".join(f"{name} {float(flags[key])}" for key, name in
+                                 (("loss", "loss"), ("grad_norm", "gradient norm")) if not math.isfinite(flags[key]))
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {cause}, the {self.streak}th non-finite step in a row "
+                f"(train.max_nonfinite_skips={self.budget}); skipped steps did not change the weights, "
+                "and no checkpoint holds a non-finite state. Lower optim.lr or check the data, then resume")
+
+
+def _params_finite(params: Params) -> bool:
+    return bool(jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.GradientTransformation,
+                    state_sh: TrainState, train_iter: Any, out_dir: epath.Path | None):
+    """``(state, checkpoint manager | None, data iterator to checkpoint | None)``.
+
+    A fresh state from ``params``, or, when ``config.checkpoint`` has a directory with a finished
+    step and ``resume`` is set, that step's state with the data iterator moved to where it was.
+    """
+    state = {"params": params,
+             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
+    ck = config.checkpoint
+    ckpt_dir = ckpt.as_path(ck.dir) if ck.dir else (out_dir / "checkpoints" if out_dir else None)
+    manager = (ckpt.checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save)
+               if ckpt_dir else None)
+    data_state = train_iter if hasattr(train_iter, "get_state") else None
+    if manager is not None and ck.resume and manager.latest_step() is not None:
+        state = ckpt.restore_checkpoint(manager, abstract_train_state(cfg, optimizer, state_sh), data_state)
+    return state, manager, data_state
+
+
+def finish_run(bar, manager, logger: MetricsLogger) -> None:
+    """Close the progress bar, wait for the last async checkpoint to commit, close the logs."""
+    bar.close()
+    if manager is not None:
+        ckpt.wait_for_saves(manager)
+        manager.close()
+    logger.close()
+
+
+def _abandon_run(bar, manager, logger: MetricsLogger) -> None:
+    """Close everything on the way out of a failing run without masking its error; a save still in
+    flight is committed (Orbax's ``close`` waits) or, failing, left for the next run to delete."""
+    bar.close()
+    logger.close()
+    if manager is not None:
+        try:
+            manager.close()
+        except Exception:  # noqa: BLE001 - the error being raised is the one to report
+            pass
+
+
+def _place_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules) -> Params:
+    # may_alias=False: the step donates its state, and the caller's arrays must survive it
+    return jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s, may_alias=False),
+                        params, shd.param_shardings(cfg, mesh, rules))
+
+
 def train(
     config,
     *,
@@ -439,43 +608,51 @@ def train(
     eval_data: Any = None,
     loss_fn: LossFn | None = None,
     stop_after: int | None = None,
+    task: Task | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) ``config.train.steps`` steps; return a summary with losses and eval history.
+    """Run (or resume) ``config.train.steps`` steps of ``task`` (default: pretraining); return a summary.
 
-    ``loss_fn`` defaults to :func:`default_loss` for the mesh; ``cfg``/``params`` skip
+    ``loss_fn`` defaults to the task's (:func:`default_loss` for the mesh); ``cfg``/``params`` skip
     ``config.init``; ``train_data``/``eval_data`` (grain datasets or iterables of per-process numpy
     batches) skip ``config.data``; ``stop_after`` ends the run early at that step (with a
     checkpoint), as a pre-emption would.
 
-    Returns ``{"steps", "losses" (per step), "eval" ([step, loss] pairs), "final_loss",
-    "final_eval_loss", "tokens_per_s", "mfu", "params", "cfg", "checkpoint_dir"}``.
+    Faults: SIGTERM/SIGINT finish the step, checkpoint it and raise :class:`Preempted`; more than
+    ``train.max_nonfinite_skips`` non-finite steps in a row raise :class:`TrainingDiverged` (no
+    checkpoint is written after them); a failed save raises one ``CheckpointError``.
+
+    Returns ``{"steps", "start_step", "metrics" (per step), "losses" (per step), "final_loss",
+    "params", "cfg", "checkpoint_dir", "skipped_steps"}`` plus the task's fields (pretraining:
+    ``"eval"`` ([step, loss] pairs), ``"final_eval_loss"``, ``"tokens_per_s"``, ``"mfu"``).
     """
     from tqdm import tqdm
 
+    from solarjax.optim import make_optimizer
+
+    task = task or Task()
     maybe_initialize_distributed(config)
     tc = config.train
     mesh = shd.mesh_from_config(config.mesh)
     rules = shd.rules_from_config(config.mesh.rules)
-    shd.check_batch(tc.batch_size, mesh, rules, grad_accum=tc.grad_accum, process_count=jax.process_count())
-    out_dir = Path(tc.out_dir) if tc.out_dir else None
+    shd.check_batch(task.rows_per_example * tc.batch_size, mesh, rules, grad_accum=tc.grad_accum,
+                    process_count=jax.process_count())
+    task.check(config)
+    out_dir = ckpt.as_path(tc.out_dir) if tc.out_dir else None
 
     if params is None:
         cfg, params = init_model(config, mesh, rules)
     else:
         cfg = (cfg or model_config(config)).replace(param_dtype="float32")
-        # may_alias=False: the step donates its state, and the caller's arrays must survive it
-        params = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s, may_alias=False),
-                              params, shd.param_shardings(cfg, mesh, rules))
+        params = _place_params(params, cfg, mesh, rules)
+    task.setup(config, cfg, params, mesh, rules)
     if train_data is None:
-        train_data, default_eval, _ = make_data(config, cfg, out_dir)
+        train_data, default_eval = task.datasets(config, cfg, out_dir)
         eval_data = eval_data if eval_data is not None else default_eval
-
-    from solarjax.optim import make_optimizer
 
     optimizer, schedule = make_optimizer(config.optim, tc.steps)
     state_sh = train_state_shardings(cfg, optimizer, mesh, rules)
-    batch_sh = shd.batch_sharding(mesh, rules)
-    loss_fn = loss_fn or default_loss(mesh, rules)
+    batch_sh = task.batch_shardings(mesh, rules)
+    loss_fn = loss_fn or task.loss_fn(mesh, rules)
     step_fn = jit_train_step(make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum, schedule=schedule),
                              state_sh, batch_sh)
     eval_step = make_eval_step(cfg, loss_fn, batch_sh["tokens"])
@@ -484,46 +661,91 @@ def train(
     start = int(jax.device_get(state["step"]))
     logger = metrics_logger(config, out_dir)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step",
+    bar = tqdm(total=tc.steps, initial=start, desc=task.name, unit="step",
                disable=not tc.progress or jax.process_index() != 0, file=sys.stdout)
     echo = bar.write if tc.progress else print
-    losses, evals, pending = [], [], []
-    window_start, window_tokens, tokens_per_s, last_mfu = None, 0, None, None
-    tokens_per_step = tc.batch_size * tc.seq_len
-    for step in range(start, end):
-        state, metrics = step_fn(state, global_batch(next(train_iter), batch_sh))
-        pending.append(metrics)
-        if window_start is None:  # the first step compiles: time from its end
-            jax.block_until_ready(metrics)
-            window_start, window_tokens = time.perf_counter(), 0
-        else:
-            window_tokens += tokens_per_step
-        done = step + 1
-        if manager is not None and ((config.checkpoint.every and done % config.checkpoint.every == 0) or done == end):
-            save_checkpoint(manager, state, cfg, data_state, force=True)
-        if done % tc.log_every == 0 or done == end:
-            fetched = jax.device_get(pending)
-            losses.extend(float(m["loss"]) for m in fetched)
-            pending = []
-            elapsed = time.perf_counter() - window_start
-            if window_tokens:
-                tokens_per_s = window_tokens / elapsed
-                last_mfu = mfu(tokens_per_s, cfg, tc.seq_len, mesh.size)
-            last = fetched[-1]
-            logger.log({"step": done, "loss": float(np.mean([m["loss"] for m in fetched])),
-                        "grad_norm": float(last["grad_norm"]), "lr": float(last["lr"]),
-                        "tokens_per_s": tokens_per_s, "mfu": last_mfu}, echo)
-            window_start, window_tokens = time.perf_counter(), 0
-        if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-            eval_start = time.perf_counter()
-            eval_loss = evaluate(eval_step, state["params"], eval_data, tc.eval_batches, batch_sh)
-            if eval_loss is not None:
-                evals.append([done, eval_loss])
-                logger.log({"step": done, "eval_loss": eval_loss}, echo)
-            window_start += time.perf_counter() - eval_start  # eval time is not training throughput
-        bar.update(1)
+    every = config.checkpoint.every
+    guard = NonFiniteGuard(tc.get("max_nonfinite_skips", 10))
+    history: list[dict[str, float]] = []
+    evals: list[dict[str, Any]] = []
+    pending: list[dict[str, jax.Array]] = []
+    timer = {"start": None, "steps": 0}  # the first step compiles: throughput is timed from its end
+    save_due = stop = False
+    done = start
+
+    def flush(done: int) -> None:
+        """Fetch the pending steps' metrics into the history and log one record for them."""
+        nonlocal pending
+        if not pending:
+            return
+        fetched = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        first = done - len(fetched) + 1
+        skipped = sum(int(m.pop("nonfinite", 0)) for m in fetched)
+        history.extend({"step": first + i, **m} for i, m in enumerate(fetched))
+        elapsed = time.perf_counter() - timer["start"]
+        record = {"step": done, **task.record(fetched, timer["steps"] / elapsed if timer["steps"] else None)}
+        if skipped:
+            record["skipped_steps"] = skipped
+        logger.log(record, echo)
+        pending, timer["start"], timer["steps"] = [], time.perf_counter(), 0
+
+    def save(done: int) -> None:
+        if not _params_finite(state["params"]):  # the guard keeps NaNs out; an overflowed update is caught here
+            raise TrainingDiverged(f"training stopped at step {done}: the weights are no longer finite (an update "
+                                   "overflowed); not saving them. Lower optim.lr, then resume")
+        paused = time.perf_counter()
+        ckpt.save_checkpoint(manager, state, cfg, data_state, force=True)
+        timer["start"] += time.perf_counter() - paused  # saving is not training throughput
+
+    try:
+        with StopSignals() as signals:
+            for step in range(start, end):
+                state, metrics = step_fn(state, task.batch(next(train_iter), batch_sh))
+                pending.append(metrics)
+                done = step + 1
+                if timer["start"] is None:
+                    jax.block_until_ready(metrics)
+                    timer["start"] = time.perf_counter()
+                else:
+                    timer["steps"] += 1
+                guard.observe(done, metrics)
+                stop = signals.requested(done) and done < end
+                save_due |= bool(every and done % every == 0) or done == end
+                if manager is not None and (save_due or stop):
+                    guard.settle()
+                    if guard.streak == 0 or stop or done == end:  # a skipped step saves at the next good one
+                        save(done)
+                        save_due = False
+                if done % tc.log_every == 0 or done == end or stop:
+                    flush(done)
+                if stop:
+                    break
+                if eval_data is not None and tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                    paused = time.perf_counter()
+                    record = task.evaluate(eval_step, state["params"], eval_data, tc.eval_batches, batch_sh)
+                    if record is not None:
+                        evals.append({"step": done, **record})
+                        logger.log(evals[-1], echo)
+                    timer["start"] += time.perf_counter() - paused  # eval time is not training throughput
+                bar.update(1)
+            guard.settle()
+    except TrainingDiverged:
+        flush(int(jax.device_get(state["step"])))
+        if manager is not None:
+            ckpt.wait_for_saves(manager)  # the last finite checkpoint commits
+        _abandon_run(bar, manager, logger)
+        raise
+    except BaseException:
+        _abandon_run(bar, manager, logger)
+        raise
     finish_run(bar, manager, logger)
-    return {"steps": end, "start_step": start, "losses": losses, "eval": evals,
-            "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1][1] if evals else None,
-            "tokens_per_s": tokens_per_s, "mfu": last_mfu, "params": state["params"], "cfg": cfg,
-            "checkpoint_dir": str(manager.directory) if manager is not None else None}
+    if signals.signum is not None and stop:
+        name = signal.Signals(signals.signum).name
+        where = (f"checkpoint step {done} is saved in {manager.directory}; run the same command again to resume "
+                 f"from step {done}") if manager is not None else (
+                 "no checkpoint directory is configured (train.out_dir / checkpoint.dir), so this run's steps are lost")
+        raise Preempted(f"stopped by {name} after step {done} of {tc.steps}: {where}", signals.signum)
+    return {"steps": end, "start_step": start, "metrics": history, "losses": [m["loss"] for m in history],
+            "final_loss": history[-1]["loss"] if history else None, "params": state["params"], "cfg": cfg,
+            "checkpoint_dir": str(manager.directory) if manager is not None else None,
+            "skipped_steps": guard.total, **task.summary(evals)}

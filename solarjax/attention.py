@@ -1,0 +1,214 @@
+"""Attention kernels by backend: no (T, T) mask or score tensor on TPU and GPU.
+
+``cfg.attention`` picks the implementation; ``"auto"`` (the default) resolves per backend:
+
+- **TPU: Pallas splash attention** (``jax.experimental.pallas.ops.tpu.splash_attention``), the
+  kernel MaxText trains with. Causal or Mistral's local window as a lazily evaluated block mask,
+  packed documents as ``SegmentIds``, GQA natively (K/V heads are never repeated). Inside a mesh
+  it runs per shard in ``shard_map`` (batch over the data axes, heads over ``tensor``).
+- **GPU: cuDNN flash attention** through ``jax.nn.dot_product_attention`` with ``is_causal`` and
+  ``local_window_size``. Packed documents use cuDNN's *packed layout* (per-row segment lengths and
+  offsets) rather than the Pallas Triton kernel: cuDNN is the faster kernel on Hopper, handles
+  GQA and the sliding window in the same call, and the packed layout costs only two small
+  ``(B, max_segments)`` int arrays. Its one price is a static bound on documents per row
+  (``cfg.max_segments``); a row with more is a runtime error, never a silent merge.
+  cuDNN needs half precision, so on a GPU ``auto`` with fp32 compute runs XLA attention.
+- **CPU: XLA** (``jax.nn.dot_product_attention(implementation="xla")`` over a boolean mask), as
+  before: at CPU shapes the mask is small and this path is the fastest there.
+
+Explicit choices (``xla``, ``cudnn``, ``splash``, ``reference``) stay available; asking for a
+kernel the backend does not have is a ``ConfigError``, not a silent fallback. Pallas kernels run
+on CPU only inside :func:`kernels_interpreted` (tests: the real kernel in interpret mode).
+
+The fused paths take causality by *index* within a segment; the mask path takes it by
+*position*. They agree whenever positions count up by one inside every segment, which holds for
+every batch solarjax builds (packing, SFT, DPO, eval); KV-cache decoding uses the mask path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from solarjax.config import ConfigError
+
+FUSED = ("cudnn", "splash")
+
+_INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("pallas_interpret", default=False)
+
+
+@contextlib.contextmanager
+def kernels_interpreted() -> Iterator[None]:
+    """Run Pallas kernels (splash) in interpret mode on CPU: the real kernel, slowly, for tests."""
+    token = _INTERPRET.set(True)
+    try:
+        yield
+    finally:
+        _INTERPRET.reset(token)
+
+
+def resolve(impl: str, dtype: jnp.dtype, backend: str | None = None) -> str:
+    """The concrete implementation for ``impl`` on ``backend`` (default: JAX's default backend)."""
+    backend = backend or jax.default_backend()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if impl == "auto":
+        if backend == "tpu":
+            return "splash"
+        if backend in ("gpu", "cuda", "rocm") and half:
+            return "cudnn"
+        return "xla"
+    if impl == "splash" and backend != "tpu" and not _INTERPRET.get():
+        raise ConfigError(f"attention='splash' is a TPU kernel and the backend is {backend!r}; "
+                          "use attention='auto' (or 'xla')")
+    if impl == "cudnn":
+        if backend not in ("gpu", "cuda"):
+            raise ConfigError(f"attention='cudnn' needs an NVIDIA GPU and the backend is {backend!r}; "
+                              "use attention='auto' (or 'xla')")
+        if not half:
+            raise ConfigError(f"attention='cudnn' needs bf16/fp16 compute, the model computes in {jnp.dtype(dtype)}; "
+                              "set dtype='bfloat16' or attention='auto'")
+    return impl
+
+
+# ----------------------------------------------------------------------------- TPU: splash
+
+
+def _block(seq: int) -> int:
+    """The largest of MaxText's tile sizes dividing ``seq`` (a multiple of 128, the lane width)."""
+    return next(block for block in (512, 256, 128) if seq % block == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(seq: int, heads: int, window: int | None, interpret: bool):
+    """Build (and cache: the mask's block structure is computed in NumPy) a splash kernel."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    if window is None:
+        base = sa.CausalMask((seq, seq))
+    else:
+        base = sa.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
+    b = _block(seq)
+    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return sa.make_splash_mha(sa.MultiHeadMask([base] * heads), block_sizes=sizes, head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, window: int | None, interpret: bool):
+    """Splash on one shard: (B, T, H, D) in and out, batch by ``vmap``.
+
+    The kernel tiles by multiples of 128, so a shorter or ragged sequence is padded at the end;
+    causality keeps every real query away from the padding, and the padded rows are cut off.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+
+    _, seq, heads, head_dim = q.shape
+    padded = -(-seq // 128) * 128
+    kernel = _splash_kernel(padded, heads, window, interpret)
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)  # the kernel does not scale
+
+    def heads_first(x):
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, padded - seq), (0, 0))) if padded != seq else x
+
+    if segment_ids is None:
+        out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v))
+    else:
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - seq)), constant_values=-1)
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(
+            heads_first(q), heads_first(k), heads_first(v), segment_ids)
+    return jnp.swapaxes(out[:, :, :seq], 1, 2)
+
+
+def platform_of(batch_sharding=None) -> str:
+    """The platform the traced program targets: the mesh's devices (TPU when compiling ahead of time
+    for a TPU topology on a CPU host), else JAX's default backend."""
+    if batch_sharding is not None:
+        return batch_sharding.mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def splash_attention(q, k, v, segment_ids, window: int | None, batch_sharding=None):
+    """Causal (or windowed) splash attention with segment ids; ``shard_map`` over ``batch_sharding``'s mesh."""
+    interpret = _INTERPRET.get() or platform_of(batch_sharding) != "tpu"
+    local = functools.partial(_splash_local, window=window, interpret=interpret)
+    if batch_sharding is None:
+        return local(q, k, v, segment_ids)
+    from jax.sharding import PartitionSpec as P
+
+    mesh, batch_axes = batch_sharding.mesh, batch_sharding.spec[0]
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and k.shape[2] % tensor == 0 else None
+    qkv_spec = P(batch_axes, None, heads, None)
+    seg_spec = P(batch_axes, None)
+    if segment_ids is None:
+        fn = lambda q, k, v: local(q, k, v, None)  # noqa: E731
+        return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3, out_specs=qkv_spec, check_vma=False)(q, k, v)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
+# ----------------------------------------------------------------------------- GPU: cuDNN
+
+
+def packed_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Segment ids (B, T) -> cuDNN's packed layout: lengths (B, M), offsets (B, M + 1), count (B,).
+
+    Every run of equal ids is one segment, padding (id 0) included, so padded positions attend
+    among themselves like the mask path does, and no row is ever fully masked (no NaN). Unused
+    entries are -1, as ``cudnn`` documents.
+    """
+    batch, seq = segment_ids.shape
+    starts = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+    def row(start_row):
+        begin = jnp.nonzero(start_row, size=max_segments, fill_value=-1)[0].astype(jnp.int32)
+        following = jnp.concatenate([begin[1:], jnp.full((1,), -1, jnp.int32)])
+        end = jnp.where(following >= 0, following, seq)
+        lengths = jnp.where(begin >= 0, end - begin, -1)
+        return lengths, jnp.concatenate([begin, jnp.full((1,), -1, jnp.int32)])
+
+    lengths, offsets = jax.vmap(row)(starts)
+    return lengths, offsets, jnp.sum(starts, axis=1, dtype=jnp.int32)
+
+
+def _raise_if_too_many(count: np.ndarray, max_segments: int) -> None:
+    worst = int(np.max(count))
+    if worst > max_segments:
+        raise ValueError(f"a batch row holds {worst} packed documents but cfg.max_segments={max_segments} "
+                         "(cuDNN's packed layout needs a static bound); raise model.max_segments")
+
+
+def cudnn_attention(q, k, v, segment_ids, window: int | None, max_segments: int):
+    """cuDNN flash attention: causal (+ window); packed layout when segment ids are given."""
+    local_window = None if window is None else (window - 1, 0)
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window,
+                                            implementation="cudnn")
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+    lengths, offsets, count = packed_layout(segment_ids, max_segments)
+    jax.debug.callback(functools.partial(_raise_if_too_many, max_segments=max_segments), count)
+    return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                                 kv_offsets=offsets, scale=1.0 / math.sqrt(q.shape[-1]),
+                                 mask_type=MaskType.PADDING_CAUSAL, sliding_window_length=window)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def fused_attention(q, k, v, segment_ids, *, impl: str, window: int | None, max_segments: int,
+                    batch_sharding=None):
+    """Causal self-attention over a whole sequence with a fused kernel (``impl`` in ``FUSED``)."""
+    if impl == "splash":
+        return splash_attention(q, k, v, segment_ids, window, batch_sharding)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids, window, max_segments)
+    raise ConfigError(f"no fused attention kernel {impl!r}; fused kernels: {FUSED}")

@@ -1,13 +1,27 @@
-"""Generation latency: solarjax KV-cache decode vs transformers ``generate``, side by side.
+"""Generation latency: solarjax vs transformers (static cache + torch.compile, and eager), side by side.
 
-    python bench/generate.py [--prompt-len 512] [--new-tokens 64] [--dtype float32|bfloat16]
+GPU: python3 bench/generate.py --shape smollm2_135m --prompt-len 512 --new-tokens 64 --repeats 3 --dtype bfloat16 --side-timeout 150
 
-Builds one random model of SmolLM2-135M shape (or ``--shape tiny``), saves it as an HF directory,
-then measures each framework in its own subprocess (so peak memory is each one's own) and prints
-one JSON line per figure: prefill ms (a one-token ``generate``, batch 1, prompt-len tokens),
-decode ms/token and peak memory, with ``ratio = transformers / ours`` (above 1: we are faster or
-leaner). Both sides are timed through their public ``generate``. Peak memory is device memory
-on a GPU and the process's peak RSS on CPU. Not a test.
+(about 2.5 minutes on one H100 including torch.compile, all four sides; run from the repository root.)
+
+    python bench/generate.py [--shape smollm2_135m|tiny] [--prompt-len 512] [--new-tokens 64]
+                             [--dtype float32|bfloat16] [--sides ours,ours_int8,hf_compiled,hf_eager]
+
+Builds one random Llama of SmolLM2-135M shape (or ``--shape tiny``, which runs in seconds on a
+CPU), saves it as an HF directory, then measures each side in its own subprocess with its own
+timeout (``--side-timeout``; peak memory is each one's own) and prints one JSON line per figure:
+prefill ms (a one-token ``generate``, batch 1, prompt-len tokens), decode ms/token and peak memory,
+each side's value and ``ratio_vs_X = X / ours`` (above 1: we are faster or leaner).
+
+Sides: ``ours`` (solarjax ``generate``: prefill and the whole decode loop one compiled program),
+``ours_int8`` (the same with weight-only int8, :mod:`solarjax.quant`), ``hf_compiled``
+(transformers ``generate`` with ``cache_implementation="static"`` and a ``CompileConfig``:
+its decode step under ``torch.compile``, CUDA graphs on a GPU via mode ``reduce-overhead``) and
+``hf_eager`` (transformers ``generate``, dynamic cache, eager). All are timed through their
+public ``generate`` with greedy decoding and no stop token. A side that fails or runs out of time
+prints ``null`` with the reason. Peak memory is device memory on a GPU and peak RSS on CPU.
+bf16 is the GPU default, fp32 the CPU default. Needs only jax, torch, transformers, safetensors
+and tokenizers (no gguf, grain or ml_collections). Not a test.
 """
 
 from __future__ import annotations
@@ -21,6 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # solarjax from this checkout, installed or not
 
 SHAPES = {
     "smollm2_135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -29,6 +46,7 @@ SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
 }
+SIDES = ("ours", "ours_int8", "hf_compiled", "hf_eager")
 
 
 def build_model(path: str, shape: str) -> None:
@@ -40,14 +58,15 @@ def build_model(path: str, shape: str) -> None:
     model.save_pretrained(path)
 
 
-def _measure(generate_n, new_tokens: int, repeats: int) -> tuple[float, float]:
+def _measure(generate_n, new_tokens: int, repeats: int, warmups: int = 1) -> tuple[float, float]:
     """(prefill ms, decode ms/token) from back-to-back ``generate`` calls of 1 and N new tokens.
 
     Prefill is the best time of a one-token generate; decode is the median over repeats of
     (time(N) - time(1)) / (N - 1), pairing the two calls so that load from other processes on a
     shared machine hits both halves of each estimate alike.
     """
-    generate_n(1), generate_n(new_tokens)  # compile / warm up
+    for _ in range(warmups):  # compile / record CUDA graphs
+        generate_n(1), generate_n(new_tokens)
     firsts, per_token = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -60,25 +79,34 @@ def _measure(generate_n, new_tokens: int, repeats: int) -> tuple[float, float]:
     return min(firsts) * 1e3, statistics.median(per_token) * 1e3
 
 
-def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int) -> dict:
+def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int, int8: bool = False,
+               unroll: str = "auto") -> dict:
     import jax
     import numpy as np
 
     from solarjax import generate as G
+    from solarjax import quant
 
     cfg, params, _ = G.load_model(path, dtype=dtype)
     cfg = cfg.replace(dtype=dtype)
+    if int8:
+        params = quant.quantize_params(params)
     prompt = [np.random.default_rng(0).integers(3, cfg.vocab_size, prompt_len).tolist()]
+    start = time.perf_counter()
+    options = {} if unroll == "auto" else {"unroll": True if unroll == "full" else int(unroll)}
+    G.generate(params, cfg, prompt, max_new_tokens=2, **options)
+    compile_s = time.perf_counter() - start
     # generate() returns host lists, so each call is synchronous
-    prefill_ms, decode_ms = _measure(lambda n: G.generate(params, cfg, prompt, max_new_tokens=n), new_tokens, repeats)
+    prefill_ms, decode_ms = _measure(lambda n: G.generate(params, cfg, prompt, max_new_tokens=n, **options),
+                                     new_tokens, repeats)
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "peak_memory_mb": peak / 2**20,
-            "device": device.device_kind}
+            "weight_mb": quant.param_bytes(params) / 2**20, "first_call_s": compile_s, "device": device.device_kind}
 
 
-def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int,
+def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int, compiled: bool,
                        threads: int | None = None) -> dict:
     import numpy as np
     import torch
@@ -90,20 +118,43 @@ def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, 
     dev = "cuda" if cuda else "cpu"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(dev).eval()
     ids = torch.tensor(np.random.default_rng(0).integers(3, model.config.vocab_size, (1, prompt_len)), device=dev)
+    options = {}
+    if compiled:
+        config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead" if cuda else "default")
+        config._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
+        options = dict(cache_implementation="static", compile_config=config)
 
     @torch.no_grad()
     def generate_n(n: int) -> None:
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                       min_new_tokens=n, pad_token_id=0)
+                       min_new_tokens=n, pad_token_id=0, **options)
         if cuda:
             torch.cuda.synchronize()
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    prefill_ms, decode_ms = _measure(generate_n, new_tokens, repeats)
+    start = time.perf_counter()
+    generate_n(2)
+    compile_s = time.perf_counter() - start
+    prefill_ms, decode_ms = _measure(generate_n, new_tokens, repeats, warmups=2 if compiled else 1)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "peak_memory_mb": peak / 2**20,
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+            "first_call_s": compile_s, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def run_side(side: str, args: argparse.Namespace, model_dir: str) -> dict:
+    """One side in a subprocess; ``{"error": ...}`` when it fails or exceeds ``--side-timeout``."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--model-dir", model_dir,
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
+           "--repeats", str(args.repeats), "--ours-unroll", args.ours_unroll, *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else [])]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=args.side_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.side_timeout} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:300]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -113,35 +164,46 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    parser.add_argument("--side-timeout", type=float, default=600, help="seconds each side may take (default 600)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (on a shared CPU, 1 avoids "
                         "spin-waiting slowdowns; default: torch's own)")
-    parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--ours-unroll", default="auto", help="layer-scan unroll of our decode step: auto (full "
+                        "on accelerators), full, or a number")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.side:  # child process: one framework, one JSON object
+    if args.side:  # child process: one side, one JSON object
         common = (args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats)
-        result = bench_ours(*common) if args.side == "ours" else bench_transformers(*common, args.torch_threads)
+        if args.side.startswith("ours"):
+            result = bench_ours(*common, int8=args.side == "ours_int8", unroll=args.ours_unroll)
+        else:
+            result = bench_transformers(*common, compiled=args.side == "hf_compiled", threads=args.torch_threads)
         print(json.dumps(result))
         return
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown or not sides:
+        parser.error(f"--sides: unknown {unknown}; choose from {','.join(SIDES)}")
     if args.dtype is None:
         import torch
 
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     with tempfile.TemporaryDirectory() as tmp:
         build_model(tmp, args.shape)
-        results = {}
-        for side in ("ours", "transformers"):
-            cmd = [sys.executable, __file__, "--side", side, "--model-dir", tmp, "--prompt-len", str(args.prompt_len),
-                   "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--repeats", str(args.repeats),
-                   *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else [])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy()).stdout
-            results[side] = json.loads(out.strip().splitlines()[-1])
+        results = {side: run_side(side, args, tmp) for side in sides}
+    device = next((r["device"] for r in results.values() if "device" in r), None)
     common = {"shape": args.shape, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "dtype": args.dtype, "device": results["ours"]["device"], "torch_threads": args.torch_threads}
-    for figure in ("prefill_ms", "decode_ms_per_token", "peak_memory_mb"):
-        ours, theirs = results["ours"][figure], results["transformers"][figure]
-        print(json.dumps({"figure": figure, "ours": round(ours, 3), "transformers": round(theirs, 3),
-                          "ratio": round(theirs / ours, 3), **common}))
+              "dtype": args.dtype, "device": device, "torch_threads": args.torch_threads}
+    for side, result in results.items():
+        if "error" in result:
+            print(json.dumps({"figure": "error", "side": side, "error": result["error"], **common}))
+    for figure in ("prefill_ms", "decode_ms_per_token", "peak_memory_mb", "first_call_s"):
+        values = {side: (round(r[figure], 3) if figure in r else None) for side, r in results.items()}
+        ours = values.get("ours")
+        ratios = {f"ratio_vs_{side}": round(v / ours, 3) for side, v in values.items()
+                  if side != "ours" and v is not None and ours}
+        print(json.dumps({"figure": figure, **values, **ratios, **common}))
 
 
 if __name__ == "__main__":

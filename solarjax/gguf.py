@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -406,25 +405,22 @@ def gguf_to_hf(
 ) -> Path:
     """Write a GGUF as a transformers-loadable directory (weights, config, tokenizer, chat template).
 
-    Written atomically through :func:`solarjax.hf.save_hf`; the tokenizer files are staged in a
-    temporary directory that ``save_hf`` copies from. ``dtype`` defaults to float32, which holds
-    every dequantized value exactly.
+    Written atomically through :func:`solarjax.hf.save_hf` (tokenizer files included), under the
+    ownership rule of :mod:`solarjax.outputs`. ``dtype`` defaults to float32, which holds every
+    dequantized value exactly.
     """
+    from solarjax.outputs import check_destination
+
     dtype = dtype or "float32"
-    reader = open_gguf(src)
-    src_path = Path(reader.data.filename).resolve()
-    if Path(dst).resolve() == src_path:
-        raise GGUFError(f"refusing to write the HF directory over the source file {src_path}")
-    if Path(dst).exists() and not overwrite:  # fail before spending time on dequantization
-        raise GGUFError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    src_path = Path(src) if src is not None else default_gguf_path()
+    check_destination(dst, overwrite=overwrite, sources=(src_path,))  # before spending time on dequantization
+    reader = open_gguf(src_path)
     cfg = config_from_gguf(reader, param_dtype=dtype)
     spec = tokenizer_from_gguf(reader)
     params = read_gguf_params(reader, cfg, progress=progress)
     generation = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                                     ("pad_token_id", _meta(reader, "tokenizer.ggml.padding_token_id", None)))
                   if v is not None}
-    with tempfile.TemporaryDirectory(prefix="solarjax-gguf-") as side:
-        for name, text in spec.hf_files().items():
-            Path(side, name).write_text(text, encoding="utf-8")
-        Path(side, "generation_config.json").write_text(json.dumps(generation, indent=2))
-        return save_hf(params, cfg, dst, source_dir=side, dtype=dtype, overwrite=overwrite, progress=progress)
+    files = {**spec.hf_files(), "generation_config.json": json.dumps(generation, indent=2)}
+    return save_hf(params, cfg, dst, dtype=dtype, overwrite=overwrite, progress=progress, sources=(src_path,),
+                   extra_files=files, verb="convert gguf-to-hf")

@@ -2,7 +2,7 @@
 
 Import streams one safetensors tensor at a time into preallocated stacked buffers, so the
 checkpoint is never held twice. Export writes shards into a temporary directory next to the
-destination and renames it into place only when everything is written.
+destination and renames it into place only when everything is written (:mod:`solarjax.outputs`).
 """
 
 from __future__ import annotations
@@ -355,47 +355,6 @@ def write_safetensors(
     (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2))
 
 
-class atomic_output_dir:
-    """Context manager: yield a temp dir beside ``dest``; rename it to ``dest`` only on success.
-
-    Refuses to overwrite an existing destination unless ``overwrite`` is set, and refuses a
-    destination equal to any of ``sources`` (never write into the checkpoint being read).
-    """
-
-    def __init__(self, dest: str | os.PathLike, overwrite: bool = False, sources: tuple = ()):
-        self.dest = Path(dest).resolve()
-        for src in sources:
-            if src is not None and Path(src).resolve() == self.dest:
-                raise CheckpointError(f"refusing to write into the source checkpoint {src}")
-        if self.dest.exists() and not overwrite:
-            raise CheckpointError(f"{self.dest} already exists; pass overwrite=True (--overwrite) to replace it")
-        self.tmp = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        umask = os.umask(0)
-        os.umask(umask)
-        for file in self.tmp.rglob("*"):  # safetensors creates its files owner-only (0600)
-            if file.is_file():
-                file.chmod(0o666 & ~umask)
-        self.tmp.chmod(0o777 & ~umask)
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
-            os.replace(self.dest, old)
-            os.replace(self.tmp, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dest)
-
-
 def copy_tokenizer_files(source_dir: str | os.PathLike | None, out_dir: Path) -> list[str]:
     if source_dir is None:
         return []
@@ -418,17 +377,27 @@ def save_hf(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = False,
+    sources: tuple = (),
+    extra_files: dict[str, str] | None = None,
+    verb: str = "save_hf",
 ) -> Path:
-    """Write ``params`` as a transformers-loadable directory, atomically.
+    """Write ``params`` as a transformers-loadable directory, atomically (:mod:`solarjax.outputs`).
 
     ``source_dir`` (the checkpoint the params came from) supplies tokenizer files and the
     config fields solarjax does not model; ``dtype`` casts on the way out (default: as stored).
+    ``extra_files`` (name -> text: tokenizer files, generation config) are written beside the
+    weights. ``path`` must not be, contain or lie inside ``source_dir`` or any of ``sources``,
+    and ``overwrite`` replaces only a directory solarjax wrote.
     """
+    from solarjax.outputs import atomic_output_dir
+
     dtype = dtype or str(np.dtype(jax.tree.leaves(params)[0].dtype))
     base = read_hf_config(source_dir) if source_dir is not None and (Path(source_dir) / "config.json").is_file() else None
     n_tensors = len(tensor_index(cfg))
-    with atomic_output_dir(path, overwrite=overwrite, sources=(source_dir,)) as tmp:
+    with atomic_output_dir(path, overwrite=overwrite, sources=(source_dir, *sources), verb=verb) as tmp:
         write_safetensors(hf_tensors(params, cfg, dtype), tmp, max_shard_size, total=n_tensors, progress=progress)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, base, dtype), indent=2))
         copy_tokenizer_files(source_dir, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(path)

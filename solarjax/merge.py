@@ -529,8 +529,11 @@ class HFSource:
 
         from solarjax.hf import CheckpointError, read_hf_config, safetensors_files
 
+        from solarjax.dus import header_checker
+
         self.path = path
         self.hf_config = read_hf_config(path)
+        check = header_checker(self.hf_config)
         self._handles: dict[str, Any] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in safetensors_files(path):
@@ -539,8 +542,10 @@ class HFSource:
             except Exception as err:
                 raise CheckpointError(f"cannot read {file}: {err} (truncated or corrupt shard?)") from err
             for name in handle.keys():
+                header = handle.get_slice(name)
                 self._handles[name] = handle
-                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+                self.shapes[name] = tuple(header.get_shape())
+                check(file, name, self.shapes[name], header.get_dtype())  # before any output exists
 
     def get(self, name: str) -> np.ndarray:
         return self._handles[name].get_tensor(name)
@@ -695,38 +700,42 @@ def merge_checkpoints(
     The output config.json (and tokenizer files) come from ``base_model`` or else the first
     model, as in mergekit; the recipe is saved beside the weights as ``merge_recipe.yml``.
     ``out_format="orbax"`` writes a solarjax Orbax params checkpoint instead (via a temporary
-    HF directory, holding the merged model in memory once).
+    HF directory, holding the merged model in memory once). ``out`` follows the ownership rule of
+    :mod:`solarjax.outputs`: never an input, the recipe, or a directory containing them, and
+    ``overwrite`` replaces only a directory solarjax wrote. Every input header is checked against
+    its config.json before anything is written.
     """
     import json
 
     import yaml
 
-    from solarjax.hf import atomic_output_dir, copy_tokenizer_files, write_safetensors
+    from solarjax.hf import copy_tokenizer_files, write_safetensors
+    from solarjax.outputs import atomic_output_dir, check_destination, scratch_dir
 
     if out_format not in ("hf", "orbax"):
         raise MergeError(f"unknown output format {out_format!r}; use 'hf' or 'orbax'")
     recipe_text = None
+    recipe_file = None
     if not isinstance(recipe, Recipe):
-        recipe_text = Path(recipe).read_text() if Path(recipe).is_file() else None
+        recipe_file = Path(recipe)
+        recipe_text = recipe_file.read_text() if recipe_file.is_file() else None
         recipe = load_recipe(recipe)
+    all_paths = [e.path for e in recipe.models] + [recipe.base_model, recipe.tokenizer_source, recipe_file]
+    sources = tuple(p for p in all_paths if p is not None)
+    check_destination(out, overwrite=overwrite, sources=sources)  # before opening any input
     spec = method_spec(recipe.method)
-    inputs = _arrange(recipe, spec)  # opens every input, so errors come before any output exists
+    inputs = _arrange(recipe, spec)  # opens and checks every input, so errors come before any output exists
     names = _check_tensors(inputs)
     donor = inputs.base if inputs.base is not None else inputs.models[0]
-    all_paths = [e.path for e in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
     if out_format == "orbax":
-        import tempfile
-
         from solarjax.ckpt import save_params
         from solarjax.hf import load_hf
 
-        atomic_output_dir(out, overwrite=overwrite, sources=tuple(all_paths))  # only its checks
-        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent, prefix=".merge-") as tmp:
-            hf_dir = merge_checkpoints(recipe, Path(tmp) / "hf", seed=seed, progress=progress)
+        with scratch_dir(out, "hf") as scratch:
+            hf_dir = merge_checkpoints(recipe, scratch / "hf", seed=seed, progress=progress)
             cfg, params = load_hf(hf_dir)
-            return save_params(out, params, cfg, overwrite=overwrite)
-    with atomic_output_dir(out, overwrite=overwrite, sources=tuple(all_paths)) as tmp:
+        return save_params(out, params, cfg, overwrite=overwrite, sources=sources, verb="merge")
+    with atomic_output_dir(out, overwrite=overwrite, sources=sources, verb="merge") as tmp:
         stream = _merge_stream(recipe, spec, inputs, names, seed, progress)
         write_safetensors(stream, tmp, max_shard_size, total=len(names))
         config = dict(donor.hf_config)

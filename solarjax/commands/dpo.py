@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config)
         return 0
+    from solarjax.commands.train import claim_out_dir
+
+    claim_out_dir(config, "dpo")
     summary = run_dpo(config)
     if summary["final_loss"] is not None:
         print(f"dpo: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="YAML recipe (mergekit's 'models' form)")
     p.add_argument("out", help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if solarjax wrote it (never an input or a directory holding other files)")
     p.add_argument("--seed", type=int, default=0, help="random seed for DARE (default 0)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--format", choices=("hf", "orbax"), default="hf",

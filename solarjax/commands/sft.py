@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config)
         return 0
+    from solarjax.commands.train import claim_out_dir
+
+    claim_out_dir(config, "sft")
     summary = run_sft(config)
     final = summary["final_loss"]
     print(f"sft: {summary['steps']} steps, final loss {final:.4f}" if final is not None else

@@ -16,6 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tr.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     tr.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (<= the model's vocab_size)")
     tr.add_argument("--out", required=True, help="output tokenizer.json path (or a directory to put it in)")
+    tr.add_argument("--overwrite", action="store_true", help="replace --out if solarjax wrote it")
     tr.set_defaults(func=run)
 
 
@@ -23,13 +24,17 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from solarjax import data
+    from solarjax.outputs import atomic_output_file, source_paths
 
     if args.vocab_size < len(data.SPECIAL_TOKENS) + 1:
         raise data.DataError(f"--vocab-size {args.vocab_size} is too small")
     out = Path(args.out)
     if out.is_dir() or not out.suffix:
         out = out / "tokenizer.json"
+    writer = atomic_output_file(out, overwrite=args.overwrite, sources=source_paths(args.source), verb="tokenizer train")
     docs = data.read_documents(args.source, args.text_field)
-    tokenizer = data.train_tokenizer(docs, args.vocab_size, out)
+    tokenizer = data.train_tokenizer(docs, args.vocab_size)
+    with writer as tmp:
+        tokenizer.save(str(tmp))
     print(f"wrote {out}: {tokenizer.get_vocab_size()} tokens from {len(docs)} documents")
     return 0

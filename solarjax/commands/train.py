@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     elif not config.train.out_dir:
         config.train.out_dir = str(Path("runs") / Path(args.config).stem)
 
+    claim_out_dir(config, "train")
     from solarjax.train import train
 
     summary = train(config)
@@ -43,3 +44,17 @@ def run(args: argparse.Namespace) -> int:
     shown["eval"] = summary["eval"]
     print(json.dumps(shown))
     return 0
+
+
+def claim_out_dir(config, verb: str) -> None:
+    """Apply the ownership rule to ``train.out_dir`` (``solarjax.outputs.claim_run_dir``) before any
+    work: never a data/init/tokenizer/reference source or a directory around one, never cwd, home
+    or an existing directory solarjax did not create; a marked run directory is resumed."""
+    from solarjax.outputs import claim_run_dir, source_paths
+
+    if not config.train.out_dir:
+        return
+    specs = [config.data.source, config.data.get("eval_source"), config.data.get("tokenizer"), config.init.source]
+    if "dpo" in config:
+        specs.append(config.dpo.get("reference"))
+    claim_run_dir(config.train.out_dir, verb=verb, sources=source_paths(*specs))

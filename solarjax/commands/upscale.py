@@ -46,7 +46,8 @@ def register(subparsers) -> None:
                    help="checkpoint format (default: detect from SRC)")
     p.add_argument("--dtype", help="cast floating weights: float32, float16 or bfloat16 (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if solarjax wrote it (never a source or a directory holding other files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

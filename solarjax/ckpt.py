@@ -27,21 +27,26 @@ PARAMS_ITEM = "params"
 CONFIG_ITEM = "model_config"
 
 
-def save_params(path: str | os.PathLike, params: Params, cfg: ModelConfig, *, overwrite: bool = False) -> Path:
-    """Save ``params`` (host or sharded ``jax.Array``s) and ``cfg`` to ``path``; blocks until done."""
-    path = Path(path).resolve()
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(
-            path,
-            args=ocp.args.Composite(**{
-                PARAMS_ITEM: ocp.args.StandardSave(params),
-                CONFIG_ITEM: ocp.args.JsonSave(cfg.to_dict()),
-            }),
-            force=overwrite,
-        )
-    return path
+def save_params(path: str | os.PathLike, params: Params, cfg: ModelConfig, *, overwrite: bool = False,
+                sources: tuple = (), verb: str = "save_params") -> Path:
+    """Save ``params`` (host or sharded ``jax.Array``s) and ``cfg`` to ``path``; blocks until done.
+
+    Written through :class:`solarjax.outputs.atomic_output_dir`: ``path`` must not be, contain or
+    lie inside any of ``sources``, and ``overwrite`` replaces only a directory solarjax wrote.
+    One process writes it (the trainer's checkpoint manager handles multi-host saves).
+    """
+    from solarjax.outputs import atomic_output_dir
+
+    with atomic_output_dir(path, overwrite=overwrite, sources=sources, verb=verb, create=False) as tmp:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(
+                tmp,
+                args=ocp.args.Composite(**{
+                    PARAMS_ITEM: ocp.args.StandardSave(params),
+                    CONFIG_ITEM: ocp.args.JsonSave(cfg.to_dict()),
+                }),
+            )
+    return Path(path).resolve()
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

@@ -151,9 +151,12 @@ def test_writes_only_the_destination(verb, world, capsys):
         assert set(marker["files"]) == files
 
 
-def test_filesystem_root_is_refused():
+def test_root_and_home_ancestors_are_refused(world, monkeypatch):
     with pytest.raises(OutputError, match="filesystem root"):
         check_destination("/", overwrite=True)
+    monkeypatch.setenv("HOME", str(world / "user"))
+    with pytest.raises(OutputError, match="contains the home directory"):
+        check_destination(world, overwrite=True)
 
 
 # ----------------------------------------------------------------------------- single-file output (tokenizer)

@@ -1,11 +1,21 @@
-"""Training-step throughput: solarjax's sharded train step vs a transformers + torch AdamW step.
+"""Training-step throughput: solarjax's train step vs transformers + torch, side by side.
 
 Same model shape (a preset, random weights), same batch, same optimizer family (AdamW with
-global-norm clipping), fp32 on CPU and bf16 on GPU. Each side runs in its own subprocess so peak
-memory is its own. Prints one JSON line per figure (tokens/s, step ms, MFU where the device's peak
-is known, peak RSS) with the ratio ours/peer.
+global-norm clipping). On a GPU both sides compute in bf16 with fp32 master weights; on CPU fp32.
+Peers: transformers eager (``sdpa`` attention, foreach AdamW) and the configuration a PyTorch
+user would pick for speed, ``torch.compile`` on the model + fused AdamW. Each side runs in its own
+subprocess (own peak memory, own timeout). One JSON line per figure, with ratios ours / peer.
 
-    python bench/train_step.py --preset smollm2_135m --batch 2 --seq 256 --steps 5
+MFU convention: model FLOPs per token = 6 N (non-embedding matmul params + the head) + 12 L d_attn T
+for attention, with causal attention **not** halved (as in the PaLM appendix and the figures in
+shared notes); peak = the device's dense bf16 FLOP/s (H100 SXM: 989 TFLOP/s).
+
+    python bench/train_step.py --preset smollm2_135m --batch 2 --seq 256 --steps 5          # CPU
+    python bench/train_step.py --preset tinyllama_1_1b --batch 4 --seq 2048 --peers compile,eager  # GPU
+
+``--segments packed`` (default) feeds the segment ids the trainer always has (one document per
+row here), so the fused kernel's packed path is what gets timed; ``--segments none`` times the
+plain causal kernel.
 """
 
 from __future__ import annotations
@@ -18,34 +28,48 @@ import sys
 import time
 
 
+def _model_config(args):
+    from solarjax.config import load_config, model_config_from_dict
+
+    config = load_config(args.preset)
+    values = dict(config.model, max_seq_len=max(args.seq, config.model.max_seq_len), remat=args.remat)
+    return config, model_config_from_dict(values)
+
+
 def run_ours(args) -> dict:
     import jax
     import numpy as np
 
     from solarjax import sharding as shd
     from solarjax import train
-    from solarjax.config import load_config, model_config_from_dict
+    from solarjax.attention import resolve
     from solarjax.model import init_params
     from solarjax.optim import make_optimizer
 
-    config = load_config(args.preset)
-    dtype = "bfloat16" if jax.default_backend() != "cpu" else "float32"
-    cfg = model_config_from_dict(dict(config.model, dtype=dtype, param_dtype="float32", remat=args.remat))
+    config, cfg = _model_config(args)
+    on_cpu = jax.default_backend() == "cpu"
+    cfg = cfg.replace(dtype="float32" if on_cpu else "bfloat16", param_dtype="float32", attention=args.attention)
     mesh = shd.make_mesh(devices=jax.devices()[:1])
     optimizer, schedule = make_optimizer(config.optim, 1000)
     state_sh = train.train_state_shardings(cfg, optimizer, mesh)
     batch_sh = shd.batch_sharding(mesh)
     step = train.jit_train_step(train.make_train_step(cfg, optimizer, schedule=schedule), state_sh, batch_sh)
-    params = jax.device_put(init_params(jax.random.key(0), cfg), state_sh["params"])
-    state = train.init_train_state(params, optimizer)
+    params = jax.jit(lambda k: init_params(k, cfg), out_shardings=state_sh["params"])(jax.random.key(0))
+    state = jax.jit(lambda p: train.init_train_state(p, optimizer), out_shardings=state_sh)(params)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
-    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((args.batch, args.seq), np.int32),
-             "segment_ids": np.ones((args.batch, args.seq), np.int32),
+    ones = np.ones((args.batch, args.seq), np.int32)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": ones, "segment_ids": ones,
              "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()}
     batch = train.global_batch(batch, batch_sh)
-    for _ in range(2):  # compile + one warm step
-        state, metrics = step(state, batch)
+    if args.segments == "none":
+        inner = train.make_train_step(cfg, optimizer, schedule=schedule)
+        step = train.jit_train_step(lambda s, b: inner(s, dict(b, segment_ids=None)), state_sh, batch_sh)
+    start = time.perf_counter()
+    state, metrics = step(state, batch)  # compile + first step
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -53,36 +77,38 @@ def run_ours(args) -> dict:
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / args.steps
     tps = args.batch * args.seq / seconds
-    return {"step_ms": seconds * 1e3, "tokens_per_s": tps, "loss": float(metrics["loss"]),
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"step_ms": seconds * 1e3, "tokens_per_s": tps, "loss": float(metrics["loss"]), "compile_s": compile_s,
             "mfu": train.mfu(tps, cfg, args.seq, 1), "device": jax.devices()[0].device_kind,
-            "flops_per_token": cfg.flops_per_token(args.seq)}
+            "attention": resolve(cfg.attention, cfg.compute_dtype), "remat": cfg.remat,
+            "peak_device_mb": stats.get("peak_bytes_in_use", 0) / 2**20 or None,
+            "flops_per_token": cfg.flops_per_token(args.seq), "jax": jax.__version__}
 
 
-def run_peer(args) -> dict:
+def run_peer(args, mode: str) -> dict:
     import torch
     import transformers
 
-    from solarjax.config import load_config, model_config_from_dict
     from solarjax.hf import config_to_hf
 
-    config = load_config(args.preset)
-    cfg = model_config_from_dict(dict(config.model))
+    config, cfg = _model_config(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hf_config = config_to_hf(cfg)
     cls = transformers.MistralConfig if cfg.arch == "mistral" else transformers.LlamaConfig
-    model = transformers.AutoModelForCausalLM.from_config(cls(**hf_config)).to(device)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**config_to_hf(cfg)), attn_implementation="sdpa")
+    model = model.to(device)
     if args.remat != "none":
         model.gradient_checkpointing_enable()
     optim = config.optim
     opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
-                            weight_decay=optim.weight_decay)
+                            weight_decay=optim.weight_decay, fused=(mode == "compile" and device == "cuda"))
+    forward = torch.compile(model) if mode == "compile" else model
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
 
     def step():
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            logits = model(inputs).logits
+            logits = forward(inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
@@ -90,8 +116,12 @@ def run_peer(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(2):
-        step()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    step()
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -99,8 +129,23 @@ def run_peer(args) -> dict:
         loss = step()
     float(loss)
     seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return {"step_ms": seconds * 1e3, "tokens_per_s": args.batch * args.seq / seconds, "loss": float(loss),
-            "device": device, "torch_threads": torch.get_num_threads()}
+            "compile_s": compile_s, "device": device, "peak_device_mb": peak, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _side(args, side: str) -> dict:
+    cmd = [sys.executable, __file__, "--side", side] + [f"--{k}={v}" for k, v in vars(args).items()
+                                                       if k not in ("side", "timeout") and v is not None]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    if done.returncode:
+        lines = [l for l in done.stderr.strip().splitlines() if l.strip()]
+        return {"error": (lines[-1] if lines else f"exit {done.returncode}")[:400]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -110,28 +155,27 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--remat", default="none")
-    parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--segments", choices=["packed", "none"], default="packed")
+    parser.add_argument("--peers", default="eager", help="comma-separated: eager, compile (or '' for none)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per side")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        result = (run_ours if args.side == "ours" else run_peer)(args)
+        result = run_ours(args) if args.side == "ours" else run_peer(args, args.side.removeprefix("peer-"))
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
-    sides = {}
-    for side in ("ours", "peer"):
-        cmd = [sys.executable, __file__, "--side", side] + [f"--{k}={v}" for k, v in vars(args).items() if k != "side"]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        sides[side] = json.loads(out.strip().splitlines()[-1])
-    shape = dict(preset=args.preset, batch=args.batch, seq=args.seq, device=sides["ours"]["device"])
-    for figure, unit in (("tokens_per_s", "tok/s"), ("step_ms", "ms"), ("peak_rss_mb", "MB")):
-        ours, peer = sides["ours"][figure], sides["peer"][figure]
-        print(json.dumps({"figure": f"train_{figure}", "unit": unit, "ours": round(ours, 2), "peer": round(peer, 2),
-                          "ratio_ours_over_peer": round(ours / peer, 3), **shape}))
-    achieved = {side: sides[side]["tokens_per_s"] * sides["ours"]["flops_per_token"] / 1e9 for side in sides}
-    print(json.dumps({"figure": "train_mfu", "ours": sides["ours"]["mfu"], "note": "null where the device's peak "
-                      "FLOP/s is unknown (CPU)", "flops_per_token": sides["ours"]["flops_per_token"],
-                      "achieved_gflops_ours": round(achieved["ours"], 1), "achieved_gflops_peer": round(achieved["peer"], 1),
-                      **shape}))
+    shape = dict(preset=args.preset, batch=args.batch, seq=args.seq, remat=args.remat, segments=args.segments)
+    ours = _side(args, "ours")
+    print(json.dumps({"figure": "train_ours", **shape, **ours}), flush=True)
+    for peer in [p for p in args.peers.split(",") if p]:
+        theirs = _side(args, f"peer-{peer}")
+        line = {"figure": f"train_peer_{peer}", **shape, **theirs}
+        if "error" not in ours and "error" not in theirs:
+            line["ratio_tokens_per_s_ours_over_peer"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
+            line["mfu"] = ours["mfu"] * theirs["tokens_per_s"] / ours["tokens_per_s"] if ours.get("mfu") else None
+        print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":

@@ -345,6 +345,8 @@ def jaxpr_flops(jaxpr) -> float:
             continue
         if name == "cond":
             total += max(subs)
+        elif name == "shard_map":  # the body is one shard's work; every device runs it
+            total += sum(subs) * math.prod(eqn.params["mesh"].shape.values())
         else:
             total += sum(subs) * (eqn.params.get("length", 1) if name == "scan" else 1)
     return total

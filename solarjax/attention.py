@@ -31,7 +31,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +95,13 @@ def _splash_kernel(seq: int, heads: int, window: int | None, interpret: bool):
     else:
         base = sa.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
     b = _block(seq)
+    # The fused backward computes dq, dk, dv in one pass over the blocks (the separate dq kernel
+    # would recompute the scores a third time).
     sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return sa.make_splash_mha(sa.MultiHeadMask([base] * heads), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+                          block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to reuse across traces
+        return sa.make_splash_mha(sa.MultiHeadMask([base] * heads), block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret, residual_checkpoint_name="attn_lse")
 
 
 def _splash_local(q, k, v, segment_ids, window: int | None, interpret: bool):
@@ -186,16 +189,25 @@ def _raise_if_too_many(count: np.ndarray, max_segments: int) -> None:
                          "(cuDNN's packed layout needs a static bound); raise model.max_segments")
 
 
-def cudnn_attention(q, k, v, segment_ids, window: int | None, max_segments: int):
-    """cuDNN flash attention: causal (+ window); packed layout when segment ids are given."""
+def checked_packed_layout(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`packed_layout` plus a host check that no row has more than ``max_segments`` documents.
+
+    Computed once per forward (outside the layer scan), so the check costs one scalar per step.
+    """
+    lengths, offsets, count = packed_layout(segment_ids, max_segments)
+    jax.debug.callback(functools.partial(_raise_if_too_many, max_segments=max_segments), jnp.max(count))
+    return lengths, offsets
+
+
+def cudnn_attention(q, k, v, packed: tuple[jax.Array, jax.Array] | None, window: int | None):
+    """cuDNN flash attention: causal (+ window); cuDNN's packed layout when ``packed`` is given."""
     local_window = None if window is None else (window - 1, 0)
-    if segment_ids is None:
+    if packed is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window,
                                             implementation="cudnn")
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
-    lengths, offsets, count = packed_layout(segment_ids, max_segments)
-    jax.debug.callback(functools.partial(_raise_if_too_many, max_segments=max_segments), count)
+    lengths, offsets = packed
     return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
                                  kv_offsets=offsets, scale=1.0 / math.sqrt(q.shape[-1]),
                                  mask_type=MaskType.PADDING_CAUSAL, sliding_window_length=window)
@@ -204,11 +216,23 @@ def cudnn_attention(q, k, v, segment_ids, window: int | None, max_segments: int)
 # ----------------------------------------------------------------------------- dispatch
 
 
+def fused_attention_fn(segment_ids: jax.Array | None, *, impl: str, window: int | None, max_segments: int,
+                       batch_sharding=None) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``(q, k, v) -> out``: causal self-attention over whole sequences with a fused kernel.
+
+    Whatever depends only on the batch (cuDNN's packed layout) is computed here, once, and shared
+    by every layer.
+    """
+    if impl == "splash":
+        return lambda q, k, v: splash_attention(q, k, v, segment_ids, window, batch_sharding)
+    if impl == "cudnn":
+        packed = None if segment_ids is None else checked_packed_layout(segment_ids, max_segments)
+        return lambda q, k, v: cudnn_attention(q, k, v, packed, window)
+    raise ConfigError(f"no fused attention kernel {impl!r}; fused kernels: {FUSED}")
+
+
 def fused_attention(q, k, v, segment_ids, *, impl: str, window: int | None, max_segments: int,
                     batch_sharding=None):
-    """Causal self-attention over a whole sequence with a fused kernel (``impl`` in ``FUSED``)."""
-    if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, window, batch_sharding)
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids, window, max_segments)
-    raise ConfigError(f"no fused attention kernel {impl!r}; fused kernels: {FUSED}")
+    """One call of :func:`fused_attention_fn` (tests, checks)."""
+    return fused_attention_fn(segment_ids, impl=impl, window=window, max_segments=max_segments,
+                              batch_sharding=batch_sharding)(q, k, v)

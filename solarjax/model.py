@@ -191,7 +191,8 @@ def qkv_projection(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, 
     q = jnp.einsum("btd,dnh->btnh", h, layer["wq"].astype(x.dtype))
     k = jnp.einsum("btd,dnh->btnh", h, layer["wk"].astype(x.dtype))
     v = jnp.einsum("btd,dnh->btnh", h, layer["wv"].astype(x.dtype))
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
 
 def finish_layer(x: jax.Array, attn_out: jax.Array, layer: Params, cfg: ModelConfig) -> jax.Array:
@@ -218,21 +219,30 @@ def self_attention_fn(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.A
     sharding = _ACTIVATION_SHARDING.get()
     impl = attn.resolve(cfg.attention, cfg.compute_dtype, attn.platform_of(sharding))
     if impl in attn.FUSED:
-        return functools.partial(attn.fused_attention, segment_ids=segment_ids, impl=impl,
-                                 window=cfg.sliding_window, max_segments=cfg.max_segments,
-                                 batch_sharding=sharding)
+        return attn.fused_attention_fn(segment_ids, impl=impl, window=cfg.sliding_window,
+                                       max_segments=cfg.max_segments, batch_sharding=sharding)
     mask = attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
     return lambda q, k, v: attend(q, k, v, mask, impl)
 
 
 def remat_policy(name: str):
-    """Map a config name to a ``jax.checkpoint`` policy (None means: do not remat)."""
+    """Map a config name to a ``jax.checkpoint`` policy (None means: do not remat).
+
+    What each layer keeps for the backward pass (measured memory/speed: README, "Remat policies"):
+    ``none`` everything (fastest, most memory); ``dots`` / ``dots_with_no_batch_dims`` every matmul
+    output (little recompute, the MLP's wide activations dominate memory); ``save_qkv_attn`` the
+    attention inputs, its output and the kernel's log-sum-exp, recomputing only the MLP (fused
+    attention is never rerun); ``save_attn_out`` only the attention output; ``full`` nothing but
+    the layer input (least memory, about one extra forward).
+    """
     policies = {
         "none": None,
         "full": jax.checkpoint_policies.nothing_saveable,
         "dots": jax.checkpoint_policies.checkpoint_dots,
         "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
         "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+        "save_qkv_attn": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out",
+                                                                        "attn_lse"),
     }
     return policies[name]
 

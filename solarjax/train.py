@@ -18,8 +18,8 @@ Batch: a dict of int32 ``(B, T)`` arrays ``tokens``, ``targets``, ``loss_mask``,
 Faults: a step with a non-finite loss or gradient norm leaves the weights and optimizer state as
 they were (inside the jitted step) and is counted; more than ``train.max_nonfinite_skips`` in a
 row stop the run (``TrainingDiverged``) without checkpointing. SIGTERM/SIGINT finish the step,
-checkpoint it (params, optimizer, data iterator), wait for the commit and raise ``Preempted``
-(the CLI exits 143/130; running it again resumes). Checkpoint layout: ``solarjax.ckpt``.
+checkpoint it (params, optimizer, data iterator), wait for the commit and raise ``Preempted``,
+a ``SystemExit`` with code 143/130 (running the same command again resumes). Checkpoints: ``solarjax.ckpt``.
 """
 
 from __future__ import annotations
@@ -451,16 +451,20 @@ class Task:
 # ----------------------------------------------------------------------------- guards of the loop
 
 
-class Preempted(Exception):
+class Preempted(SystemExit):
     """The run stopped on SIGTERM/SIGINT after checkpointing the step it was in.
 
-    ``exit_code`` is the shell's convention for the signal (143 for SIGTERM, 130 for SIGINT), so a
-    relaunch loop can tell a preemption from a failure; running the same command again resumes.
+    A ``SystemExit`` whose code is the shell's convention for the signal (143 for SIGTERM, 130 for
+    SIGINT), so the process ends even when a caller catches ``Exception``, and a relaunch loop can
+    tell a preemption from a failure. Running the same command again resumes.
     """
 
     def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(128 + signum)
+        self.message, self.signum, self.exit_code = message, signum, 128 + signum
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class TrainingDiverged(ValueError):
@@ -744,7 +748,9 @@ def train(
         where = (f"checkpoint step {done} is saved in {manager.directory}; run the same command again to resume "
                  f"from step {done}") if manager is not None else (
                  "no checkpoint directory is configured (train.out_dir / checkpoint.dir), so this run's steps are lost")
-        raise Preempted(f"stopped by {name} after step {done} of {tc.steps}: {where}", signals.signum)
+        preempted = Preempted(f"stopped by {name} after step {done} of {tc.steps}: {where}", signals.signum)
+        print(f"solarjax: {preempted}", file=sys.stderr, flush=True)
+        raise preempted
     return {"steps": end, "start_step": start, "metrics": history, "losses": [m["loss"] for m in history],
             "final_loss": history[-1]["loss"] if history else None, "params": state["params"], "cfg": cfg,
             "checkpoint_dir": str(manager.directory) if manager is not None else None,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax import model as M
+from solarjax import quant as Q
 from solarjax.config import ModelConfig
 from solarjax.generate import bucket, left_pad
 from solarjax.model import Params
@@ -52,13 +52,13 @@ def _target_logprobs(params: Params, tokens, positions, segments, targets, cfg: 
     The head runs over chunks of positions, so a (batch, 1024, 49152) float32 logits tensor is
     never materialized at once.
     """
-    x = M.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments)
+    x = Q.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments)
     batch, length, width = x.shape
     chunk = LOGIT_CHUNK if length % LOGIT_CHUNK == 0 else length
 
     def score(args):
         xc, tc = args
-        logits = M.lm_head(params, xc, cfg)
+        logits = Q.lm_head(params, xc, cfg)
         picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == tc
 
@@ -71,8 +71,15 @@ def _target_logprobs(params: Params, tokens, positions, segments, targets, cfg: 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _last_logprobs(params: Params, tokens, positions, segments, cfg: ModelConfig):
     """(B, V) log-softmax of the final column only: the head runs on one position per row."""
-    x = M.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments)
-    return jax.nn.log_softmax(M.lm_head(params, x[:, -1:], cfg)[:, 0], axis=-1)
+    x = Q.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segments)
+    return jax.nn.log_softmax(Q.lm_head(params, x[:, -1:], cfg)[:, 0], axis=-1)
+
+
+def check_positive(**values: int | None) -> None:
+    """Raise ``EvalError`` naming the first limit that is given but below 1 (batch size, window, ...)."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise EvalError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _batches(order: list[int], batch_size: int) -> Iterable[list[int]]:
@@ -101,6 +108,7 @@ def loglikelihoods(
     lm-eval does. Requests whose continuation is one token are grouped by context and cost one
     forward per distinct context.
     """
+    check_positive(batch_size=batch_size, max_length=max_length)
     max_length = max_length or cfg.max_seq_len
     results: list[tuple[float, bool] | None] = [None] * len(requests)
     single: dict[tuple[int, ...], list[int]] = OrderedDict()
@@ -213,6 +221,9 @@ def perplexity(
 
     ``window`` defaults to ``min(cfg.max_seq_len, 1024)`` and ``stride`` to ``window // 2``.
     """
+    check_positive(window=window, stride=stride, batch_size=batch_size)
+    if window is not None and window < 2:
+        raise EvalError(f"window must be at least 2 tokens (one of context, one to score), got {window}")
     window = window or min(cfg.max_seq_len, 1024)
     stride = stride or max(window // 2, 1)
     requests = [r for doc in documents for r in window_requests(list(doc), window, stride)]
@@ -359,6 +370,9 @@ def mmlu_accuracy(
     the highest log-probability. ``limit`` keeps that many questions, taken round-robin across
     subjects; ``shots`` prepends that many other solved questions of the same subject.
     """
+    check_positive(limit=limit, batch_size=batch_size)
+    if shots < 0:
+        raise EvalError(f"shots must be 0 or more, got {shots}")
     pool = list(questions) if questions is not None else load_mmlu(subjects)
     chosen = _interleave(pool)[:limit] if limit else _interleave(pool)
     if not chosen:

@@ -10,6 +10,8 @@ our own verbs.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -26,7 +28,14 @@ class SolarJaxLM(TemplateLM):
 
     ``model_args``: ``path`` (required unless ``params``/``cfg``/``tokenizer`` objects are
     passed), ``tokenizer`` (file or dir), ``batch_size``, ``max_length``, ``max_gen_toks``,
-    ``dtype``, ``add_bos_token`` (default False, as lm-eval's HF model).
+    ``dtype``, ``quantize`` (``int8``/``int4``: weight-only, :mod:`solarjax.quant`),
+    ``add_bos_token`` and ``prefix_token_id``.
+
+    Tokenization follows lm-eval's own ``hf`` model (HFLM), the reference this class is tested
+    against: ``add_bos_token`` unset means the tokenizer's own post-processing (what
+    ``AutoTokenizer.encode`` does), the prefix token for an empty context is the tokenizer's
+    BOS (its EOS when it has none), and EOT is the tokenizer's EOS. Special tokens come from
+    ``tokenizer_config.json`` beside the model (or inside a GGUF), else from the model config.
     """
 
     def __init__(
@@ -37,12 +46,15 @@ class SolarJaxLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         dtype: str | None = None,
-        add_bos_token: bool = False,
+        add_bos_token: bool | str | None = None,
+        prefix_token_id: int | None = None,
+        quantize: str | None = None,
         params: Any = None,
         cfg: Any = None,
         **_ignored: Any,  # harness-wide options such as device / max_batch_size
     ) -> None:
         super().__init__()
+        from solarjax.eval import check_positive
         if params is not None and cfg is not None:
             self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         elif path is not None:
@@ -52,22 +64,46 @@ class SolarJaxLM(TemplateLM):
         else:
             raise ValueError("the solarjax lm-eval model needs model_args path=MODEL_DIR (or params=, cfg=)")
         require_tokenizer(self.tokenizer, path)
+        if quantize:
+            from solarjax.quant import quantize_params
+
+            if quantize not in ("int8", "int4"):
+                raise ValueError(f"quantize must be int8 or int4, got {quantize!r}")
+            self.params = quantize_params(self.params, bits=int(quantize[3:]))
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length) if max_length else self.cfg.max_seq_len
         self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = bool(add_bos_token)
+        check_positive(batch_size=self.batch_size, max_length=self._max_length, max_gen_toks=self.max_gen_toks)
+        if isinstance(add_bos_token, str):  # from a model_args string
+            add_bos_token = add_bos_token.lower() in ("1", "true", "yes")
+        self.add_bos_token = add_bos_token
+        self.bos_id, self.eos_id = special_token_ids(path, self.tokenizer, self.cfg)
+        self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
 
     # --------------------------------------------------------------- tokenization
     @property
     def eot_token_id(self) -> int:
-        return self.cfg.eos_token_id if self.cfg.eos_token_id is not None else 0
+        return self.eos_id if self.eos_id is not None else 0
+
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is scored after: BOS, else EOS (lm-eval's HFLM rule, not TemplateLM's EOT)."""
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        return self.bos_id if self.bos_id is not None else self.eot_token_id
 
     @property
     def max_length(self) -> int:
         return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        special = self.add_bos_token if add_special_tokens is None else add_special_tokens
+        if add_special_tokens is not None:
+            special = add_special_tokens
+        elif self.add_bos_token is not None:
+            special = self.add_bos_token
+        else:  # the tokenizer's default, unless the text already starts with the prefix token (as HFLM)
+            prefix = self.tokenizer.decode([self.prefix_token_id], skip_special_tokens=False)
+            special = not (prefix and string.startswith(prefix))
         return self.tokenizer.encode(string, add_special_tokens=special).ids
 
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
@@ -121,7 +157,7 @@ class SolarJaxLM(TemplateLM):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 prompts = [self.tok_encode(requests[i].args[0])[-keep:] or [self.prefix_token_id] for i in chunk]
-                outs = generate(self.params, self.cfg, prompts, max_new_tokens=max_new,
+                outs = generate(self.params, self.cfg, prompts, max_new_tokens=max_new, truncate="left",
                                 stop_tokens=[self.eot_token_id], pad_id=self.eot_token_id, **options)
                 for i, ids in zip(chunk, outs):
                     if ids and ids[-1] == self.eot_token_id:
@@ -130,6 +166,29 @@ class SolarJaxLM(TemplateLM):
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                     results[i] = text
         return results  # type: ignore[return-value]
+
+
+def special_token_ids(path: Any, tokenizer: Any, cfg: Any) -> tuple[int | None, int | None]:
+    """(BOS, EOS) ids as an HF tokenizer would report them: ``tokenizer_config.json`` beside the
+    model or inside a GGUF, else the model config's ``bos_token_id`` / ``eos_token_id``."""
+    config: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if path.suffix == ".gguf" and path.is_file():
+            from solarjax.gguf import load_gguf_tokenizer
+
+            config = json.loads(load_gguf_tokenizer(path).hf_files().get("tokenizer_config.json", "{}"))
+        elif (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text())
+    ids = []
+    for name, fallback in (("bos_token", cfg.bos_token_id), ("eos_token", cfg.eos_token_id)):
+        if name in config:  # present (possibly null: no such token)
+            token = config[name]
+            token = token.get("content") if isinstance(token, dict) else token
+            ids.append(tokenizer.token_to_id(token) if token else None)
+        else:
+            ids.append(fallback)
+    return ids[0], ids[1]
 
 
 def main() -> None:

@@ -86,6 +86,12 @@ def quantize_params(params: Params, bits: int = 8) -> Params:
     return out
 
 
+def dequantize_params(params: Params, dtype: Any = jnp.float32) -> Params:
+    """Plain params holding exactly the weights the quantized model computes with (an oracle's input)."""
+    return jax.tree.map(lambda x: x.dense(dtype) if isinstance(x, Quantized) else x, params,
+                        is_leaf=lambda x: isinstance(x, Quantized))
+
+
 def is_quantized(params: Params) -> bool:
     return any(isinstance(leaf, Quantized) for leaf in
                jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Quantized)))

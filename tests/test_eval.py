@@ -150,23 +150,24 @@ def test_lm_eval_adapter_against_transformers(mistral):
     # a tiny local multiple-choice task: one question, four answers
     doc = {"question": "Question: what is two plus two?\nAnswer:", "choices": [" four", " two", " one", " three"]}
     reqs = [Instance("loglikelihood", doc, (doc["question"], c), i) for i, c in enumerate(doc["choices"])]
-    reqs.append(Instance("loglikelihood", doc, ("", "The quick brown fox"), 9))  # empty context -> EOT prefix
+    reqs.append(Instance("loglikelihood", doc, ("", "The quick brown fox"), 9))  # empty context -> BOS prefix
+    assert lm.prefix_token_id == cfg.bos_token_id != lm.eot_token_id  # lm-eval's HFLM rule, not TemplateLM's EOT
     got = lm.loglikelihood(reqs, disable_tqdm=True)
     for req, (logp, _) in zip(reqs, got):
         ctx, cont = req.args
-        ctx_ids = tok.encode(ctx, add_special_tokens=False).ids if ctx else [cfg.eos_token_id]
+        ctx_ids = tok.encode(ctx, add_special_tokens=False).ids if ctx else [cfg.bos_token_id]
         whole = tok.encode(ctx + cont, add_special_tokens=False).ids if ctx else ctx_ids + tok.encode(cont).ids
         n = len(whole) - len(ctx_ids)  # lm-eval scores context ids + the tail of the whole encoding
         assert logp == pytest.approx(hf_logprobs(hf, ctx_ids + whole[-n:])[0][-n:].sum(), abs=5e-5)
 
     text = " ".join(["The quick brown fox jumps over the lazy dog."] * 3)  # longer than max_length: rolls
-    ids = [cfg.eos_token_id] + tok.encode(text, add_special_tokens=False).ids
+    ids = [cfg.bos_token_id] + tok.encode(text, add_special_tokens=False).ids
     assert len(ids) > 24 + 8  # at least two windows
     rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
-    # lm-eval's own window rule is the spec: disjoint windows of max_length, prefixed by EOT
+    # lm-eval's own window rule is the spec: disjoint windows of max_length, prefixed by BOS
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids[1:], cfg.eos_token_id, 24, 1)]
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids[1:], cfg.bos_token_id, 24, 1)]
     assert len(windows) == 2
     expected = sum(hf_logprobs(hf, ctx + cont)[0][-len(cont):].sum() for ctx, cont in windows)
     assert rolling[0] == pytest.approx(expected, abs=2e-4)
@@ -189,7 +190,7 @@ def test_eval_cli(mistral, tmp_path, capsys):
     data = tmp_path / "held_out.jsonl"
     data.write_text("\n".join(json.dumps({"text": t}) for t in ("The quick brown fox.", "Answer: four.")) + "\n")
     assert main(["eval", "ppl", "--model", str(path), "--data", str(data), "--window", "16", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = result_ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["documents"] == 2 and result["ppl"] > 1
     assert main(["eval", "mmlu", "--model", str(path), "--limit", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -198,3 +199,62 @@ def test_eval_cli(mistral, tmp_path, capsys):
     bad.write_text('{"body": "x"}\n')
     assert main(["eval", "ppl", "--model", str(path), "--data", str(bad)]) == 1
     assert "bad.jsonl:1" in capsys.readouterr().err
+    # nonsensical limits: one line naming the flag, before any model is loaded
+    for argv, name in ((["ppl", "--data", str(data), "--batch-size", "0"], "batch_size must be a positive integer"),
+                       (["ppl", "--data", str(data), "--window", "-4"], "window must be a positive integer"),
+                       (["ppl", "--data", str(data), "--window", "1"], "window must be at least 2"),
+                       (["mmlu", "--limit", "0"], "limit must be a positive integer"),
+                       (["mmlu", "--shots", "-1"], "--shots must be 0 or more")):
+        assert main(["eval", argv[0], "--model", str(path), *argv[1:]]) == 1
+        err = capsys.readouterr().err
+        assert name in err and len(err.strip().splitlines()) == 1, err
+    # int8 weights: perplexity within a few percent of fp32 on this random model
+    assert main(["eval", "ppl", "--model", str(path), "--data", str(data), "--window", "16", "--json",
+                 "--quantize", "int8"]) == 0
+    quantized = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert quantized["tokens"] == result_ppl["tokens"] and quantized["loss"] == pytest.approx(result_ppl["loss"], rel=0.02)
+
+
+TASKS_DIR = __import__("pathlib").Path(__file__).parent / "lm_eval_tasks"
+
+
+def test_lm_eval_harness_solarjax_equals_its_own_hf_model(tmp_path):
+    """lm-eval as the client, its ``hf`` model as the oracle: the local multiple-choice,
+    rolling-log-likelihood and generate_until tasks in tests/lm_eval_tasks give the same per-sample
+    results for ``solarjax`` and ``hf`` on one tiny random Llama with a BOS/EOS tokenizer."""
+    import lm_eval.models.huggingface  # noqa: F401  (registers "hf")
+    import torch
+    import transformers
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    import solarjax.lm_eval_adapter  # noqa: F401  (registers "solarjax")
+    from test_generate import make_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=make_tokenizer(), bos_token="<s>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(tmp_path)
+    tasks = ["sjx_mc", "sjx_rolling", "sjx_gen"]
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    common = dict(tasks=tasks, task_manager=manager, log_samples=True)
+    # HFLM's scores of one rolling window change with its batch composition; batch 1 is its exact answer
+    ref = simple_evaluate(model="hf", model_args=f"pretrained={tmp_path},dtype=float32,max_length=32",
+                          device="cpu", batch_size=1, **common)
+    ours = simple_evaluate(model="solarjax", model_args=f"path={tmp_path},max_length=32", batch_size=4, **common)
+    for task in tasks:
+        ref_samples, our_samples = ref["samples"][task], ours["samples"][task]
+        assert len(ref_samples) == len(our_samples) > 0
+        for a, b in zip(ref_samples, our_samples):
+            if task == "sjx_gen":
+                assert a["resps"] == b["resps"] and a["resps"][0][0]  # identical, non-empty text
+            else:
+                got = np.array([[float(x) for x in np.ravel(r)] for r in b["resps"]])
+                want = np.array([[float(x) for x in np.ravel(r)] for r in a["resps"]])
+                np.testing.assert_allclose(got, want, atol=2e-3)  # log-likelihoods (and greedy flags)
+        for metric, value in ref["results"][task].items():
+            if isinstance(value, float) and "stderr" not in metric:
+                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)

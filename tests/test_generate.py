@@ -167,3 +167,65 @@ def test_text_streaming_orbax_and_cli(hf_llama_dir, models, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("The quick")
     assert main(["generate", "--model", str(hf_llama_dir), "--prompt", "x"]) == 1  # no tokenizer.json
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_ring_cache_equals_full_cache_and_is_bounded_by_the_window(models):
+    """Mistral (window 8): prompts up to 11 tokens and 24 new ones wrap the 8-slot ring several times."""
+    import jax.numpy as jnp
+
+    from solarjax.generate import cache_length, forward_cached, generate, init_cache, left_pad
+
+    hf, cfg, params = models["mistral"]
+    assert cache_length(cfg, 16 + 32) == cfg.sliding_window == 8 and cache_length(cfg, 48, ring=False) == 48
+    assert generate(params, cfg, PROMPTS, max_new_tokens=24) == generate(params, cfg, PROMPTS, max_new_tokens=24,
+                                                                         ring=False)
+    # logits, step by step: an 8-slot ring and a 40-slot cache after a 16-column prefill
+    rng = np.random.default_rng(3)
+    tokens, segments, positions = left_pad([rng.integers(3, 256, 13).tolist(), [9, 10]], 16)
+    caches = [init_cache(cfg, 2, 8), init_cache(cfg, 2, 40)]
+    outs = [forward_cached(params, c, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), 0, cfg,
+                           fresh=True) for c in caches]
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
+    caches = [o[1] for o in outs]
+    pos = positions[:, -1]
+    for i in range(12):
+        pos = pos + 1
+        tok = jnp.asarray(rng.integers(3, 256, (2, 1)))
+        outs = [forward_cached(params, c, tok, jnp.asarray(pos[:, None]), jnp.ones((2, 1), jnp.int32), 16 + i, cfg)
+                for c in caches]
+        np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
+        caches = [o[1] for o in outs]
+    assert caches[0].k.shape[2] == 8
+
+
+def test_prompt_longer_than_context_is_an_error_or_explicit_truncation(models):
+    from solarjax.generate import GenerationError, generate
+
+    hf, cfg, params = models["llama"]  # max_seq_len 128
+    long = list(range(3, 3 + 120))
+    with pytest.raises(GenerationError, match=r"120 tokens plus max_new_tokens=16 exceeds the model's context of 128"):
+        generate(params, cfg, [long], max_new_tokens=16)
+    with pytest.raises(GenerationError, match="leaves no room"):
+        generate(params, cfg, [[5]], max_new_tokens=128)
+    assert generate(params, cfg, [long], max_new_tokens=4, truncate="left") == hf_greedy(hf, [long[-(128 - 4):]], 4)
+
+
+def test_int8_generate_equals_transformers_on_the_dequantized_weights(models):
+    """The int8 model is exactly the model whose weights are values * scale: transformers with those
+    weights is the oracle (greedy ids over 20 steps)."""
+    import copy
+
+    import torch
+
+    from solarjax.generate import generate
+    from solarjax.hf import hf_tensors
+    from solarjax.quant import dequantize_params, is_quantized, quantize_params
+
+    hf, cfg, params = models["llama"]
+    qparams = quantize_params(params)
+    assert is_quantized(qparams) and qparams["layers"]["wq"].values.dtype == np.int8
+    ref = copy.deepcopy(hf)
+    state = {name: torch.tensor(np.array(w)) for name, w in hf_tensors(dequantize_params(qparams), cfg)}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    assert generate(qparams, cfg, PROMPTS, max_new_tokens=20) == hf_greedy(ref, PROMPTS, 20)

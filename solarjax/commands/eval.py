@@ -11,6 +11,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the model's")
     p.add_argument("--dtype", help="param dtype to load as, e.g. bfloat16")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization on load (per-output-"
+                   "channel scales; dequantized inside the layer loop)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
 
 
@@ -18,8 +20,15 @@ def _load(args: argparse.Namespace):
     """``(cfg, params, tokenizer)`` from ``--model/--tokenizer/--dtype``; scoring text needs a tokenizer."""
     from solarjax.generate import load_model, require_tokenizer
 
+    from solarjax.eval import check_positive
+
+    check_positive(batch_size=args.batch_size)
     cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
     require_tokenizer(tokenizer, args.model)
+    if args.quantize:
+        from solarjax.quant import quantize_params
+
+        params = quantize_params(params, bits=int(args.quantize[3:]))
     return cfg, params, tokenizer
 
 
@@ -60,8 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_ppl(args: argparse.Namespace) -> int:
     from solarjax.data import read_documents
-    from solarjax.eval import text_perplexity
+    from solarjax.eval import check_positive, text_perplexity
 
+    check_positive(window=args.window, stride=args.stride)
     docs = read_documents(args.data, args.field)
     cfg, params, tokenizer = _load(args)
     result = text_perplexity(params, cfg, tokenizer, docs, window=args.window, stride=args.stride,
@@ -75,8 +85,11 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_mmlu(args: argparse.Namespace) -> int:
-    from solarjax.eval import mmlu_accuracy
+    from solarjax.eval import check_positive, mmlu_accuracy
 
+    check_positive(limit=args.limit)
+    if args.shots < 0:
+        raise ValueError(f"--shots must be 0 or more, got {args.shots}")
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     cfg, params, tokenizer = _load(args)
     result = mmlu_accuracy(params, cfg, tokenizer, subjects, args.limit, shots=args.shots,
@@ -96,9 +109,14 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     except ImportError as err:  # lm-eval installed without its dependencies
         raise ValueError(f"the lm-eval harness cannot run here ({err}); install lm-eval with its dependencies "
                          "(pip install lm-eval)") from err
+    from solarjax.eval import check_positive
     from solarjax.lm_eval_adapter import SolarJaxLM
 
-    model = SolarJaxLM(path=args.model, tokenizer=args.tokenizer, batch_size=args.batch_size, dtype=args.dtype)
+    check_positive(batch_size=args.batch_size)
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be positive (a count, or a fraction below 1), got {args.limit}")
+    model = SolarJaxLM(path=args.model, tokenizer=args.tokenizer, batch_size=args.batch_size, dtype=args.dtype,
+                       quantize=args.quantize)
     results = simple_evaluate(
         model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
         task_manager=TaskManager(include_path=args.include_path) if args.include_path else None,

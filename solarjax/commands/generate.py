@@ -24,7 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); EOS always stops")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", help="param dtype to load as, e.g. bfloat16")
-    p.add_argument("--no-stream", action="store_true", help="print only when done")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization on load (per-output-"
+                   "channel scales; dequantized inside the layer loop)")
+    p.add_argument("--truncate", choices=["none", "left"], default="none",
+                   help="a prompt that does not fit the model's context (max_seq_len minus --max-new-tokens) is an "
+                   "error (none, default) or keeps its last tokens (left)")
+    p.add_argument("--no-stream", action="store_true", help="print only when done (and faster: the whole decode "
+                   "loop is one compiled program; streaming runs one compiled step per token)")
     p.set_defaults(func=run)
 
 
@@ -33,9 +39,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
     require_tokenizer(tokenizer, args.model)
+    if args.quantize:
+        from solarjax.quant import quantize_params
+
+        params = quantize_params(params, bits=int(args.quantize[3:]))
     prompts = [chat_prompt(args.model, p) if args.chat else p for p in args.prompt]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_strings=args.stop)
+                   top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
+                   truncate=args.truncate)
     if len(prompts) == 1 and not args.no_stream:
         def stream(piece: str) -> None:
             sys.stdout.write(piece)

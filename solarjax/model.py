@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Any, Callable, Iterator
 
 import jax
@@ -265,6 +266,15 @@ def activation_sharding(sharding: Any) -> Iterator[None]:
         yield
     finally:
         _ACTIVATION_SHARDING.reset(token)
+
+
+def batch_shards() -> int:
+    """How many ways the traced batch is split (1 outside a mesh): per-device sizes for tiling."""
+    sharding = _ACTIVATION_SHARDING.get()
+    if sharding is None or sharding.spec[0] is None:
+        return 1
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 def constrain_activations(x: jax.Array) -> jax.Array:

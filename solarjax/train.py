@@ -44,8 +44,8 @@ from jax.sharding import Mesh, NamedSharding
 from solarjax import ckpt
 from solarjax import sharding as shd
 from solarjax.config import ConfigError, ModelConfig, model_config_from_dict
-from solarjax.model import (Params, abstract_params, compute_params, head_matrix, hidden_states, init_params,
-                            rms_norm)
+from solarjax.model import (Params, abstract_params, batch_shards, compute_params, head_matrix, hidden_states,
+                            init_params, rms_norm)
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -65,14 +65,16 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     the vocabulary, it runs vocab-parallel in ``shard_map`` instead
     (:func:`solarjax.sharding.vocab_parallel_cross_entropy`); :func:`default_loss` picks.
     """
-    from solarjax.losses import chunked_cross_entropy
+    from solarjax.losses import chunk_length, chunked_cross_entropy
 
     params = compute_params(params, cfg)
     x = hidden_states(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
     x = rms_norm(x, params["final_norm"], cfg.rms_eps)
     head = head_matrix(params, cfg).astype(x.dtype)
     if mesh is None:
-        ce = chunked_cross_entropy(x, head, batch["targets"])
+        batch_size, seq_len = batch["targets"].shape
+        chunk = chunk_length(batch_size // batch_shards(), seq_len)  # sized by the rows each device holds
+        ce = chunked_cross_entropy(x, head, batch["targets"], chunk)
     else:
         ce = shd.vocab_parallel_cross_entropy(x, head, batch["targets"], mesh, rules)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -204,20 +206,7 @@ def global_batch(local: Mapping[str, np.ndarray], batch_shardings: Mapping[str, 
 
 # ----------------------------------------------------------------------------- metrics
 
-# Dense bf16 peak FLOP/s per chip, matched against ``device.device_kind``; CPU has no entry.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5": 459e12, "TPU v4": 275e12, "TPU v3": 123e12,
-}
-
-
-def peak_flops(device: Any = None) -> float | None:
-    kind = (device or jax.devices()[0]).device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
+from solarjax.aot import peak_flops  # noqa: E402  (the one peak-FLOPs table lives with the TPU chips)
 
 
 def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, num_devices: int) -> float | None:

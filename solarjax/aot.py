@@ -54,14 +54,31 @@ class Chip:
     max_chips: int  # largest single slice
 
 
+# Dense bf16 peak FLOP/s per chip, matched against ``device.device_kind`` (first match wins; CPU has
+# no entry). The one table: the trainer's MFU and the TPU chips below read it.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5": 459e12, "TPU v4": 275e12, "TPU v3": 123e12,
+}
+
+
+def peak_flops(device: Any = None) -> float | None:
+    """The dense bf16 peak of ``device`` (default: the first device), None when unknown."""
+    import jax
+
+    kind = (device or jax.devices()[0]).device_kind
+    return next((flops for name, flops in PEAK_FLOPS.items() if name.lower() in kind.lower()), None)
+
+
 GiB = 1024**3
 # HBM: what XLA's TPU compiler reports as available to a program (its out-of-memory message, libtpu
 # 0.0.42), a little under the marketing figure (v4 32 GiB, v5e 16 GiB, v5p 95 GB, v6e 32 GiB).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 30.75 * GiB, 275e12, 1.2e12, 3, True, 4096),
-    "v5e": Chip("v5e", 15.75 * GiB, 197e12, 819e9, 2, False, 256),
-    "v5p": Chip("v5p", 95.74e9, 459e12, 2.765e12, 3, True, 8960),
-    "v6e": Chip("v6e", 31.25 * GiB, 918e12, 1.64e12, 2, False, 256),
+    "v4": Chip("v4", 30.75 * GiB, PEAK_FLOPS["TPU v4"], 1.2e12, 3, True, 4096),
+    "v5e": Chip("v5e", 15.75 * GiB, PEAK_FLOPS["TPU v5e"], 819e9, 2, False, 256),
+    "v5p": Chip("v5p", 95.74e9, PEAK_FLOPS["TPU v5p"], 2.765e12, 3, True, 8960),
+    "v6e": Chip("v6e", 31.25 * GiB, PEAK_FLOPS["TPU v6e"], 1.64e12, 2, False, 256),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e", "v6lite": "v6e"}
 # libtpu's topology-name prefixes

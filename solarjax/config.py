@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass, validated before anything compiles.
 
 The dataclass is hashable so it can be a static argument of ``jax.jit``; presets live in
-``configs/*.py`` as ml_collections files whose ``model`` field is turned into a ``ModelConfig``
+``solarjax/configs/*.py`` as ml_collections files whose ``model`` field is turned into a ``ModelConfig``
 with :func:`model_config_from_dict`.
 """
 
@@ -133,10 +133,17 @@ def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig(**values)
 
 
+# Logical axis -> mesh axis (or axes, or None: replicated); solarjax.sharding fills missing names from it.
+DEFAULT_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"), "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
+    "head_dim": None, "mlp": "tensor", "layers": None,
+}
+
+
 def base_config(**model: Any):
     """The full experiment config (an ml_collections ``ConfigDict``) around a model shape.
 
-    Presets in ``configs/`` call this with their model fields; other sections (training, mesh,
+    Presets in ``solarjax/configs/`` call this with their model fields; other sections (training, mesh,
     data) get their defaults here so every preset has every key.
     """
     import ml_collections
@@ -145,9 +152,7 @@ def base_config(**model: Any):
     config = C()
     config.model = C(model)
     # Mesh axis sizes (-1: all remaining devices) and the logical-axis -> mesh-axis rules table.
-    config.mesh = C(dict(data=-1, fsdp=1, tensor=1, rules=C(dict(
-        batch=("data", "fsdp"), vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor",
-        head_dim=None, mlp="tensor", layers=None))))
+    config.mesh = C(dict(data=-1, fsdp=1, tensor=1, rules=C(dict(DEFAULT_RULES))))
     # jax.distributed.initialize; on TPU pods leave the addresses None (auto-detected).
     config.distributed = C(dict(enabled=False, coordinator_address=None, num_processes=None, process_id=None))
     # max_nonfinite_skips: steps in a row whose loss or gradient norm may be non-finite (each skipped,
@@ -167,14 +172,19 @@ def base_config(**model: Any):
     return config
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the presets, shipped inside the package
 
 
 def load_config(name_or_path: str):
-    """Load an ml_collections config: a path to a ``.py`` file or a preset name in ``configs/``."""
+    """Load an ml_collections config: a path to a ``.py`` file or a preset name in ``solarjax/configs/``.
+
+    ``configs/NAME.py`` (the presets' path in a checkout before they moved into the package) still
+    names the preset when no such file exists here."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.py"
+    elif not path.is_file() and path.parent == Path("configs") and (CONFIG_DIR / path.name).is_file():
+        path = CONFIG_DIR / path.name
     if not path.is_file():
         available = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
         raise ConfigError(f"no config {name_or_path!r} (looked for {path}); presets: {available}")
@@ -188,7 +198,7 @@ def load_config(name_or_path: str):
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """The ``ModelConfig`` of a named preset in ``configs/``, with field overrides."""
+    """The ``ModelConfig`` of a named preset in ``solarjax/configs/``, with field overrides."""
     values = dict(load_config(name).model.items())
     values.update(overrides)
     return model_config_from_dict(values)

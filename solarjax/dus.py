@@ -20,14 +20,14 @@ import json
 import math
 import os
 import re
-import struct
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from solarjax import safetensors_io as st
 from solarjax.config import ModelConfig
-from solarjax.hf import SAFE_INDEX, CheckpointError, copy_tokenizer_files, parse_size, read_hf_config, safetensors_files
+from solarjax.hf import CheckpointError, copy_tokenizer_files, read_hf_config
 from solarjax.outputs import atomic_output_dir, check_destination
 
 Params = dict[str, Any]
@@ -288,68 +288,11 @@ def _grown_sharding(leaf: Any, new_n: int):
 
 
 # ----------------------------------------------------------------------------- on disk (HF)
-# Safetensors is an 8-byte header length, a JSON header of {name: dtype, shape, data_offsets},
-# then raw bytes. Knowing every offset up front lets us write each output shard's header first
-# and then copy byte ranges straight from the source files (copy_file_range), so memory stays at
-# one copy buffer; only tensors that are scaled or cast are decoded, one at a time.
+# Every output tensor is known (name, dtype, shape, source bytes) before anything is written, so
+# the writer (:mod:`solarjax.safetensors_io`) copies byte ranges straight from the source shards and
+# memory stays at one copy buffer; only tensors that are scaled or cast are decoded, one at a time.
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
-_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16",
-                  "bf16": "bfloat16"}
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-COPY_CHUNK = 64 << 20
-
-
-class _Source(NamedTuple):
-    file: Path
-    offset: int  # absolute byte offset of the data in file
-    nbytes: int
-    dtype: str  # safetensors code
-    shape: tuple[int, ...]
-
-
-class _Out(NamedTuple):
-    name: str
-    src: _Source
-    scale: float | None  # None: bytes as stored (unless cast)
-    dtype: str  # safetensors code of the output
-
-
-def canonical_dtype(dtype: str) -> str:
-    """``"bf16"``/``"bfloat16"`` -> ``"bfloat16"`` etc.; only float types a checkpoint is cast to."""
-    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if name not in ("float32", "float16", "bfloat16"):
-        raise CheckpointError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
-    return name
-
-
-def _np_dtype(code: str) -> np.dtype:
-    if code not in _ST_DTYPES:
-        raise CheckpointError(f"unsupported safetensors dtype {code}")
-    name = _ST_DTYPES[code]
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def _read_header(file: Path) -> tuple[dict, int]:
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{file} is too short to be a safetensors file (truncated?)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 1 << 28):
-            raise CheckpointError(f"{file}: header length {n} does not fit the file ({size} bytes); corrupt?")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from err
-    return header, 8 + n
 
 
 def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -371,13 +314,13 @@ def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     }
 
 
-def header_checker(hf: dict[str, Any]) -> Callable[[Path, str, tuple, str], None]:
+def header_checker(hf: dict[str, Any]) -> st.HeaderCheck:
     """A check of one tensor's safetensors header (shape, dtype code) against ``config.json``:
     a shape the config does not imply (e.g. dims swapped, same byte size) or a floating dtype other
     than the config's raises naming the file and tensor. Run on every header before writing."""
     implied = implied_shapes(hf)
     declared = hf.get("dtype") or hf.get("torch_dtype")
-    want = _ST_CODES.get(str(declared)) if declared else None
+    want = st.ST_CODES.get(str(declared)) if declared else None
 
     def check(file: Path, name: str, shape: tuple, dtype: str) -> None:
         match = _HF_LAYER_RE.match(name)
@@ -385,42 +328,19 @@ def header_checker(hf: dict[str, Any]) -> Callable[[Path, str, tuple, str], None
         if expected is not None and tuple(shape) != expected:
             raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(shape)} in its header, but config.json "
                                   f"implies {expected} (swapped dimensions or a corrupt header?)")
-        if want and dtype != want and _ST_DTYPES.get(dtype, "").startswith(("float", "bfloat")):
-            raise CheckpointError(f"{file}: tensor {name!r} is {_ST_DTYPES[dtype]} in its header, but config.json "
+        if want and dtype != want and st.is_floating(dtype):
+            raise CheckpointError(f"{file}: tensor {name!r} is {st.ST_DTYPES[dtype]} in its header, but config.json "
                                   f"says dtype {declared}")
 
     return check
 
 
-def _scan_sources(path: Path, hf: dict[str, Any]) -> list[tuple[str, _Source]]:
-    """Every tensor of the checkpoint with its byte range, checked against the file sizes and
-    (shape, dtype) against ``config.json``."""
-    check = header_checker(hf)
-    tensors = []
-    for file in safetensors_files(path):
-        header, data_start = _read_header(file)
-        size = file.stat().st_size
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            expected = math.prod(shape) * _np_dtype(info["dtype"]).itemsize
-            if end - begin != expected or data_start + end > size:
-                raise CheckpointError(
-                    f"tensor {name!r} in {file}: byte range [{begin}, {end}) does not match shape {shape} "
-                    f"{info['dtype']} or the file size {size} (truncated or corrupt shard?)"
-                )
-            check(file, name, shape, info["dtype"])
-            tensors.append((name, _Source(file, data_start + begin, end - begin, info["dtype"], shape)))
-    return tensors
-
-
-def _output_tensors(sources: list[tuple[str, _Source]], n_src: int, plan: Plan, dtype: str | None) -> list[_Out]:
+def _output_tensors(sources: list[tuple[str, st.StoredTensor]], n_src: int, plan: Plan,
+                    dtype: str | None) -> list[st.OutTensor]:
     """Output tensors in write order: globals in source order, the grown layer block where the
     source's first layer tensor was."""
-    layers: dict[int, dict[str, _Source]] = {}
-    order: list[tuple[str, _Source] | None] = []
+    layers: dict[int, dict[str, st.StoredTensor]] = {}
+    order: list[tuple[str, st.StoredTensor] | None] = []
     for name, src in sources:
         match = _HF_LAYER_RE.match(name)
         if not match:
@@ -447,11 +367,13 @@ def _output_tensors(sources: list[tuple[str, _Source]], n_src: int, plan: Plan, 
     if any(s.scale is not None for s in plan) and len(scaled) != len(SCALED_HF_NAMES):
         raise PlanError(f"the plan scales slices, but layers have no single {' / '.join(SCALED_HF_NAMES)} "
                         f"tensors to scale (found {scaled})")
-    out_code = None if dtype is None else _ST_CODES[canonical_dtype(dtype)]
+    out_code = None if dtype is None else st.ST_CODES[st.canonical_dtype(dtype)]
 
-    def out(name: str, src: _Source, scale: float | None) -> _Out:
-        floating = _ST_DTYPES[src.dtype].startswith(("float", "bfloat"))
-        return _Out(name, src, scale, out_code if (out_code and floating) else src.dtype)
+    def out(name: str, src: st.StoredTensor, scale: float | None) -> st.OutTensor:
+        code = out_code if (out_code and st.is_floating(src.dtype)) else src.dtype
+        if scale is None and code == src.dtype:
+            return st.OutTensor(name, code, src.shape, source=src)  # bytes as stored
+        return st.OutTensor(name, code, src.shape, make=lambda: _scaled(src, scale, code))
 
     result = []
     for entry in order:
@@ -465,95 +387,15 @@ def _output_tensors(sources: list[tuple[str, _Source]], n_src: int, plan: Plan, 
     return result
 
 
-def _shard(tensors: list[_Out], limit: int) -> list[list[_Out]]:
-    shards: list[list[_Out]] = [[]]
-    size = 0
-    for t in tensors:
-        nbytes = math.prod(t.src.shape) * _np_dtype(t.dtype).itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += nbytes
-    return shards
-
-
-def _pread_all(fd: int, nbytes: int, offset: int) -> bytes:
-    parts, done = [], 0
-    while done < nbytes:
-        chunk = os.pread(fd, min(nbytes - done, 1 << 30), offset + done)
-        if not chunk:
-            raise CheckpointError(f"unexpected end of file reading {nbytes} bytes at {offset}")
-        parts.append(chunk)
-        done += len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, chunk: int, bar) -> None:
-    """Copy bytes in-kernel when possible; otherwise through one bounded buffer.
-
-    Both paths write at ``dst_fd``'s position, so callers must use unbuffered writes too.
-    """
-    done = 0
-    use_kernel = hasattr(os, "copy_file_range")
-    while done < nbytes:
-        n = min(chunk, nbytes - done)
-        copied = 0
-        if use_kernel:
-            try:
-                copied = os.copy_file_range(src_fd, dst_fd, n, offset + done)
-            except OSError:  # e.g. EXDEV/ENOSYS on old kernels or odd file systems
-                use_kernel = False
-            else:
-                if copied == 0:
-                    raise CheckpointError(f"unexpected end of source file at byte {offset + done}")
-        if not use_kernel:
-            _write_all(dst_fd, _pread_all(src_fd, n, offset + done))
-            copied = n
-        done += copied
-        bar.update(copied)
-
-
-def _tensor_bytes(t: _Out, fds: dict[Path, int]) -> np.ndarray:
-    """Decode, scale and/or cast one tensor; returns a contiguous array."""
-    array = np.frombuffer(_pread_all(fds[t.src.file], t.src.nbytes, t.src.offset), _np_dtype(t.src.dtype))
-    if t.scale == 0.0:
-        return np.zeros(array.shape, _np_dtype(t.dtype))
-    if t.scale is not None:
-        array = array.astype(np.float32) * np.float32(t.scale)
-    return np.ascontiguousarray(array.astype(_np_dtype(t.dtype)))
-
-
-def _write_shard(file: Path, tensors: list[_Out], fds: dict[Path, int], chunk: int, bar) -> int:
-    """Write one safetensors file: header first (all offsets are known), then tensor by tensor."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        nbytes = math.prod(t.src.shape) * _np_dtype(t.dtype).itemsize
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.src.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, struct.pack("<Q", len(blob)) + blob)
-        for t in tensors:
-            if t.scale is None and t.dtype == t.src.dtype:
-                _copy_range(fds[t.src.file], fd, t.src.offset, t.src.nbytes, chunk, bar)
-            else:
-                array = _tensor_bytes(t, fds)
-                _write_all(fd, array.reshape(-1).view(np.uint8))  # no copy; works for bf16 too
-                bar.update(array.nbytes)
-                del array
-    finally:
-        os.close(fd)
-    return offset
+def _scaled(src: st.StoredTensor, scale: float | None, code: str) -> np.ndarray:
+    """One source tensor decoded, multiplied by ``scale`` (in float32) and/or cast to ``code``."""
+    out_dtype = st.numpy_dtype(code)
+    if scale == 0.0:
+        return np.zeros(src.shape, out_dtype)
+    array = st.read_stored(src)
+    if scale is not None:
+        array = array.astype(np.float32) * np.float32(scale)
+    return array.astype(out_dtype)
 
 
 def upscaled_hf_config(hf: dict[str, Any], plan: Plan, dtype: str | None = None) -> dict[str, Any]:
@@ -584,7 +426,7 @@ def upscale_hf(
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
     progress: bool = False,
-    chunk_bytes: int = COPY_CHUNK,
+    chunk_bytes: int = st.COPY_CHUNK,
 ) -> Path:
     """Grow an HF safetensors checkpoint directory on disk, out of core; returns ``dst``.
 
@@ -595,58 +437,56 @@ def upscale_hf(
     :mod:`solarjax.outputs`' ownership rule (``overwrite`` replaces only what solarjax wrote).
     """
     src = Path(src)
-    dtype = None if dtype is None else canonical_dtype(dtype)
+    dtype = None if dtype is None else st.canonical_dtype(dtype)
     hf = read_hf_config(src)
     if "num_hidden_layers" not in hf:
         raise CheckpointError(f"{src}/config.json has no num_hidden_layers")
     check_destination(dst, overwrite=overwrite, sources=(src,))  # before reading any header
     plan = make_plan(plan, hf["num_hidden_layers"])
-    tensors = _output_tensors(_scan_sources(src, hf), hf["num_hidden_layers"], plan, dtype)
-    shards = _shard(tensors, parse_size(max_shard_size))
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    tensors = _output_tensors(st.scan(src, header_checker(hf)), hf["num_hidden_layers"], plan, dtype)
     config = upscaled_hf_config(hf, plan, dtype)
-    total = sum(math.prod(t.src.shape) * _np_dtype(t.dtype).itemsize for t in tensors)
-    from tqdm import tqdm
-
     with atomic_output_dir(dst, overwrite=overwrite, sources=(src,), verb="upscale") as tmp:
-        fds = {f: os.open(f, os.O_RDONLY) for f in {t.src.file for t in tensors}}
-        try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="upscale", disable=not progress) as bar:
-                for name, shard in zip(names, shards):
-                    _write_shard(tmp / name, shard, fds, chunk_bytes, bar)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        if len(shards) > 1:
-            weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        st.write_checkpoint(tmp, tensors, max_shard_size, progress=progress, desc="upscale", chunk_bytes=chunk_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer_files(src, tmp)
     return Path(dst)
 
 
-# ----------------------------------------------------------------------------- on disk (Orbax)
+# ----------------------------------------------------------------------------- any other model, in memory
 
-def upscale_orbax(
+def upscale_loaded(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     plan: Plan | Iterable | str,
     *,
     dtype: str | None = None,
     overwrite: bool = False,
+    out_format: str | None = None,
+    max_shard_size: int | str = "5GB",
+    progress: bool = False,
 ) -> Path:
-    """Grow a solarjax Orbax params checkpoint (``solarjax.ckpt`` layout); returns ``dst``.
+    """Grow any model :mod:`solarjax.loading` reads (Orbax checkpoint, training run, GGUF, HF) in
+    memory and save it; returns ``dst``.
 
-    The params are restored, grown with :func:`upscale_params` and saved; the layer plan is
-    checked against the stored config before any array is read.
+    The output is an Orbax params checkpoint (the default for Orbax checkpoints and runs) or an HF
+    directory with the model's tokenizer files (the default for GGUF and HF sources). The plan is
+    checked against the stored config, and ``dst`` against the ownership rule, before any array is read.
     """
-    from solarjax import ckpt
+    from solarjax import ckpt, hf, loading
 
+    source = loading.detect(src)
+    out_format = out_format or ("hf" if source.kind in ("gguf", "hf") else "orbax")
+    if out_format not in ("hf", "orbax"):
+        raise CheckpointError(f"unknown output format {out_format!r}; use 'hf' or 'orbax'")
     check_destination(dst, overwrite=overwrite, sources=(src,))  # before restoring anything
-    plan = make_plan(plan, ckpt.read_config(src).n_layers)
-    cfg, params = ckpt.load_params(src, dtype=dtype)
+    plan = make_plan(plan, loading.read_config(source).n_layers)
+    cfg, params, tokenizer = loading.load(source, dtype=dtype and st.canonical_dtype(dtype), progress=progress)
     params, cfg = upscale_params(params, cfg, plan)
-    ckpt.save_params(dst, params, cfg, overwrite=overwrite, sources=(src,), verb="upscale")
+    if out_format == "orbax":
+        ckpt.save_params(dst, params, cfg, overwrite=overwrite, sources=(src,), verb="upscale")
+    else:
+        gguf_files = tokenizer.gguf.hf_files() if getattr(tokenizer, "gguf", None) is not None else None
+        hf.save_hf(params, cfg, dst, source_dir=source.weights if source.kind == "hf" else source.tokenizer_dir,
+                   extra_files=gguf_files, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                   sources=(src,), verb="upscale")
     return Path(dst)

@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from solarjax import safetensors_io as st
 from solarjax.config import ModelConfig
 from solarjax.model import Params, param_shapes
+from solarjax.safetensors_io import SAFE_INDEX, CheckpointError, safetensors_files  # noqa: F401  (names kept here)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "generation_config.json", "chat_template.jinja", "added_tokens.json",
 )
-SAFE_INDEX = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or written as asked; the message names the culprit."""
 
 
 # ----------------------------------------------------------------------------- names and layouts
@@ -172,44 +166,6 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- reading
 
-def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    """The shard files of a checkpoint, checked against the index when there is one."""
-    path = Path(path)
-    index = path / SAFE_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} lists shards that do not exist: {missing}")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    if pickles:
-        raise CheckpointError(
-            f"{path} holds only pickle weights {pickles}; solarjax reads safetensors only (pickles can run "
-            "arbitrary code). Convert with transformers: model.save_pretrained(dir, safe_serialization=True)"
-        )
-    raise CheckpointError(f"{path} has no model.safetensors or {SAFE_INDEX}")
-
-
-def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, numpy array) for every tensor, one at a time, in file order."""
-    for file in safetensors_files(path):
-        try:
-            handle = safe_open(str(file), framework="numpy")
-        except Exception as err:  # safetensors raises its own error types on truncation
-            raise CheckpointError(f"cannot read {file}: {err} (truncated or corrupt shard?)") from err
-        with handle as f:
-            for name in f.keys():
-                try:
-                    yield name, f.get_tensor(name)
-                except Exception as err:
-                    raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from err
-
-
 def load_hf(
     path: str | os.PathLike,
     *,
@@ -227,7 +183,7 @@ def load_hf(
     hf = read_hf_config(path)
     src_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     cfg = config_from_hf(hf, param_dtype=dtype or src_dtype, **config_overrides)
-    tensors = iter_hf_tensors(path)
+    tensors = iter(st.Reader(path))
     if progress:
         from tqdm import tqdm
 
@@ -258,10 +214,9 @@ def assemble_params(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig,
             raise error(f"unexpected tensor {name!r} {tuple(array.shape)} in {source} "
                         f"(config: {cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings})")
         target = buffers[spec.leaf] if spec.layer is None else buffers["layers"][spec.leaf]
-        expected = target.shape if spec.layer is None else target.shape[1:]
-        hf_shape = spec.to_hf(np.empty(expected, np.int8)).shape
-        if tuple(array.shape) != hf_shape:
-            raise error(f"tensor {name!r} has shape {tuple(array.shape)}, but the config of {source} implies {hf_shape}")
+        expected = hf_shape(spec, cfg)
+        if tuple(array.shape) != expected:
+            raise error(f"tensor {name!r} has shape {tuple(array.shape)}, but the config of {source} implies {expected}")
         if spec.layer is None:
             target[...] = spec.to_ours(array)
         else:
@@ -286,73 +241,31 @@ def to_device(buffers: Params, shardings: Any) -> Params:
 
 # ----------------------------------------------------------------------------- writing
 
+def hf_tensor(params: Params, spec: TensorSpec, dtype: str | None = None) -> np.ndarray:
+    """One HF tensor of ``params`` as a contiguous numpy array (fetched from the device now)."""
+    array = params[spec.leaf] if spec.layer is None else params["layers"][spec.leaf][spec.layer]
+    array = spec.to_hf(np.asarray(array))
+    return np.ascontiguousarray(array.astype(dtype) if dtype else array)
+
+
 def hf_tensors(params: Params, cfg: ModelConfig, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, contiguous numpy array) for every tensor, one at a time, fetched lazily."""
     for name, spec in tensor_index(cfg).items():
-        array = params[spec.leaf] if spec.layer is None else params["layers"][spec.leaf][spec.layer]
-        array = spec.to_hf(np.asarray(array))
-        yield name, np.ascontiguousarray(array.astype(dtype) if dtype else array)
+        yield name, hf_tensor(params, spec, dtype)
 
 
-def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"10KB"`` or a byte count -> bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB or a byte count")
-    unit = (match.group(2) or "B").upper().replace("I", "")
-    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[unit])
+def hf_shape(spec: TensorSpec, cfg: ModelConfig) -> tuple[int, ...]:
+    """The HF-layout shape of one tensor of a ``cfg`` checkpoint (no arrays allocated beyond int8 views)."""
+    shapes = param_shapes(cfg)
+    ours = shapes[spec.leaf] if spec.layer is None else shapes["layers"][spec.leaf][1:]
+    return tuple(spec.to_hf(np.empty(ours, np.int8)).shape)
 
 
-def write_safetensors(
-    tensors: Iterator[tuple[str, np.ndarray]],
-    out_dir: Path,
-    max_shard_size: int | str = "5GB",
-    total: int | None = None,
-    progress: bool = False,
-) -> None:
-    """Write tensors as HF-named shards (plus an index when there is more than one shard).
-
-    Buffers at most one shard in memory. Tensors are copied before buffering, so the same array
-    yielded twice (a repeated layer) becomes two independent buffers.
-    """
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    tmp_names: list[str] = []
-    weight_map: dict[str, int] = {}
-    size = total_size = 0
-
-    def flush() -> None:
-        tmp = f"shard-{len(tmp_names):05d}.safetensors"
-        save_file(shards[-1], str(out_dir / tmp), metadata={"format": "pt"})
-        tmp_names.append(tmp)
-        shards[-1] = {}
-
-    if progress:
-        from tqdm import tqdm
-
-        tensors = tqdm(tensors, total=total, desc="export", unit="tensor")
-    for name, array in tensors:
-        if name in weight_map:
-            raise CheckpointError(f"tensor {name!r} written twice")
-        if size and size + array.nbytes > limit:
-            flush()
-            size = 0
-        shards[-1][name] = np.array(array, copy=True)
-        weight_map[name] = len(tmp_names)
-        size += array.nbytes
-        total_size += array.nbytes
-    flush()
-    n = len(tmp_names)
-    if n == 1:
-        os.replace(out_dir / tmp_names[0], out_dir / "model.safetensors")
-        return
-    final = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for tmp, name in zip(tmp_names, final):
-        os.replace(out_dir / tmp, out_dir / name)
-    index = {"metadata": {"total_size": total_size}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-    (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2))
+def out_tensors(params: Params, cfg: ModelConfig, dtype: str) -> list[st.OutTensor]:
+    """Every tensor of ``params`` as a :class:`~solarjax.safetensors_io.OutTensor`, produced when written."""
+    code = st.dtype_code(dtype)
+    return [st.OutTensor(name, code, hf_shape(spec, cfg), make=lambda spec=spec: hf_tensor(params, spec, dtype))
+            for name, spec in tensor_index(cfg).items()]
 
 
 def copy_tokenizer_files(source_dir: str | os.PathLike | None, out_dir: Path) -> list[str]:
@@ -391,11 +304,10 @@ def save_hf(
     """
     from solarjax.outputs import atomic_output_dir
 
-    dtype = dtype or str(np.dtype(jax.tree.leaves(params)[0].dtype))
+    dtype = st.canonical_dtype(dtype) if dtype else str(np.dtype(jax.tree.leaves(params)[0].dtype))
     base = read_hf_config(source_dir) if source_dir is not None and (Path(source_dir) / "config.json").is_file() else None
-    n_tensors = len(tensor_index(cfg))
     with atomic_output_dir(path, overwrite=overwrite, sources=(source_dir, *sources), verb=verb) as tmp:
-        write_safetensors(hf_tensors(params, cfg, dtype), tmp, max_shard_size, total=n_tensors, progress=progress)
+        st.write_checkpoint(tmp, out_tensors(params, cfg, dtype), max_shard_size, progress=progress, desc="export")
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg, base, dtype), indent=2))
         copy_tokenizer_files(source_dir, tmp)
         for name, text in (extra_files or {}).items():

@@ -30,7 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solarjax import safetensors_io as st
 from solarjax.model import Params
+
+Tensors = Any  # solarjax.loading.HFTensors | ParamsTensors: shapes, dtype(name), get(name), hf_config, path
 
 # ----------------------------------------------------------------------------- errors and specs
 
@@ -518,73 +521,13 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     return parse_recipe(data, root=path.parent, where=str(path))
 
 
-# ----------------------------------------------------------------------------- checkpoint sources
-
-
-class HFSource:
-    """Random access to the tensors of one HF safetensors checkpoint, by name, lazily."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        from solarjax.hf import CheckpointError, read_hf_config, safetensors_files
-
-        from solarjax.dus import header_checker
-
-        self.path = path
-        self.hf_config = read_hf_config(path)
-        check = header_checker(self.hf_config)
-        self._handles: dict[str, Any] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for file in safetensors_files(path):
-            try:
-                handle = safe_open(str(file), framework="numpy")
-            except Exception as err:
-                raise CheckpointError(f"cannot read {file}: {err} (truncated or corrupt shard?)") from err
-            for name in handle.keys():
-                header = handle.get_slice(name)
-                self._handles[name] = handle
-                self.shapes[name] = tuple(header.get_shape())
-                check(file, name, self.shapes[name], header.get_dtype())  # before any output exists
-
-    def get(self, name: str) -> np.ndarray:
-        return self._handles[name].get_tensor(name)
-
-
-class OrbaxSource:
-    """A solarjax Orbax checkpoint seen through HF tensor names (loads the params once)."""
-
-    def __init__(self, path: Path):
-        from solarjax.ckpt import load_params
-        from solarjax.hf import config_to_hf, tensor_index
-
-        self.path = path
-        self.cfg, self.params = load_params(path)
-        self.hf_config = config_to_hf(self.cfg, torch_dtype=self.cfg.param_dtype)
-        self._where = tensor_index(self.cfg)
-        self.shapes = {n: tuple(np.shape(self.get(n))) for n in self._where}
-
-    def get(self, name: str) -> np.ndarray:
-        spec = self._where[name]
-        array = self.params[spec.leaf] if spec.layer is None else self.params["layers"][spec.leaf][spec.layer]
-        return np.ascontiguousarray(spec.to_hf(np.asarray(array)))
-
-
-def open_source(path: Path) -> HFSource | OrbaxSource:
-    if (path / "config.json").is_file():
-        return HFSource(path)
-    if (path / "model_config").is_dir():
-        return OrbaxSource(path)
-    raise MergeError(f"{path} is neither a Hugging Face model (config.json) nor a solarjax Orbax checkpoint")
-
-
 # ----------------------------------------------------------------------------- on-disk merge
 
 
 @dataclasses.dataclass
 class _Inputs:
-    base: HFSource | OrbaxSource | None
-    models: list[HFSource | OrbaxSource]
+    base: Tensors | None
+    models: list[Tensors]
     model_params: list[dict[str, Any]]
     names: list[str]
 
@@ -595,9 +538,11 @@ def _arrange(recipe: Recipe, spec: MethodSpec) -> _Inputs:
     sources: dict[Path, Any] = {}
 
     def source(path: Path) -> Any:
+        from solarjax.loading import open_tensors
+
         key = path.resolve()
         if key not in sources:
-            sources[key] = open_source(path)
+            sources[key] = open_tensors(path)
         return sources[key]
 
     models, params, names = [], [], []
@@ -640,29 +585,23 @@ def _check_tensors(inputs: _Inputs) -> list[str]:
     return list(ref.shapes)
 
 
-def merged_tensors(recipe: Recipe, seed: int = 0, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+def merged_tensors(recipe: Recipe, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, merged numpy array) for every tensor, reading one tensor name at a time."""
     spec = method_spec(recipe.method)
     inputs = _arrange(recipe, spec)
-    names = _check_tensors(inputs)
-    return _merge_stream(recipe, spec, inputs, names, seed, progress)
+    for t in _merge_plan(recipe, spec, inputs, _check_tensors(inputs), seed):
+        yield t.name, t.make()
 
 
-def _merge_stream(recipe: Recipe, spec: MethodSpec, inputs: _Inputs, names: list[str], seed: int,
-                  progress: bool) -> Iterator[tuple[str, np.ndarray]]:
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-
+def _merge_plan(recipe: Recipe, spec: MethodSpec, inputs: _Inputs, names: list[str], seed: int) -> list[st.OutTensor]:
+    """Every output tensor, merged when the writer reaches it (one tensor per input in memory)."""
     ref = inputs.base if inputs.base is not None else inputs.models[0]
     n_layers = int(ref.hf_config.get("num_hidden_layers", 1))
     load_dtype = np.dtype(_dtype_name(recipe.dtype)) if recipe.dtype else None
     out_dtype = recipe.out_dtype or recipe.dtype
     model_sources = [[p, recipe.parameters] for p in inputs.model_params]
-    iterator = names
-    if progress:
-        from tqdm import tqdm
 
-        iterator = tqdm(names, desc=f"merge ({spec.name})", unit="tensor")
-    for name in iterator:
+    def merge_one(name: str, dtype: np.dtype) -> np.ndarray:
         def load(src: Any) -> jax.Array:
             array = src.get(name)
             if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
@@ -673,16 +612,18 @@ def _merge_stream(recipe: Recipe, spec: MethodSpec, inputs: _Inputs, names: list
         tensors = [load(m) for m in inputs.models]
         plan = plan_tensor(spec, name, layer_fraction(name, n_layers), [recipe.parameters], model_sources, inputs.names)
         merged = merge_group(spec, base, tensors, [plan], [tensor_key(seed, name)], name, layered=False)
-        dtype = np.dtype(_dtype_name(out_dtype)) if out_dtype else (base if base is not None else tensors[0]).dtype
-        yield name, np.asarray(merged.astype(dtype))
+        return np.asarray(merged.astype(dtype))
+
+    out = []
+    for name in names:
+        dtype = np.dtype(jax.dtypes.canonicalize_dtype(_dtype_name(out_dtype) if out_dtype else ref.dtype(name)))
+        out.append(st.OutTensor(name, st.dtype_code(dtype), ref.shapes[name],
+                                make=lambda name=name, dtype=dtype: merge_one(name, dtype)))
+    return out
 
 
 def _dtype_name(name: str) -> str:
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(str(name), str(name))
-    if name not in ("float32", "float16", "bfloat16", "float64"):
-        raise MergeError(f"unsupported dtype {name!r}; use float32, bfloat16 or float16")
-    return name
+    return st.canonical_dtype(name, allowed=("float32", "float16", "bfloat16", "float64"), error=MergeError)
 
 
 def merge_checkpoints(
@@ -709,7 +650,7 @@ def merge_checkpoints(
 
     import yaml
 
-    from solarjax.hf import copy_tokenizer_files, write_safetensors
+    from solarjax.loading import copy_tokenizer
     from solarjax.outputs import atomic_output_dir, check_destination, scratch_dir
 
     if out_format not in ("hf", "orbax"):
@@ -736,15 +677,14 @@ def merge_checkpoints(
             cfg, params = load_hf(hf_dir)
         return save_params(out, params, cfg, overwrite=overwrite, sources=sources, verb="merge")
     with atomic_output_dir(out, overwrite=overwrite, sources=sources, verb="merge") as tmp:
-        stream = _merge_stream(recipe, spec, inputs, names, seed, progress)
-        write_safetensors(stream, tmp, max_shard_size, total=len(names))
+        st.write_checkpoint(tmp, _merge_plan(recipe, spec, inputs, names, seed), max_shard_size, progress=progress,
+                            desc=f"merge ({spec.name})")
         config = dict(donor.hf_config)
         dtype = recipe.out_dtype or recipe.dtype
         if dtype:
             config["torch_dtype"] = config["dtype"] = _dtype_name(dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tok = recipe.tokenizer_source or donor.path
-        copy_tokenizer_files(tok, tmp)
+        copy_tokenizer(recipe.tokenizer_source or donor.path, tmp)
         (tmp / "merge_recipe.yml").write_text(recipe_text or yaml.safe_dump(_recipe_dict(recipe), sort_keys=False))
     return Path(out)
 

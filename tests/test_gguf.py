@@ -249,3 +249,29 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tiny_gguf):
         sg.gguf_to_hf(tiny_gguf[0], tiny_gguf[0], overwrite=True)
     with pytest.raises(sg.GGUFError, match="pre"):
         sg._pre_tokenizer("some-future-pretokenizer")
+
+
+def test_info_and_upscale_take_a_gguf(tiny_gguf, tmp_path, capsys):
+    """`solarjax upscale X.gguf OUT --m 1` writes an HF directory that transformers computes like the
+    original model with its layers sliced the same way (torch modules, [0, 2) + [1, 3))."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from solarjax.cli import main
+
+    path, model = tiny_gguf
+    assert main(["info", str(path), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (facts["format"], facts["layers"], facts["tied_embeddings"]) == ("gguf", 3, False)
+    assert main(["upscale", str(path), str(tmp_path / "grown"), "--m", "1", "--no-progress"]) == 0
+    grown = copy.deepcopy(model)
+    grown.model.layers = torch.nn.ModuleList([copy.deepcopy(model.model.layers[i]) for i in (0, 1, 1, 2)])
+    grown.config.num_hidden_layers = 4
+    tokens = torch.arange(3, 3 + 2 * 12).reshape(2, 12)
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "grown", dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(tokens).logits.numpy(), grown(tokens, use_cache=False).logits.numpy(),
+                                   atol=2e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "grown" / "tokenizer.json").read_text())["model"]["type"] == "BPE"

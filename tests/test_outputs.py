@@ -225,14 +225,14 @@ def test_claim_run_dir(world):
 
 SLOW_UPSCALE = textwrap.dedent("""
     import sys, time
-    from solarjax import dus
+    from solarjax import safetensors_io
     from solarjax.cli import main
-    write_shard = dus._write_shard
+    write_shard = safetensors_io.write_shard
     def first_shard_then_hang(*args, **kwargs):  # so the kill lands mid-output, not after it
         written = write_shard(*args, **kwargs)
         time.sleep(120)
         return written
-    dus._write_shard = first_shard_then_hang
+    safetensors_io.write_shard = first_shard_then_hang
     sys.exit(main(sys.argv[1:]))
 """)
 

@@ -15,11 +15,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     kinds = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
 
-    to_orbax = kinds.add_parser("hf-to-orbax", help="HF safetensors directory -> solarjax Orbax params checkpoint")
+    to_orbax = kinds.add_parser("hf-to-orbax", help="HF directory (or any model: .gguf, training run) -> solarjax "
+                                "Orbax params checkpoint")
     to_orbax.set_defaults(func=_hf_to_orbax)
 
-    to_hf = kinds.add_parser("orbax-to-hf", help="solarjax Orbax params checkpoint -> HF directory transformers loads")
-    to_hf.add_argument("--source-dir", help="HF directory to copy tokenizer files and extra config fields from")
+    to_hf = kinds.add_parser("orbax-to-hf", help="solarjax Orbax params checkpoint or training run (its latest "
+                             "checkpoint and tokenizer) -> HF directory transformers loads")
+    to_hf.add_argument("--source-dir", help="HF directory to copy tokenizer files and extra config fields from "
+                       "(default: the run's tokenizer, when there is one)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split safetensors shards at this size (default 5GB)")
     to_hf.set_defaults(func=_orbax_to_hf)
 
@@ -35,26 +38,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _hf_to_orbax(args: argparse.Namespace) -> int:
-    from solarjax import ckpt, hf
+    from solarjax import ckpt, loading
     from solarjax.outputs import check_destination
 
-    hf.read_hf_config(args.src)  # a bad source is named first
+    source = loading.detect(args.src)  # a bad source is named first
     check_destination(args.dst, overwrite=args.overwrite, sources=(args.src,))  # before loading anything
-    cfg, params = hf.load_hf(args.src, dtype=args.dtype, progress=True)
+    cfg, params, _ = loading.load(source, dtype=args.dtype, progress=True)
     ckpt.save_params(args.dst, params, cfg, overwrite=args.overwrite, sources=(args.src,), verb="convert hf-to-orbax")
     print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params, {cfg.param_dtype}")
     return 0
 
 
 def _orbax_to_hf(args: argparse.Namespace) -> int:
-    from solarjax import ckpt, hf
+    from solarjax import hf, loading
     from solarjax.outputs import check_destination
 
-    sources = (args.src, args.source_dir)
-    ckpt.read_config(args.src)  # a bad source is named first
+    source = loading.detect(args.src)  # a bad source is named first
+    source_dir = args.source_dir or source.tokenizer_dir
+    sources = (args.src, source_dir)
     check_destination(args.dst, overwrite=args.overwrite, sources=sources)  # before loading anything
-    cfg, params = ckpt.load_params(args.src)
-    hf.save_hf(params, cfg, args.dst, source_dir=args.source_dir, dtype=args.dtype, sources=sources,
+    cfg, params, _ = loading.load(source)
+    hf.save_hf(params, cfg, args.dst, source_dir=source_dir, dtype=args.dtype, sources=sources,
                max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=True, verb="convert orbax-to-hf")
     print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params")
     return 0

@@ -11,27 +11,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
         help="show architecture, layers, parameter count and dtype of a checkpoint",
-        description="Describe an HF directory, a solarjax Orbax checkpoint or a config preset name.",
+        description="Describe an HF directory, a .gguf file, a solarjax Orbax checkpoint, a training run "
+        "(its latest checkpoint), a config file or a preset name.",
     )
-    parser.add_argument("path", help="HF model directory, Orbax checkpoint directory, or preset name (e.g. solar_10_7b)")
+    parser.add_argument("path", help="model path (HF dir, .gguf, Orbax checkpoint, training run), config .py file, "
+                        "or preset name (e.g. solar_10_7b)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(func=run)
 
 
 def describe(path: str):
-    """``(format, ModelConfig)`` for a checkpoint directory or preset name."""
-    from solarjax import ckpt, config, hf
+    """``(format, ModelConfig)`` for a model path, a config file or a preset name."""
+    from solarjax import config, loading
 
     p = Path(path)
-    if (p / "config.json").is_file():
-        raw = hf.read_hf_config(p)
-        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
-        return "huggingface", hf.config_from_hf(raw, param_dtype=dtype)
-    if (p / ckpt.CONFIG_ITEM).is_dir():
-        return "orbax", ckpt.read_config(p)
-    if p.exists():
-        raise ValueError(f"{path} is neither an HF model directory (config.json) nor a solarjax Orbax checkpoint")
-    return "preset", config.preset(path)
+    if p.suffix == ".py" or (not p.exists() and not p.suffix and len(p.parts) == 1):
+        return "preset", config.preset(path)  # an unknown name lists the presets
+    source = loading.detect(p)  # a missing path is reported as missing
+    fmt = {"hf": "huggingface"}.get(source.kind, source.kind)
+    return fmt + (f" (step {source.step}: {source.weights})" if source.kind == "run" else ""), loading.read_config(source)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """``solarjax upscale SRC DST``: depth up-scale a checkpoint on disk (SOLAR DUS and friends).
 
-HF directories are streamed tensor by tensor (out of core); Orbax params checkpoints are
-restored, grown and saved. The plan is validated before anything is written, and the output
-directory appears only when complete.
+HF directories are streamed tensor by tensor (out of core); Orbax params checkpoints and training
+runs are restored, grown and saved as Orbax; a GGUF is dequantized, grown and written as an HF
+directory. The plan is validated before anything is written, and the output directory appears
+only when complete.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ EPILOG = """plans (--plan; the trainer's init.upscale takes the same strings):
 examples:
   solarjax upscale mistral-7b solar-10.7b-init --m 8 --dtype bfloat16
   solarjax upscale ckpt/step_1000 grown --format orbax --plan llama_pro:new=8
+  solarjax upscale SmolLM2-135M-Instruct.Q4_1.gguf smollm2-dus --m 7
 """
 
 
@@ -34,7 +36,7 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", type=Path, help="source checkpoint directory (HF safetensors or solarjax Orbax)")
+    p.add_argument("src", type=Path, help="source model: HF directory, solarjax Orbax checkpoint, training run or .gguf")
     p.add_argument("dst", type=Path, help="output directory (must not exist unless --overwrite)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--m", type=int, help="SOLAR DUS: drop m layers on each side of the seam (paper: 8)")
@@ -42,10 +44,10 @@ def register(subparsers) -> None:
     which.add_argument("--method", choices=("llama-pro", "repeat"), help="a named operator (with --new-layers / --k)")
     p.add_argument("--new-layers", type=int, help="llama-pro: number of identity blocks to insert")
     p.add_argument("--k", type=int, default=2, help="repeat: how many copies of the stack (default 2)")
-    p.add_argument("--format", choices=("auto", "hf", "orbax"), default="auto",
-                   help="checkpoint format (default: detect from SRC)")
+    p.add_argument("--format", choices=("auto", "hf", "orbax", "gguf"), default="auto",
+                   help="the source's format, checked against SRC (default: detected)")
     p.add_argument("--dtype", help="cast floating weights: float32, float16 or bfloat16 (default: as stored)")
-    p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB; HF and GGUF sources)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if solarjax wrote it (never a source or a directory holding other files)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,41 +69,28 @@ def plan_spec(args: argparse.Namespace) -> str:
     return f"repeat:k={args.k}"
 
 
-def detect_format(src: Path) -> str:
-    from solarjax.hf import CheckpointError
-
-    if (src / "config.json").is_file():
-        return "hf"
-    if (src / "model_config").is_dir():
-        return "orbax"
-    raise CheckpointError(f"{src} is neither an HF checkpoint (config.json) nor a solarjax Orbax checkpoint "
-                          "(model_config/); pass --format if it is one")
-
-
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from solarjax import dus
+    from solarjax import dus, loading
+    from solarjax.hf import CheckpointError, read_hf_config
 
-    if not args.src.is_dir():
-        raise FileNotFoundError(f"source checkpoint {args.src} is not a directory")
-    fmt = detect_format(args.src) if args.format == "auto" else args.format
+    source = loading.detect(args.src)
+    kind = "orbax" if source.kind == "run" else source.kind
+    if args.format not in ("auto", kind):
+        raise CheckpointError(f"{args.src} is a {source.description}, not {args.format}")
     spec = plan_spec(args)
+    # an HF source is streamed without being modelled, so any Llama-family config.json is fine
+    n_src = (read_hf_config(source.weights).get("num_hidden_layers") if source.kind == "hf"
+             else loading.read_config(source).n_layers)
+    plan = dus.parse_plan_spec(spec, n_src)
     start = time.perf_counter()
-    if fmt == "hf":
-        from solarjax.hf import read_hf_config
-
-        n_src = read_hf_config(args.src).get("num_hidden_layers")
-        plan = dus.parse_plan_spec(spec, n_src)
+    if source.kind == "hf":
         dus.upscale_hf(args.src, args.dst, plan, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        overwrite=args.overwrite, progress=not args.no_progress)
     else:
-        from solarjax.ckpt import read_config
-
-        n_src = read_config(args.src).n_layers
-        plan = dus.parse_plan_spec(spec, n_src)
-        dus.upscale_orbax(args.src, args.dst, plan, dtype=args.dtype and dus.canonical_dtype(args.dtype),
-                          overwrite=args.overwrite)
+        dus.upscale_loaded(args.src, args.dst, plan, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                           overwrite=args.overwrite, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
     print(f"{args.src} ({n_src} layers) -> {args.dst} ({len(dus.plan_layers(plan))} layers), plan "

@@ -1,0 +1,210 @@
+"""One loader for every model solarjax reads: Hugging Face directories, GGUF files, solarjax Orbax
+params checkpoints and training run directories.
+
+:func:`detect` says what a path is (one set of markers, one set of messages; a missing path is
+reported as missing); :func:`load` returns ``(cfg, params, tokenizer)`` for any of them;
+:func:`read_config` gives the config without reading weights; :func:`open_tensors` is the
+streaming view by HF tensor name that merging reads one tensor at a time.
+
+A training run directory (``solarjax train/sft/dpo`` with an output directory) holds
+``checkpoints/<step>/`` and the ``tokenizer.json`` the run used: its latest finished step is
+loaded, with that tokenizer. A step directory inside a run finds the run's tokenizer too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solarjax.config import ModelConfig
+from solarjax.model import Params
+from solarjax.safetensors_io import CheckpointError
+
+KINDS = {"hf": "Hugging Face directory", "gguf": "GGUF file", "orbax": "solarjax Orbax checkpoint",
+         "run": "training run"}
+RUN_CHECKPOINTS = "checkpoints"  # <run>/checkpoints/<step>/, as solarjax.train writes them
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a model path is and where its parts are."""
+
+    kind: str  # a key of KINDS
+    path: Path  # as named by the user
+    weights: Path  # the file or directory holding the weights (for a run: its latest step)
+    tokenizer_dir: Path | None  # the directory holding its tokenizer.json (and chat template), if any
+    step: int | None = None  # the checkpoint step, for runs and step directories
+
+    @property
+    def description(self) -> str:
+        return KINDS[self.kind] + (f", step {self.step}" if self.step is not None else "")
+
+
+def detect(path: str | os.PathLike) -> Source:
+    """Classify ``path``; a path that is none of the four raises one line saying what was looked for."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return Source("gguf", path, path, None)
+        raise CheckpointError(f"{path} is a file but not a .gguf; a model is a .gguf file or a directory")
+    if (path / "config.json").is_file():
+        return Source("hf", path, path, _tokenizer_dir(path))
+    from solarjax import ckpt
+
+    if (path / ckpt.PARAMS_ITEM).is_dir() or (path / ckpt.CONFIG_ITEM).is_dir():
+        step = int(path.name) if path.name.isdigit() and path.parent.name == RUN_CHECKPOINTS else None
+        return Source("orbax", path, path, _tokenizer_dir(path, path.parent.parent if step is not None else None), step)
+    steps_dir = path / RUN_CHECKPOINTS if (path / RUN_CHECKPOINTS).is_dir() else path
+    steps = ckpt.complete_steps(steps_dir)
+    if steps:
+        run = path if steps_dir != path else path.parent
+        return Source("run", path, steps_dir / str(steps[-1]), _tokenizer_dir(run), steps[-1])
+    if steps_dir != path:
+        raise CheckpointError(f"{path} is a training run without a finished checkpoint in {steps_dir}")
+    raise CheckpointError(f"{path} is not a model: no config.json (Hugging Face), no {ckpt.PARAMS_ITEM}/ "
+                          f"(solarjax Orbax checkpoint) and no {RUN_CHECKPOINTS}/ (training run)")
+
+
+def _tokenizer_dir(*candidates: Path | None) -> Path | None:
+    return next((c for c in candidates if c is not None and (c / "tokenizer.json").is_file()), None)
+
+
+def as_source(path_or_source: str | os.PathLike | Source) -> Source:
+    return path_or_source if isinstance(path_or_source, Source) else detect(path_or_source)
+
+
+def read_config(path: str | os.PathLike | Source) -> ModelConfig:
+    """The ``ModelConfig`` of a model, from its metadata only (no weights read)."""
+    source = as_source(path)
+    if source.kind == "hf":
+        from solarjax import hf
+
+        raw = hf.read_hf_config(source.weights)
+        return hf.config_from_hf(raw, param_dtype=raw.get("torch_dtype") or raw.get("dtype") or "float32")
+    if source.kind == "gguf":
+        from solarjax import gguf
+
+        return gguf.config_from_gguf(gguf.open_gguf(source.weights))
+    from solarjax import ckpt
+
+    return ckpt.read_config(source.weights)
+
+
+def load(path: str | os.PathLike | Source, tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None,
+         shardings: Any = None, progress: bool = False) -> tuple[ModelConfig, Params, Any]:
+    """``(cfg, params, tokenizer)`` from any model path.
+
+    ``dtype`` sets the param dtype (default: as stored; a GGUF dequantizes to float32);
+    ``shardings`` places each leaf on a mesh as it is read. The tokenizer is ``tokenizer`` (a
+    ``tokenizer.json`` or a directory holding one) when given, else the model's own (a GGUF
+    carries one; a run keeps the one it trained with), else None: callers that need text raise.
+    """
+    source = as_source(path)
+    own = None
+    if source.kind == "gguf":
+        from solarjax.gguf import load_gguf
+
+        cfg, params, own = load_gguf(source.weights, dtype=dtype or "float32", shardings=shardings, progress=progress)
+    elif source.kind == "hf":
+        from solarjax.hf import load_hf
+
+        cfg, params = load_hf(source.weights, dtype=dtype, shardings=shardings, progress=progress)
+    else:
+        from solarjax.ckpt import load_params
+
+        cfg, params = load_params(source.weights, dtype=dtype, shardings=shardings)
+    if tokenizer is not None:
+        return cfg, params, load_tokenizer(tokenizer)
+    if own is None and source.tokenizer_dir is not None:
+        own = load_tokenizer(source.tokenizer_dir)
+    return cfg, params, own
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` or a directory holding one."""
+    from solarjax.data import load_tokenizer as read
+
+    if "://" not in os.fspath(path) and not Path(path).exists():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    return read(path)
+
+
+def copy_tokenizer(path: str | os.PathLike, out_dir: Path) -> list[str]:
+    """Put the tokenizer files of the model at ``path`` into ``out_dir`` (an HF export); returns their
+    names. A GGUF's are rebuilt from its metadata; a run's (or run step's) come from the run; a
+    directory that holds tokenizer files itself is copied from as it is."""
+    from solarjax.hf import TOKENIZER_FILES, copy_tokenizer_files
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from solarjax.gguf import load_gguf_tokenizer
+
+        files = load_gguf_tokenizer(path).hf_files()
+        for name, text in files.items():
+            (out_dir / name).write_text(text, encoding="utf-8")
+        return sorted(files)
+    if path.is_dir() and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        try:
+            path = detect(path).tokenizer_dir or path
+        except CheckpointError:
+            pass
+    return copy_tokenizer_files(path, out_dir)
+
+
+# ----------------------------------------------------------------------------- streaming, by HF tensor name
+
+
+class HFTensors:
+    """The tensors of an HF safetensors directory, read one at a time by name; every header is
+    checked against ``config.json`` when opened, before anything is written."""
+
+    def __init__(self, path: Path):
+        from solarjax.dus import header_checker
+        from solarjax.hf import read_hf_config
+        from solarjax.safetensors_io import Reader
+
+        self.path = path
+        self.hf_config = read_hf_config(path)
+        self._reader = Reader(path, header_checker(self.hf_config))
+        self.shapes = self._reader.shapes
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._reader.dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._reader.get(name)
+
+
+class ParamsTensors:
+    """A model loaded once (Orbax checkpoint, run, GGUF) seen through HF tensor names."""
+
+    def __init__(self, source: Source):
+        from solarjax.hf import config_to_hf, hf_shape, tensor_index
+
+        self.path = source.path
+        self.cfg, self.params, _ = load(source)
+        self.hf_config = config_to_hf(self.cfg, torch_dtype=self.cfg.param_dtype)
+        self._where = tensor_index(self.cfg)
+        self.shapes = {name: hf_shape(spec, self.cfg) for name, spec in self._where.items()}
+
+    def dtype(self, name: str) -> np.dtype:
+        spec = self._where[name]
+        leaf = self.params[spec.leaf] if spec.layer is None else self.params["layers"][spec.leaf]
+        return np.dtype(leaf.dtype)
+
+    def get(self, name: str) -> np.ndarray:
+        from solarjax.hf import hf_tensor
+
+        return hf_tensor(self.params, self._where[name])
+
+
+def open_tensors(path: str | os.PathLike | Source) -> HFTensors | ParamsTensors:
+    """A by-name tensor view of any model: HF directories stream from disk; the others load once."""
+    source = as_source(path)
+    return HFTensors(source.weights) if source.kind == "hf" else ParamsTensors(source)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +129,28 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 
 
 class _OrbaxErrorLog(logging.Filter):
-    """Holds back Orbax's background-thread error logs (a page of traceback each, several per failed
-    save) and keeps the first message, which :func:`_one_error` turns into one line."""
+    """Holds back the error logs of a failing Orbax save (a page of traceback each, several per failed
+    save, from Orbax's threads and from asyncio's "exception was never retrieved") and keeps the
+    first message, which :func:`_one_error` turns into one line."""
 
     def __init__(self):
         super().__init__()
         self.first: str | None = None
 
+    @staticmethod
+    def _from_orbax(record: logging.LogRecord) -> bool:
+        marker = f"{os.sep}orbax{os.sep}"
+        if marker in record.pathname:
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if marker in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname:
+        if record.levelno >= logging.ERROR and self._from_orbax(record):
             if self.first is None and record.exc_info and record.exc_info[1] is not None:
                 self.first = str(record.exc_info[1])
             return False
@@ -144,6 +158,16 @@ class _OrbaxErrorLog(logging.Filter):
 
 
 _ORBAX_ERRORS = _OrbaxErrorLog()
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _drop_closed_loop_errors(unraisable) -> None:
+    """After a failed save Orbax closes the asyncio loop of its write while tensorstore still has
+    writes in flight; each one's completion then reports "Event loop is closed" as unraisable (a
+    page per write). They say nothing the one ``CheckpointError`` does not, so they are dropped."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    _previous_unraisablehook(unraisable)
 
 
 def _first_line(text: str) -> str:
@@ -197,7 +221,9 @@ def checkpoint_manager(directory: str | os.PathLike, *, every: int, keep: int, a
     """An Orbax ``CheckpointManager`` over ``directory`` (local or ``gs://``), after deleting the
     unfinished steps that killed runs left there (Orbax's own cleanup does it on GCS, where an
     unfinished step is a directory without ``commit_success.txt``)."""
-    logging.getLogger("absl").addFilter(_ORBAX_ERRORS)  # idempotent: a Filter is added once
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_ORBAX_ERRORS)  # idempotent: a Filter is added once
+    sys.unraisablehook = _drop_closed_loop_errors
     directory = as_path(directory)
     remote = "://" in os.fspath(directory)
     if not remote:
@@ -220,7 +246,7 @@ def save_checkpoint(manager, state: Any, cfg: ModelConfig, data_iter: Any = None
              "opt_state": ocp.args.StandardSave(state["opt_state"])}
     if data_iter is not None:
         items["data_state"] = grain.checkpoint.CheckpointSave(data_iter)
-    with _one_error(manager, f"saving checkpoint step {step}"):
+    with _one_error(manager, "saving a checkpoint"):
         return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 

@@ -150,7 +150,7 @@ def forward_cached(
     One token (decode): keys and values are written into the layer-stacked cache carried through
     the layer scan (an in-place ``dynamic_update_slice``), then the query attends to the cache.
     Several tokens (prefill): queries attend to the cache plus the new keys (only the new keys
-    when ``fresh``, i.e. the cache is known to be empty), then the new columns are written.
+    when ``fresh``: the cache is empty and ``index`` is 0), then the new columns are written.
     ``last_only`` computes logits for the final column only; ``unroll`` unrolls the layer scan.
     Params may be quantized (:mod:`solarjax.quant`): each layer is dequantized in the scan body.
     """
@@ -200,17 +200,29 @@ def forward_cached(
             return M.finish_layer(x, M.attend(q, k_att, v_att, mask, impl), layer, cfg), (k, v)
 
         x, (k_new, v_new) = jax.lax.scan(chunk_body, x, (params["layers"], cache.k, cache.v), unroll=unroll)
-        keep = min(n_tokens, length)  # a ring keeps only the last `length` columns
-        slots = (index + jnp.arange(n_tokens - keep, n_tokens, dtype=jnp.int32)) % length
-        new_cache = KVCache(
-            cache.k.at[:, :, slots].set(k_new[:, :, -keep:].astype(cache.k.dtype)),
-            cache.v.at[:, :, slots].set(v_new[:, :, -keep:].astype(cache.v.dtype)),
-            cache.positions.at[:, slots].set(positions[:, -keep:]),
-            cache.segments.at[:, slots].set(segments[:, -keep:]),
-        )
+        columns = (k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype), positions, segments)
+        olds = (cache.k, cache.v, cache.positions, cache.segments)
+        axes = (2, 2, 1, 1)
+        if fresh:  # columns 0..T-1: static slices (a scatter is slow on CPU)
+            new_cache = KVCache(*(_write_from_zero(old, new, axis) for old, new, axis in zip(olds, columns, axes)))
+        else:
+            keep = min(n_tokens, length)  # a ring keeps only the last `length` columns
+            slots = (index + jnp.arange(n_tokens - keep, n_tokens, dtype=jnp.int32)) % length
+            new_cache = KVCache(*(old.at[(slice(None),) * axis + (slots,)].set(
+                jax.lax.slice_in_dim(new, n_tokens - keep, n_tokens, axis=axis)) for old, new, axis in
+                zip(olds, columns, axes)))
     if last_only:
         x = x[:, -1:]
     return Q.lm_head(params, x, cfg), new_cache
+
+
+def _write_from_zero(old: jax.Array, new: jax.Array, axis: int) -> jax.Array:
+    """``new``'s columns 0..T-1 written to slots ``c mod S`` of ``old`` along ``axis`` (static shapes)."""
+    n, length = new.shape[axis], old.shape[axis]
+    if n <= length:
+        return jax.lax.dynamic_update_slice_in_dim(old, new, 0, axis=axis)
+    tail = jax.lax.slice_in_dim(new, n - length, n, axis=axis)  # every slot is overwritten
+    return jnp.roll(tail, (n - length) % length, axis=axis)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -167,6 +167,11 @@ def test_text_streaming_orbax_and_cli(hf_llama_dir, models, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("The quick")
     assert main(["generate", "--model", str(hf_llama_dir), "--prompt", "x"]) == 1  # no tokenizer.json
     assert "--tokenizer" in capsys.readouterr().err
+    long_prompt = ["--model", str(model_dir), "--prompt", "The quick brown fox. " * 40, "--max-new-tokens", "4"]
+    assert main(["generate", *long_prompt]) == 1  # longer than the context (128): one line, never silent
+    err = capsys.readouterr().err.strip()
+    assert "exceeds the model's context of 128 tokens" in err and "--truncate left" in err and len(err.splitlines()) == 1
+    assert main(["generate", *long_prompt, "--truncate", "left", "--no-stream", "--quantize", "int8"]) == 0
 
 
 def test_ring_cache_equals_full_cache_and_is_bounded_by_the_window(models):

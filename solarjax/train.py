@@ -206,7 +206,7 @@ def global_batch(local: Mapping[str, np.ndarray], batch_shardings: Mapping[str, 
 
 # ----------------------------------------------------------------------------- metrics
 
-from solarjax.aot import peak_flops  # noqa: E402  (the one peak-FLOPs table lives with the TPU chips)
+from solarjax.chips import peak_flops  # noqa: E402  (the one peak-FLOPs table)
 
 
 def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, num_devices: int) -> float | None:
@@ -550,11 +550,9 @@ def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.G
     """``(state, checkpoint manager | None, data iterator to checkpoint | None)``.
 
     A fresh state from ``params``, or, when ``config.checkpoint`` has a directory with a finished
-    step and ``resume`` is set, that step's state with the data iterator moved to where it was.
+    step and ``resume`` is set, that step's state with the data iterator moved to where it was
+    (shapes checked first; no fresh optimizer state is built, so a resume needs no extra memory).
     """
-    state = {"params": params,
-             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
-             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
     ck = config.checkpoint
     ckpt_dir = ckpt.as_path(ck.dir) if ck.dir else (out_dir / "checkpoints" if out_dir else None)
     manager = (ckpt.checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save)
@@ -562,6 +560,10 @@ def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.G
     data_state = train_iter if hasattr(train_iter, "get_state") else None
     if manager is not None and ck.resume and manager.latest_step() is not None:
         state = ckpt.restore_checkpoint(manager, abstract_train_state(cfg, optimizer, state_sh), data_state)
+        return state, manager, data_state
+    state = {"params": params,
+             "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
     return state, manager, data_state
 
 

@@ -9,7 +9,8 @@ USAGE="usage: $(basename "$0") [-h]    (no settings needed; CI runs it as is)"
 (($# == 0)) || { echo "$USAGE" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-SCRIPTS=(common.sh create.sh setup.sh stage_data.sh train.sh logs.sh stop.sh ssh.sh delete.sh solar_recipe.sh check.sh)
+SCRIPTS=(common.sh create.sh setup.sh stage_data.sh train.sh train_until_done.sh logs.sh stop.sh ssh.sh delete.sh
+  solar_recipe.sh check.sh)
 failures=0
 pass() { printf 'ok    %s\n' "$1"; }
 fail() { printf 'FAIL  %s\n' "$1" >&2; failures=$((failures + 1)); }
@@ -45,7 +46,7 @@ else
 fi
 
 # --- usage
-for s in create.sh setup.sh stage_data.sh train.sh logs.sh stop.sh ssh.sh delete.sh solar_recipe.sh; do
+for s in create.sh setup.sh stage_data.sh train.sh train_until_done.sh logs.sh stop.sh ssh.sh delete.sh solar_recipe.sh; do
   expect_output "$s --help" "^usage: " env -u TPU_NAME -u ZONE "$HERE/$s" --help
 done
 expect_fail "create.sh without ZONE" 2 "set ZONE" env -u ZONE TPU_NAME=t "$HERE/create.sh"
@@ -74,6 +75,10 @@ expect_absent "train: no jax.distributed on a single host" "distributed.enabled"
 expect_output "train: every slice of a multislice" "ssh solar-1 .*--worker=all" env NUM_SLICES=2 "$HERE/train.sh"
 expect_output "train: forwards LIBTPU_INIT_ARGS" "export LIBTPU_INIT_ARGS=" \
   env LIBTPU_INIT_ARGS=--xla_tpu_enable_async_collective_fusion=true "$HERE/train.sh"
+expect_output "train_until_done: checks the queued resource's state" "queued-resources describe solar .*state.state" \
+  env RUN_NAME=r "$HERE/train_until_done.sh"
+expect_output "train_until_done: trains in the foreground on all workers" \
+  "tpu-vm ssh solar .*--worker=all .*solarjax train --config .* \\| tee " env RUN_NAME=r "$HERE/train_until_done.sh"
 expect_output "logs: follows worker 0" "--worker=0 --command=tail\\\\ -n\\\\ 100\\\\ -F" env RUN_NAME=r "$HERE/logs.sh"
 expect_output "stage_data: gcloud storage cp on all workers" "--worker=all .*gcloud storage cp -r gs://b/c /tmp/d" \
   "$HERE/stage_data.sh" gs://b/c /tmp/d
@@ -107,6 +112,26 @@ pid="$(cat "$tmp/logs/local.pid")"
 expect_output "stop (local)" "stopped local" env GRACE=5 "$HERE/stop.sh"
 if kill -0 "$pid" 2>/dev/null; then fail "stop (local): pid $pid still alive"; else pass "stop (local): process gone"; fi
 expect_output "ssh (local): venv on PATH" "$tmp/venv/bin/solarjax" "$HERE/ssh.sh" 'command -v solarjax'
+
+# --- train_until_done.sh (local): a fake solarjax preempted twice (exit 143, as solarjax does on
+# SIGTERM), then complete; and one that fails for real, which must not be relaunched
+cat >"$tmp/venv/bin/solarjax" <<'EOF'
+#!/usr/bin/env bash
+n="$(cat "$0.runs" 2>/dev/null || echo 0)"
+echo $((n + 1)) >"$0.runs"
+if [[ -n "${FAIL_WITH:-}" ]]; then echo "solarjax train: error: bad config"; exit "$FAIL_WITH"; fi
+if ((n < 2)); then echo "solarjax: stopped by SIGTERM after step $((n + 1)) of 3: run the same command again"; exit 143; fi
+echo "done at step 3"
+EOF
+expect_output "train_until_done (local): relaunches after preemptions until complete" \
+  "^run local complete" env MAX_RESTARTS=5 RETRY_WAIT=0 "$HERE/train_until_done.sh"
+runs="$(cat "$tmp/venv/bin/solarjax.runs")"
+if [[ "$runs" == "3" ]]; then pass "train_until_done (local): 3 launches"; else fail "train_until_done (local): $runs launches"; fi
+rm -f "$tmp/venv/bin/solarjax.runs"
+expect_fail "train_until_done (local): a real failure stops the loop" 1 "failed \\(exit 1\\) on a healthy slice" \
+  env FAIL_WITH=1 RETRY_WAIT=0 "$HERE/train_until_done.sh"
+runs="$(cat "$tmp/venv/bin/solarjax.runs")"
+if [[ "$runs" == "1" ]]; then pass "train_until_done (local): no relaunch after a failure"; else fail "relaunched $runs times"; fi
 
 if ((failures)); then
   echo "$failures check(s) failed" >&2

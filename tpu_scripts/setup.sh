@@ -48,7 +48,8 @@ else
   install_spec=("$SOLARJAX_SPEC")
 fi
 
-read -r -a extra <<<"${EXTRA_PIP:-}"
+# gcsfs: etils.epath's gs:// backend, so the trainer reads data and writes checkpoints on GCS directly
+read -r -a extra <<<"gcsfs ${EXTRA_PIP:-}"
 # The smoke test runs on all workers at once; a multi-host slice needs jax.distributed first.
 check="import jax; print('jax', jax.__version__)"
 if [[ -n "${ACCELERATOR_TYPE:-}" ]]; then

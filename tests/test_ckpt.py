@@ -54,3 +54,37 @@ def test_existing_destination_and_wrong_shapes_raise(tiny, tmp_path):
     (tmp_path / "ck" / ckpt.CONFIG_ITEM / "metadata").write_text(__import__("json").dumps(wrong.to_dict()))
     with pytest.raises(CheckpointError, match=r"w_down.*\(4, 128, 64\).*\(4, 96, 64\)"):
         ckpt.load_params(tmp_path / "ck")
+
+
+def test_gs_uris_stay_uris_through_one_path_type(tmp_path, monkeypatch):
+    """Data sources (files, globs, directories), the tokenizer and the metrics log go through
+    ``etils.epath``, so a ``gs://`` URI reaches GCS unmangled. Offline, epath's own test backend
+    (``mock_epath``: every scheme on the local disk, ``gs://bucket/x`` at ``./gs:/bucket/x``) runs the
+    very calls a pod job makes; Orbax arrays use tensorstore's GCS driver, which needs the network."""
+    import json
+    import os
+
+    from etils.epath import testing as epath_testing
+
+    from solarjax import data, train
+
+    assert os.fspath(ckpt.as_path("gs://bucket/run") / "checkpoints" / "7") == "gs://bucket/run/checkpoints/7"
+    assert os.fspath(ckpt.as_path("run")) == os.path.abspath("run")
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "gs:" / "bucket" / "corpus"
+    (corpus / "a").mkdir(parents=True)
+    (corpus / "a" / "x.jsonl").write_text('{"text": "one"}\n')
+    (corpus / "b.jsonl").write_text('{"text": "two"}\n')
+    (corpus / "c.txt").write_text("three")
+    with epath_testing.mock_epath():
+        assert data.read_documents("gs://bucket/corpus/*.jsonl") == ["two"]
+        assert data.read_documents("gs://bucket/corpus") == ["one", "two", "three"]
+        data.train_tokenizer(["one two three"], 64, "gs://bucket/run/tokenizer.json")
+        assert data.load_tokenizer("gs://bucket/run").encode("one two").tokens
+        logger = train.MetricsLogger(ckpt.as_path("gs://bucket/run/metrics.jsonl"), None)
+        logger.log({"step": 1, "loss": float("nan")}, echo=lambda _: None)
+        logger.close()
+    assert (tmp_path / "gs:" / "bucket" / "run" / "tokenizer.json").is_file()
+    record = json.loads((tmp_path / "gs:" / "bucket" / "run" / "metrics.jsonl").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert record == {"step": 1, "loss": None, "nonfinite": True}

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from solarjax.chips import PEAK_FLOPS
 from solarjax.config import ConfigError
 
 
@@ -52,23 +53,6 @@ class Chip:
     dims: int  # 3: v4/v5p cubes, 2: v5e/v6e grids
     megacore: bool
     max_chips: int  # largest single slice
-
-
-# Dense bf16 peak FLOP/s per chip, matched against ``device.device_kind`` (first match wins; CPU has
-# no entry). The one table: the trainer's MFU and the TPU chips below read it.
-PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5": 459e12, "TPU v4": 275e12, "TPU v3": 123e12,
-}
-
-
-def peak_flops(device: Any = None) -> float | None:
-    """The dense bf16 peak of ``device`` (default: the first device), None when unknown."""
-    import jax
-
-    kind = (device or jax.devices()[0]).device_kind
-    return next((flops for name, flops in PEAK_FLOPS.items() if name.lower() in kind.lower()), None)
 
 
 GiB = 1024**3

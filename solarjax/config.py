@@ -187,7 +187,7 @@ def load_config(name_or_path: str):
         path = CONFIG_DIR / path.name
     if not path.is_file():
         available = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
-        raise ConfigError(f"no config {name_or_path!r} (looked for {path}); presets: {available}")
+        raise ConfigError(f"no config {name_or_path!r}: no such file or preset (looked for {path}); presets: {available}")
     spec = importlib.util.spec_from_file_location(f"solarjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

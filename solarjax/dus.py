@@ -27,7 +27,7 @@ import numpy as np
 
 from solarjax import safetensors_io as st
 from solarjax.config import ModelConfig
-from solarjax.hf import CheckpointError, copy_tokenizer_files, read_hf_config
+from solarjax.hf import HF_LAYER_RE, CheckpointError, copy_tokenizer_files, header_checker, read_hf_config
 from solarjax.outputs import atomic_output_dir, check_destination
 
 Params = dict[str, Any]
@@ -292,49 +292,6 @@ def _grown_sharding(leaf: Any, new_n: int):
 # the writer (:mod:`solarjax.safetensors_io`) copies byte ranges straight from the source shards and
 # memory stays at one copy buffer; only tensors that are scaled or cast are decoded, one at a time.
 
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The HF-layout shape ``config.json`` implies for each Llama-family tensor (layer tensors keyed
-    by suffix, e.g. ``mlp.down_proj.weight``). Names the config does not size are absent."""
-    try:
-        d, vocab, ffn, n_heads = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"], hf["num_attention_heads"]
-        hd = hf.get("head_dim") or d // n_heads
-        q, kv = n_heads * hd, (hf.get("num_key_value_heads") or n_heads) * hd
-    except (KeyError, TypeError, ZeroDivisionError):
-        return {}
-    return {
-        "model.embed_tokens.weight": (vocab, d), "lm_head.weight": (vocab, d), "model.norm.weight": (d,),
-        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
-        "self_attn.o_proj.weight": (d, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.bias": (kv,), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
-        "mlp.gate_proj.weight": (ffn, d), "mlp.up_proj.weight": (ffn, d), "mlp.down_proj.weight": (d, ffn),
-        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-    }
-
-
-def header_checker(hf: dict[str, Any]) -> st.HeaderCheck:
-    """A check of one tensor's safetensors header (shape, dtype code) against ``config.json``:
-    a shape the config does not imply (e.g. dims swapped, same byte size) or a floating dtype other
-    than the config's raises naming the file and tensor. Run on every header before writing."""
-    implied = implied_shapes(hf)
-    declared = hf.get("dtype") or hf.get("torch_dtype")
-    want = st.ST_CODES.get(str(declared)) if declared else None
-
-    def check(file: Path, name: str, shape: tuple, dtype: str) -> None:
-        match = _HF_LAYER_RE.match(name)
-        expected = implied.get(match.group(2) if match else name)
-        if expected is not None and tuple(shape) != expected:
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(shape)} in its header, but config.json "
-                                  f"implies {expected} (swapped dimensions or a corrupt header?)")
-        if want and dtype != want and st.is_floating(dtype):
-            raise CheckpointError(f"{file}: tensor {name!r} is {st.ST_DTYPES[dtype]} in its header, but config.json "
-                                  f"says dtype {declared}")
-
-    return check
-
-
 def _output_tensors(sources: list[tuple[str, st.StoredTensor]], n_src: int, plan: Plan,
                     dtype: str | None) -> list[st.OutTensor]:
     """Output tensors in write order: globals in source order, the grown layer block where the
@@ -342,7 +299,7 @@ def _output_tensors(sources: list[tuple[str, st.StoredTensor]], n_src: int, plan
     layers: dict[int, dict[str, st.StoredTensor]] = {}
     order: list[tuple[str, st.StoredTensor] | None] = []
     for name, src in sources:
-        match = _HF_LAYER_RE.match(name)
+        match = HF_LAYER_RE.match(name)
         if not match:
             order.append((name, src))
             continue

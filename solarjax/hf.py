@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -43,23 +44,31 @@ def _identity(w: np.ndarray) -> np.ndarray:
     return w
 
 
+# HF name (suffix, for per-layer tensors) -> our leaf; transformers' order
+LAYER_TENSORS = {
+    "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
+    "self_attn.o_proj.weight": "wo", "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up",
+    "mlp.down_proj.weight": "w_down", "input_layernorm.weight": "attn_norm",
+    "post_attention_layernorm.weight": "mlp_norm",
+}
+GLOBAL_TENSORS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+
+
 def _layer_layouts(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
     d, hd = cfg.d_model, cfg.head_dim
 
     def heads(n: int) -> Callable:  # (n*hd, d) -> (d, n, hd)
         return lambda w: w.T.reshape(w.shape[1], n, -1)
 
-    return {
-        "self_attn.q_proj.weight": ("wq", heads(cfg.n_heads), lambda w: w.reshape(d, -1).T),
-        "self_attn.k_proj.weight": ("wk", heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
-        "self_attn.v_proj.weight": ("wv", heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
-        "self_attn.o_proj.weight": ("wo", lambda w: w.T.reshape(cfg.n_heads, hd, d), lambda w: w.reshape(-1, d).T),
-        "mlp.gate_proj.weight": ("w_gate", np.transpose, np.transpose),
-        "mlp.up_proj.weight": ("w_up", np.transpose, np.transpose),
-        "mlp.down_proj.weight": ("w_down", np.transpose, np.transpose),
-        "input_layernorm.weight": ("attn_norm", _identity, _identity),
-        "post_attention_layernorm.weight": ("mlp_norm", _identity, _identity),
+    converters = {  # leaf -> (to ours, to HF)
+        "wq": (heads(cfg.n_heads), lambda w: w.reshape(d, -1).T),
+        "wk": (heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
+        "wv": (heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
+        "wo": (lambda w: w.T.reshape(cfg.n_heads, hd, d), lambda w: w.reshape(-1, d).T),
+        "w_gate": (np.transpose, np.transpose), "w_up": (np.transpose, np.transpose),
+        "w_down": (np.transpose, np.transpose), "attn_norm": (_identity, _identity), "mlp_norm": (_identity, _identity),
     }
+    return {suffix: (leaf, *converters[leaf]) for suffix, leaf in LAYER_TENSORS.items()}
 
 
 def tensor_index(cfg: ModelConfig) -> dict[str, TensorSpec]:
@@ -162,6 +171,53 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
     return json.loads(cfg_file.read_text())
+
+
+# ----------------------------------------------------------------------------- headers vs config.json
+# For readers that stream tensors without modelling them (upscale, merge): every header is checked
+# against the shapes config.json implies before anything is written.
+
+HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The HF-layout shape ``config.json`` implies for each Llama-family tensor (layer tensors keyed
+    by suffix, e.g. ``mlp.down_proj.weight``). Names the config does not size are absent."""
+    try:
+        d, vocab, ffn, n_heads = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"], hf["num_attention_heads"]
+        hd = hf.get("head_dim") or d // n_heads
+        q, kv = n_heads * hd, (hf.get("num_key_value_heads") or n_heads) * hd
+    except (KeyError, TypeError, ZeroDivisionError):
+        return {}
+    return {
+        "model.embed_tokens.weight": (vocab, d), "lm_head.weight": (vocab, d), "model.norm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "mlp.gate_proj.weight": (ffn, d), "mlp.up_proj.weight": (ffn, d), "mlp.down_proj.weight": (d, ffn),
+        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+    }
+
+
+def header_checker(hf: dict[str, Any]) -> st.HeaderCheck:
+    """A check of one tensor's safetensors header (shape, dtype code) against ``config.json``:
+    a shape the config does not imply (e.g. dims swapped, same byte size) or a floating dtype other
+    than the config's raises naming the file and tensor. Run on every header before writing."""
+    implied = implied_shapes(hf)
+    declared = hf.get("dtype") or hf.get("torch_dtype")
+    want = st.ST_CODES.get(str(declared)) if declared else None
+
+    def check(file: Path, name: str, shape: tuple, dtype: str) -> None:
+        match = HF_LAYER_RE.match(name)
+        expected = implied.get(match.group(2) if match else name)
+        if expected is not None and tuple(shape) != expected:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(shape)} in its header, but config.json "
+                                  f"implies {expected} (swapped dimensions or a corrupt header?)")
+        if want and dtype != want and st.is_floating(dtype):
+            raise CheckpointError(f"{file}: tensor {name!r} is {st.ST_DTYPES[dtype]} in its header, but config.json "
+                                  f"says dtype {declared}")
+
+    return check
 
 
 # ----------------------------------------------------------------------------- reading

@@ -165,8 +165,7 @@ class HFTensors:
     checked against ``config.json`` when opened, before anything is written."""
 
     def __init__(self, path: Path):
-        from solarjax.dus import header_checker
-        from solarjax.hf import read_hf_config
+        from solarjax.hf import header_checker, read_hf_config
         from solarjax.safetensors_io import Reader
 
         self.path = path

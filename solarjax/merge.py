@@ -7,8 +7,10 @@ which the tests check against mergekit itself), but runs in JAX and works at two
 * ``merge_params``: params pytrees in memory. Every per-layer leaf is stacked on axis 0, and
   mergekit's statistics (SLERP norms, TIES top-k) are per HF tensor, i.e. per layer, so the
   kernels are ``vmap``-ed over the layer axis with one parameter value per layer.
-* ``merge_checkpoints``: HF safetensors (or solarjax Orbax) checkpoints on disk, one tensor
-  name at a time, so peak memory is one tensor per input model plus one output shard.
+* ``merge_checkpoints``: models on disk (HF safetensors streamed one tensor name at a time, so
+  peak memory is one tensor per input model; anything else :mod:`solarjax.loading` reads, i.e.
+  Orbax checkpoints, training runs and GGUF files, loaded once), written by
+  :func:`solarjax.safetensors_io.write_checkpoint`.
 
 Parameters are resolved per tensor exactly as mergekit does: a scalar; a "gradient" list,
 interpolated over the layer index (``t = layer / (n_layers - 1)``, 0 for non-layer tensors);
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax import safetensors_io as st
+from solarjax.hf import GLOBAL_TENSORS, LAYER_TENSORS
 from solarjax.model import Params
 
 Tensors = Any  # solarjax.loading.HFTensors | ParamsTensors: shapes, dtype(name), get(name), hf_config, path
@@ -346,12 +349,8 @@ def tensor_key(seed: int, tensor_name: str) -> jax.Array:
 
 # ----------------------------------------------------------------------------- params pytrees
 
-HF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight", "mlp_norm": "post_attention_layernorm.weight",
-    "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
-}
-HF_GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+HF_LAYER_NAMES = {leaf: suffix for suffix, leaf in LAYER_TENSORS.items()}  # leaf -> HF name, for filters
+HF_GLOBAL_NAMES = {leaf: name for name, leaf in GLOBAL_TENSORS.items()}
 
 
 def _check_inputs(spec: MethodSpec, n_models: int, has_base: bool) -> None:

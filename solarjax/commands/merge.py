@@ -9,7 +9,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "merge",
         help="merge checkpoints (linear, slerp, task_arithmetic, ties, dare_ties, dare_linear)",
-        description="Merge Hugging Face safetensors (or solarjax Orbax) checkpoints of one architecture "
+        description="Merge models of one architecture (HF directories, solarjax Orbax checkpoints, training runs, "
+        ".gguf files) "
         "with a mergekit-style YAML recipe: models: [{model: PATH, parameters: {weight: 0.5}}], "
         "merge_method, base_model, parameters, dtype. Streams one tensor at a time and writes an HF "
         "directory atomically. SOLAR 10.7B-Instruct is a linear 0.5/0.5 merge of two DPO models.",

@@ -187,16 +187,19 @@ def test_ring_cache_equals_full_cache_and_is_bounded_by_the_window(models):
     # logits, step by step: an 8-slot ring and a 40-slot cache after a 16-column prefill
     rng = np.random.default_rng(3)
     tokens, segments, positions = left_pad([rng.integers(3, 256, 13).tolist(), [9, 10]], 16)
+    import jax
+
+    step = jax.jit(forward_cached, static_argnames=("cfg", "last_only", "fresh", "unroll"))
     caches = [init_cache(cfg, 2, 8), init_cache(cfg, 2, 40)]
-    outs = [forward_cached(params, c, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), 0, cfg,
-                           fresh=True) for c in caches]
+    outs = [step(params, c, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments), 0, cfg,
+                 fresh=True) for c in caches]
     np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
     caches = [o[1] for o in outs]
     pos = positions[:, -1]
     for i in range(12):
         pos = pos + 1
         tok = jnp.asarray(rng.integers(3, 256, (2, 1)))
-        outs = [forward_cached(params, c, tok, jnp.asarray(pos[:, None]), jnp.ones((2, 1), jnp.int32), 16 + i, cfg)
+        outs = [step(params, c, tok, jnp.asarray(pos[:, None]), jnp.ones((2, 1), jnp.int32), 16 + i, cfg)
                 for c in caches]
         np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
         caches = [o[1] for o in outs]

@@ -63,6 +63,8 @@ def test_fsdp_shards_params_and_optimizer_state(libtpu_dir):
     fsdp = _report(_run_aot(libtpu_dir, "--config", "tiny", "--topology", "v5p-8", "--json",
                             "--config.mesh.data=1", "--config.mesh.fsdp=4", *TINY))
     assert fsdp["chips"] == 4 and fsdp["topology_name"] == "v5p:2x2x1" and fsdp["fits"]
+    # attention="auto" compiles Pallas splash attention for TPU: its Mosaic kernels are in the program
+    assert fsdp["attention"] == "splash" and fsdp["kernel_calls"] >= 2
     assert fsdp["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert abs(fsdp["state_bytes_total"] - total) <= 64
     assert fsdp["argument_bytes"] == pytest.approx(total / 4, rel=0.05)
@@ -75,6 +77,19 @@ def test_fsdp_shards_params_and_optimizer_state(libtpu_dir):
     for report in (fsdp, dp):
         assert 0 < report["xla_flops_per_chip"] < report["program_flops_per_chip"]  # XLA counts the scan once
         assert report["roofline_seconds"] == pytest.approx(report["program_flops_per_chip"] / 459e12)
+
+
+def test_splash_has_no_quadratic_temporaries(libtpu_dir):
+    """At 2048 tokens the (B, H, T, T) scores XLA attention keeps dwarf everything else; splash has none."""
+    longer = [a for a in TINY if "seq_len" not in a and "batch_size" not in a] + [
+        "--config.train.batch_size=4", "--config.train.seq_len=2048", "--config.model.max_seq_len=2048",
+        "--config.mesh.data=1", "--config.mesh.fsdp=4"]
+    splash = _report(_run_aot(libtpu_dir, "--config", "tiny", "--topology", "v5p-8", "--json", *longer))
+    dense = _report(_run_aot(libtpu_dir, "--config", "tiny", "--topology", "v5p-8", "--json", *longer,
+                             "--config.model.attention='xla'"))
+    scores = 4 * 2048 * 2048 * 4  # one layer's fp32 scores for this chip's row and 4 heads
+    assert splash["attention"] == "splash" and dense["attention"] == "xla" and dense["kernel_calls"] == 0
+    assert dense["temp_bytes"] - splash["temp_bytes"] > 2 * scores  # both layers' scores are gone
 
 
 def test_multislice_compiles_with_data_over_slices(libtpu_dir):
@@ -149,7 +164,8 @@ def test_program_flops_counts_every_layer_and_remat():
 
     d, v, L, heads, kv, hd, f, seq = 64, 256, 4, 4, 2, 16, 128, 32
     matmul_params = L * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * f) + d * v
-    expected = 4 * seq * (6 * matmul_params + 12 * L * heads * hd * seq)
+    # + 2 d v: the chunked cross-entropy recomputes each chunk's logits in its backward pass
+    expected = 4 * seq * (6 * matmul_params + 12 * L * heads * hd * seq + 2 * d * v)
     assert flops(cfg) == pytest.approx(expected, rel=1e-6)
     assert flops(cfg, accum=2) == pytest.approx(expected, rel=1e-6)
     # full remat re-runs each layer's forward (2 of the 6 per param) in the backward pass, except

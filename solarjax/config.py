@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out", "save_qkv_attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")
 
 
@@ -150,7 +150,7 @@ def base_config(**model: Any):
 
     C = ml_collections.ConfigDict
     config = C()
-    config.model = C(model)
+    config.model = C({"attention": "auto", **model})  # every preset can override the kernel choice
     # Mesh axis sizes (-1: all remaining devices) and the logical-axis -> mesh-axis rules table.
     config.mesh = C(dict(data=-1, fsdp=1, tensor=1, rules=C(dict(DEFAULT_RULES))))
     # jax.distributed.initialize; on TPU pods leave the addresses None (auto-detected).

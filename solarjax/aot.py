@@ -248,6 +248,9 @@ def use_libtpu(install: bool = False, accelerator_type: str = "v5p-8") -> str:
                            + " ".join(install_command()))
         path = install_libtpu()
     os.environ["TPU_LIBRARY_PATH"] = path
+    from solarjax import xla_flags
+
+    xla_flags.apply("tpu")  # compile with the flags a pod run uses
     # Without these, libtpu looks for TPU metadata and prints warnings; they describe no real chips.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from solarjax import xla_flags
+
+    xla_flags.apply()  # before any verb starts JAX's backend
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

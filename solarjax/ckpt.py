@@ -150,6 +150,8 @@ class _OrbaxErrorLog(logging.Filter):
         return False
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith("Metadata file does not exist"):
+            return False  # every resume: an item directory has no metadata file of its own, by design
         if record.levelno >= logging.ERROR and self._from_orbax(record):
             if self.first is None and record.exc_info and record.exc_info[1] is not None:
                 self.first = str(record.exc_info[1])

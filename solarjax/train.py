@@ -111,9 +111,10 @@ def make_train_step(
     ``lr`` (when a schedule is given) and ``nonfinite`` (1 when the step was skipped).
 
     Divergence guard: when the loss or the gradient norm is not finite, the step keeps the params
-    and the optimizer state as they were (a select inside the same program, fused with the update),
-    so a NaN never reaches the weights; only ``step`` advances (the batch is consumed). The loop
-    counts such steps (``train.max_nonfinite_skips``).
+    and the optimizer state as they were (``lax.cond`` around the update inside the same program:
+    unlike a select it needs no second copy of the state), so a NaN never reaches the weights;
+    only ``step`` advances (the batch is consumed). The loop counts such steps
+    (``train.max_nonfinite_skips``).
     """
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, b, cfg), has_aux=True)
 
@@ -137,14 +138,17 @@ def make_train_step(
             metrics = {k: v if k == "tokens" else v / grad_accum for k, v in metrics.items()}
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+
+        def update(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # a conditional, not a select: the skipped branch is the identity, so the update stays in place
+        new_params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), params, state["opt_state"])
         metrics = dict(metrics, grad_norm=grad_norm, nonfinite=jnp.logical_not(finite).astype(jnp.int32))
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
-        return {"params": keep_if_bad(new_params, params), "opt_state": keep_if_bad(opt_state, state["opt_state"]),
-                "step": state["step"] + 1}, metrics
+        return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return step
 
@@ -538,8 +542,13 @@ class NonFiniteGuard:
                 "and no checkpoint holds a non-finite state. Lower optim.lr or check the data, then resume")
 
 
+@jax.jit
+def _all_finite(params: Params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+
+
 def _params_finite(params: Params) -> bool:
-    return bool(jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params))
+    return bool(_all_finite(params))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -685,10 +694,10 @@ def train(
         pending, timer["start"], timer["steps"] = [], time.perf_counter(), 0
 
     def save(done: int) -> None:
+        paused = time.perf_counter()
         if not _params_finite(state["params"]):  # the guard keeps NaNs out; an overflowed update is caught here
             raise TrainingDiverged(f"training stopped at step {done}: the weights are no longer finite (an update "
                                    "overflowed); not saving them. Lower optim.lr, then resume")
-        paused = time.perf_counter()
         ckpt.save_checkpoint(manager, state, cfg, data_state, force=True)
         timer["start"] += time.perf_counter() - paused  # saving is not training throughput
 

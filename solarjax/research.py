@@ -38,6 +38,7 @@ class Budget:
     generate_tokens: int = 32
     dtype: str = "float32"
     seed: int = 0
+    schedule: str = "cosine"  # optim.schedule: "constant" keeps any step of a run comparable to a run stopped there
 
     @classmethod
     def for_backend(cls, backend: str | None = None, **overrides: Any) -> "Budget":
@@ -143,7 +144,7 @@ def train_config(cfg: ModelConfig, budget: Budget, out_dir: Path | None, checkpo
     config.train.update(steps=budget.steps, batch_size=budget.batch_size, seq_len=budget.seq_len,
                         log_every=max(1, budget.eval_every), eval_every=budget.eval_every,
                         eval_batches=budget.eval_batches, seed=budget.seed, out_dir=None, progress=True)
-    config.optim.update(lr=budget.lr, warmup_steps=budget.warmup_steps, schedule="cosine", weight_decay=0.0)
+    config.optim.update(lr=budget.lr, warmup_steps=budget.warmup_steps, schedule=budget.schedule, weight_decay=0.0)
     # Checkpoints only when asked: a demo arm always starts fresh, an ablation arm may resume mid-way.
     config.checkpoint.update(dir=str(out_dir / "checkpoints") if (out_dir and checkpoint_every) else None,
                              every=checkpoint_every, keep=1)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from solarjax import ckpt
+from solarjax import sharding as shd
 from solarjax import train as tr
 from solarjax.hf import CheckpointError
 
@@ -127,9 +128,14 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert ckpt.complete_steps(ck) == [2, 5, 6] and not _unfinished(ck)
     _, saved = ckpt.load_params(ck / "6")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
-    # the oracle: the same run without the bad batches; a skipped step must have changed nothing
-    oracle = tr.train(tiny_config(**{"train.steps": 12}), train_data=batches(True), stop_after=5)
+    # the oracle: the same run without the bad batches; a skipped step must have changed nothing.
+    # Its start params are the caller's arrays, already on the mesh: the donating steps leave them alive.
+    oracle_config = tiny_config(**{"train.steps": 12})
+    cfg, start = tr.init_model(oracle_config, shd.mesh_from_config(oracle_config.mesh),
+                               shd.rules_from_config(oracle_config.mesh.rules))
+    oracle = tr.train(oracle_config, cfg=cfg, params=start, train_data=batches(True), stop_after=5)
     jax.tree.map(np.testing.assert_array_equal, saved, jax.device_get(oracle["params"]))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(start))
 
     # restarting into this run directory with another model shape: one line, naming the param
     other = tiny_config(**{"train.steps": 12, "checkpoint.dir": str(ck), "model.n_layers": 3})

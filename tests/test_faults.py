@@ -77,7 +77,7 @@ def test_kill9_during_saves_and_sigterm_resume_bit_exactly(tmp_path):
         report.append({"kill": "SIGKILL", "delay_s": delay, "unfinished_at_kill": _unfinished(ck),
                        "last_step": logged, "resumable_step": complete[-1]})
         assert complete and complete[-1] > before and logged - complete[-1] <= 2, report
-    assert report[0]["unfinished_at_kill"], "the first kill should interrupt a save in flight"
+    assert any(r["unfinished_at_kill"] for r in report), f"no kill interrupted a save in flight: {report}"
 
     # SIGTERM: the step in progress finishes, is checkpointed and the process exits 143
     log = tmp_path / "run_term.log"

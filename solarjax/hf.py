@@ -1,4 +1,4 @@
-"""Hugging Face Llama/Mistral checkpoints <-> solarjax params.
+"""Hugging Face checkpoints of every family in :mod:`solarjax.families` <-> solarjax params.
 
 Import streams one safetensors tensor at a time into preallocated stacked buffers, so the
 checkpoint is never held twice. Export writes shards into a temporary directory next to the
@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 import jax
 import numpy as np
 
+from solarjax import families
 from solarjax import safetensors_io as st
 from solarjax.config import ModelConfig
 from solarjax.model import Params, param_shapes
 from solarjax.safetensors_io import SAFE_INDEX, CheckpointError, safetensors_files  # noqa: F401  (names kept here)
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "generation_config.json", "chat_template.jinja", "added_tokens.json",
@@ -31,7 +31,8 @@ TOKENIZER_FILES = (
 
 # ----------------------------------------------------------------------------- names and layouts
 # Every HF tensor maps to one of our leaves (and a layer index for stacked ones), with the two
-# layout conversions. The conversions are reshapes and transposes only: RoPE is rotate-half in both.
+# layout conversions the family spec declares (solarjax.families.spec.LAYOUTS). The conversions are
+# reshapes and transposes only: RoPE is rotate-half in both.
 
 class TensorSpec(NamedTuple):
     leaf: str
@@ -44,31 +45,34 @@ def _identity(w: np.ndarray) -> np.ndarray:
     return w
 
 
-# HF name (suffix, for per-layer tensors) -> our leaf; transformers' order
-LAYER_TENSORS = {
-    "self_attn.q_proj.weight": "wq", "self_attn.k_proj.weight": "wk", "self_attn.v_proj.weight": "wv",
-    "self_attn.o_proj.weight": "wo", "mlp.gate_proj.weight": "w_gate", "mlp.up_proj.weight": "w_up",
-    "mlp.down_proj.weight": "w_down", "input_layernorm.weight": "attn_norm",
-    "post_attention_layernorm.weight": "mlp_norm",
-}
-GLOBAL_TENSORS = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+def converters(layout: str, ours: tuple[int, ...]) -> tuple[Callable, Callable]:
+    """(to ours, to HF) for one tensor of our (one-layer) shape ``ours`` in ``layout``."""
+    if layout == "identity":
+        return _identity, _identity
+    if layout == "transpose":
+        return np.transpose, np.transpose
+    if layout == "split_out":  # HF (n*hd, d) <-> ours (d, n, hd)
+        return (lambda w: w.T.reshape(ours)), (lambda w: w.reshape(ours[0], -1).T)
+    if layout == "split_in":  # HF (d, n*hd) <-> ours (n, hd, d)
+        return (lambda w: w.T.reshape(ours)), (lambda w: w.reshape(-1, ours[-1]).T)
+    if layout == "flat":  # HF (n*hd,) <-> ours (n, hd)
+        return (lambda w: w.reshape(ours)), (lambda w: w.reshape(-1))
+    raise ValueError(f"unknown layout {layout!r}")
 
 
-def _layer_layouts(cfg: ModelConfig) -> dict[str, tuple[str, Callable, Callable]]:
-    d, hd = cfg.d_model, cfg.head_dim
+def layer_tensors(cfg: ModelConfig) -> dict[str, str]:
+    """HF layer-tensor suffix -> our leaf for ``cfg``'s family, in transformers' order."""
+    return {p.hf: p.name for p in families.get(cfg.arch).params(cfg)[0]}
 
-    def heads(n: int) -> Callable:  # (n*hd, d) -> (d, n, hd)
-        return lambda w: w.T.reshape(w.shape[1], n, -1)
 
-    converters = {  # leaf -> (to ours, to HF)
-        "wq": (heads(cfg.n_heads), lambda w: w.reshape(d, -1).T),
-        "wk": (heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
-        "wv": (heads(cfg.n_kv_heads), lambda w: w.reshape(d, -1).T),
-        "wo": (lambda w: w.T.reshape(cfg.n_heads, hd, d), lambda w: w.reshape(-1, d).T),
-        "w_gate": (np.transpose, np.transpose), "w_up": (np.transpose, np.transpose),
-        "w_down": (np.transpose, np.transpose), "attn_norm": (_identity, _identity), "mlp_norm": (_identity, _identity),
-    }
-    return {suffix: (leaf, *converters[leaf]) for suffix, leaf in LAYER_TENSORS.items()}
+def global_tensors(cfg: ModelConfig) -> dict[str, str]:
+    """HF name -> our leaf of the embedding, final norm and (untied) head."""
+    return {p.hf: p.name for p in families.get(cfg.arch).params(cfg)[1]}
+
+
+# The Llama family's tables (merge's default filter names; the other families are in solarjax.families)
+LAYER_TENSORS = {p.hf: p.name for p in families.get("llama").layer_params}
+GLOBAL_TENSORS = {p.hf: p.name for p in families.get("llama").global_params}
 
 
 def tensor_index(cfg: ModelConfig) -> dict[str, TensorSpec]:
@@ -76,93 +80,55 @@ def tensor_index(cfg: ModelConfig) -> dict[str, TensorSpec]:
 
     Ordered as transformers writes them (embedding, layers, final norm, head).
     """
-    index = {"model.embed_tokens.weight": TensorSpec("embed", None, _identity, _identity)}
-    layouts = _layer_layouts(cfg)
+    layer, glob = families.get(cfg.arch).params(cfg)
+    by_name = {p.name: p for p in glob}
+    index = {}
+
+    def add(name: str, p, i: int | None) -> None:
+        index[name] = TensorSpec(p.name, i, *converters(p.layout, tuple(p.shape(cfg))))
+
+    add(by_name["embed"].hf, by_name["embed"], None)
     for i in range(cfg.n_layers):
-        for suffix, (leaf, to_ours, to_hf) in layouts.items():
-            index[f"model.layers.{i}.{suffix}"] = TensorSpec(leaf, i, to_ours, to_hf)
-    index["model.norm.weight"] = TensorSpec("final_norm", None, _identity, _identity)
-    if not cfg.tie_embeddings:
-        index["lm_head.weight"] = TensorSpec("lm_head", None, np.transpose, np.transpose)
+        for p in layer:
+            add(f"model.layers.{i}.{p.hf}", p, i)
+    for p in glob:
+        if p.name != "embed":
+            add(p.hf, p, None)
     return index
 
 
 # ----------------------------------------------------------------------------- config.json
 
+def family_of(hf: dict[str, Any]):
+    """The family of a ``config.json`` dict; an unknown architecture is one line naming it."""
+    family = families.for_hf_config(hf)
+    if family is None:
+        archs = hf.get("architectures") or hf.get("model_type")
+        raise CheckpointError(f"unsupported architecture {archs!r}: solarjax reads {sorted(families.HF_ARCHITECTURES)}")
+    return family
+
+
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """Translate a transformers ``config.json`` dict; unsupported features raise by name."""
-    archs = hf.get("architectures") or []
-    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
-        raise CheckpointError(
-            f"unsupported architecture {archs or hf.get('model_type')!r}: solarjax reads {sorted(ARCHITECTURES)}"
-        )
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise CheckpointError(f"config.json sets {flag}=true; solarjax's decoder has no biases")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu' / SwiGLU)")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise CheckpointError(f"RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    n_heads = hf["num_attention_heads"]
-    values = dict(
-        arch=arch,
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        ffn_dim=hf["intermediate_size"],
-        rope_theta=float(theta),
-        rms_eps=hf.get("rms_norm_eps", 1e-5),
-        sliding_window=hf.get("sliding_window") if arch == "mistral" else None,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=hf.get("max_position_embeddings", 4096),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list) else hf["eos_token_id"][0],
-    )
+    family = family_of(hf)
+    values = {"arch": family.name, **family.from_hf(hf)}
     values.update(overrides)
     return ModelConfig(**values)
 
 
 def config_to_hf(cfg: ModelConfig, base: dict[str, Any] | None = None, torch_dtype: str = "float32") -> dict[str, Any]:
     """A transformers ``config.json`` for ``cfg``; fields of ``base`` we do not model are kept."""
+    from solarjax.families.common import DROP
+
     out = dict(base or {})
     for stale in ("rope_scaling", "_name_or_path", "transformers_version"):
         out.pop(stale, None)
-    arch = "MistralForCausalLM" if cfg.arch == "mistral" else "LlamaForCausalLM"
-    out.update(
-        architectures=[arch],
-        model_type=cfg.arch,
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.rms_eps,
-        rope_theta=cfg.rope_theta,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        torch_dtype=torch_dtype,
-        dtype=torch_dtype,
-    )
-    if cfg.arch == "mistral":
-        out["sliding_window"] = cfg.sliding_window
-    else:
-        out.pop("sliding_window", None)
-        out.setdefault("attention_bias", False)
-        out.setdefault("mlp_bias", False)
+    for key, value in families.get(cfg.arch).to_hf(cfg).items():
+        if value is DROP:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    out.update(torch_dtype=torch_dtype, dtype=torch_dtype)
     return out
 
 
@@ -181,8 +147,20 @@ HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The HF-layout shape ``config.json`` implies for each Llama-family tensor (layer tensors keyed
-    by suffix, e.g. ``mlp.down_proj.weight``). Names the config does not size are absent."""
+    """The HF-layout shape ``config.json`` implies for each tensor (layer tensors keyed by suffix,
+    e.g. ``mlp.down_proj.weight``): from the family's spec when solarjax models the config, else
+    the Llama-family names. Names the config does not size are absent."""
+    try:
+        cfg = config_from_hf(hf)
+    except Exception:  # noqa: BLE001 - a config we do not model: check what the Llama names say
+        cfg = None
+    if cfg is not None:
+        shapes: dict[str, tuple[int, ...]] = {"lm_head.weight": (cfg.vocab_size, cfg.d_model)}
+        for name, spec in tensor_index(cfg).items():
+            if spec.layer in (None, 0):
+                match = HF_LAYER_RE.match(name)
+                shapes[match.group(2) if match else name] = hf_shape(spec, cfg)
+        return shapes
     try:
         d, vocab, ffn, n_heads = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"], hf["num_attention_heads"]
         hd = hf.get("head_dim") or d // n_heads

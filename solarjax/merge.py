@@ -353,6 +353,14 @@ HF_LAYER_NAMES = {leaf: suffix for suffix, leaf in LAYER_TENSORS.items()}  # lea
 HF_GLOBAL_NAMES = {leaf: name for name, leaf in GLOBAL_TENSORS.items()}
 
 
+def hf_names(arch: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(layer leaf -> HF suffix, global leaf -> HF name) of a family, from its spec."""
+    from solarjax import families
+
+    family = families.get(arch)
+    return ({p.name: p.hf for p in family.layer_params}, {p.name: p.hf for p in family.global_params})
+
+
 def _check_inputs(spec: MethodSpec, n_models: int, has_base: bool) -> None:
     if spec.base == "required" and not has_base:
         raise MergeError(f"merge_method {spec.name!r} needs a base model (base_model)")
@@ -373,6 +381,7 @@ def merge_params(
     *,
     model_parameters: Sequence[Mapping[str, Any]] | None = None,
     seed: int = 0,
+    arch: str = "llama",
     **parameters: Any,
 ) -> Params:
     """Merge solarjax params pytrees of identical structure; returns a pytree like ``models[0]``.
@@ -382,8 +391,10 @@ def merge_params(
     (e.g. ``density``) are per model; ``parameters`` are recipe-wide (``t``, ``normalize``,
     ``lambda``, ...) and also the fallback for per-model ones. Any value may be a mergekit
     setting: scalar, per-layer gradient list, or ``[{filter, value}]`` with filters matched
-    against the HF tensor names. Results equal ``merge_checkpoints`` on the HF export.
+    against the HF tensor names (those of family ``arch``). Results equal ``merge_checkpoints`` on
+    the HF export.
     """
+    layer_names, global_names = hf_names(arch)
     spec = method_spec(method)
     _check_inputs(spec, len(models), base is not None)
     per_model = [dict(m) for m in (model_parameters or [{} for _ in models])]
@@ -415,10 +426,10 @@ def merge_params(
         base_leaf = leaves[0] if base is not None else None
         if keys[0] == "layers":
             n_layers = ref.shape[0]
-            hf_names = [f"model.layers.{i}.{HF_LAYER_NAMES.get(keys[-1], keys[-1])}" for i in range(n_layers)]
+            hf_names = [f"model.layers.{i}.{layer_names.get(keys[-1], keys[-1])}" for i in range(n_layers)]
             layered = True
         else:
-            hf_names = [HF_GLOBAL_NAMES.get(keys[-1], keys[-1])]
+            hf_names = [global_names.get(keys[-1], keys[-1])]
             n_layers, layered = 1, False
         plans = [plan_tensor(spec, n, layer_fraction(n, n_layers), [parameters], model_sources, names) for n in hf_names]
         tkeys = [tensor_key(seed, n) for n in hf_names]

@@ -1,8 +1,9 @@
-"""A pure-functional Llama/Mistral decoder.
+"""A pure-functional decoder for every family in :mod:`solarjax.families` (Llama, Mistral, Qwen2/3, Gemma 3).
 
 Params are a plain pytree of arrays. Every per-layer weight lives under ``params["layers"]``
 stacked on axis 0, so the forward pass is one ``jax.lax.scan`` over layers and depth up-scaling
-is array slicing. Weight layouts keep heads as their own axis (``wq: (L, d_model, n_heads,
+is array slicing. Which leaves exist (biases, q/k norms, sandwich norms) comes from the family's
+spec; the forward applies whatever the layer holds. Weight layouts keep heads as their own axis (``wq: (L, d_model, n_heads,
 head_dim)``) so sharding rules can name them; conversion to Hugging Face is a reshape and a
 transpose, because RoPE here uses HF's rotate-half convention.
 """
@@ -17,53 +18,42 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from solarjax import attention as attn
+from solarjax import families
 from solarjax.config import ModelConfig
+from solarjax.families.spec import Family, Param
 
 Params = dict[str, Any]
 
-# Logical axis names of every parameter dimension; sharding rules map these to mesh axes.
-LAYER_AXES: dict[str, tuple[str, ...]] = {
-    "attn_norm": ("layers", "embed"),
-    "wq": ("layers", "embed", "heads", "head_dim"),
-    "wk": ("layers", "embed", "kv_heads", "head_dim"),
-    "wv": ("layers", "embed", "kv_heads", "head_dim"),
-    "wo": ("layers", "heads", "head_dim", "embed"),
-    "mlp_norm": ("layers", "embed"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
-}
+def family(cfg: ModelConfig) -> Family:
+    """The architecture spec of ``cfg`` (:mod:`solarjax.families`): its params and numerics."""
+    return families.get(cfg.arch)
+
+
+def _tree(cfg: ModelConfig, value: Callable[[Param, bool], Any]) -> Params:
+    """A params-shaped tree with ``value(param, stacked)`` at every leaf, from the family spec."""
+    layer, glob = family(cfg).params(cfg)
+    tree: Params = {p.name: value(p, False) for p in glob}
+    tree["layers"] = {p.name: value(p, True) for p in layer}
+    return tree
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """The shape of every parameter, as a pytree of tuples mirroring ``init_params``."""
-    L, d, hd, f = cfg.n_layers, cfg.d_model, cfg.head_dim, cfg.ffn_dim
-    layers = {
-        "attn_norm": (L, d),
-        "wq": (L, d, cfg.n_heads, hd),
-        "wk": (L, d, cfg.n_kv_heads, hd),
-        "wv": (L, d, cfg.n_kv_heads, hd),
-        "wo": (L, cfg.n_heads, hd, d),
-        "mlp_norm": (L, d),
-        "w_gate": (L, d, f),
-        "w_up": (L, d, f),
-        "w_down": (L, f, d),
-    }
-    shapes: Params = {"embed": (cfg.vocab_size, d), "layers": layers, "final_norm": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (d, cfg.vocab_size)
-    return shapes
+    return _tree(cfg, lambda p, stacked: ((cfg.n_layers,) if stacked else ()) + tuple(p.shape(cfg)))
 
 
 def param_axes(cfg: ModelConfig) -> Params:
     """Logical axis names for every parameter, same tree structure as the params."""
-    axes: Params = {"embed": ("vocab", "embed"), "layers": dict(LAYER_AXES), "final_norm": ("embed",)}
-    if not cfg.tie_embeddings:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
+    return _tree(cfg, lambda p, stacked: (("layers",) if stacked else ()) + tuple(p.axes))
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The :class:`~solarjax.families.spec.Param` declaration of every leaf (init, decay, names)."""
+    return _tree(cfg, lambda p, stacked: p)
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
@@ -74,17 +64,19 @@ def abstract_params(cfg: ModelConfig) -> Params:
 
 
 def init_params(key: jax.Array, cfg: ModelConfig, init_std: float = 0.02) -> Params:
-    """Random init as HF does it: norms at one, every matrix normal with ``initializer_range``."""
-    is_shape = lambda x: isinstance(x, tuple)  # noqa: E731
-    paths_shapes, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_shape)
-    keys = jax.random.split(key, len(paths_shapes))
-    leaves = [
-        jnp.ones(shape, cfg.weight_dtype)
-        if "norm" in jax.tree_util.keystr(path)
-        else (init_std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.weight_dtype)
-        for (path, shape), k in zip(paths_shapes, keys)
-    ]
-    return jax.tree.unflatten(treedef, leaves)
+    """Random init as HF does it: each leaf as its spec says (normal with ``initializer_range``,
+    ones or zeros: norms at one, or zero where they scale by 1 + w, biases at zero)."""
+    is_param = lambda x: isinstance(x, Param)  # noqa: E731
+    specs, treedef = jax.tree_util.tree_flatten(param_specs(cfg), is_leaf=is_param)
+    shapes = jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(specs))
+
+    def make(spec: Param, shape: tuple[int, ...], k: jax.Array) -> jax.Array:
+        if spec.init == "normal":
+            return (init_std * jax.random.normal(k, shape, jnp.float32)).astype(cfg.weight_dtype)
+        return (jnp.ones if spec.init == "ones" else jnp.zeros)(shape, cfg.weight_dtype)
+
+    return jax.tree.unflatten(treedef, [make(p, s, k) for p, s, k in zip(specs, shapes, keys)])
 
 
 def compute_params(params: Params, cfg: ModelConfig) -> Params:
@@ -92,38 +84,111 @@ def compute_params(params: Params, cfg: ModelConfig) -> Params:
 
     Done per step rather than per matmul so remat's recomputation and FSDP's all-gathers move
     bf16 copies, not fp32 masters; gradients flow back to the fp32 masters through the cast.
-    Norm scales (kept fp32: the norm runs in fp32) and the embedding table (a gather whose
-    scatter-add gradient would lose precision in bf16) stay as they are.
+    Norm scales (kept fp32: the norm runs in fp32), biases and the embedding table (a gather whose
+    scatter-add gradient would lose precision in bf16) stay as they are: the spec's ``matmul``.
     """
     dtype = cfg.compute_dtype
-    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
-    matrix = lambda axes: len([a for a in axes if a != "layers"]) >= 2  # noqa: E731
-
-    def cast(axes, leaf, top):
-        return leaf.astype(dtype) if matrix(axes) and top != "embed" else leaf
-
-    axes = param_axes(cfg)
-    out = {top: jax.tree.map(lambda a, leaf, top=top: cast(a, leaf, top), axes[top], params[top], is_leaf=is_axes)
-           for top in axes}
+    specs = param_specs(cfg)
+    out = {top: jax.tree.map(lambda p, leaf: leaf.astype(dtype) if p.matmul else leaf, specs[top], params[top],
+                             is_leaf=lambda x: isinstance(x, Param))
+           for top in specs}
     return {**params, **out}
 
 
 # ----------------------------------------------------------------------------- building blocks
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, as HF does, then cast back."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm computed in float32, as HF does, then cast back; ``plus_one`` scales by (1 + w) (Gemma)."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+    w32 = weight.astype(jnp.float32)
+    return ((1.0 + w32 if plus_one else w32) * x32).astype(x.dtype)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The family's RMSNorm."""
+    return rms_norm(x, weight, cfg.rms_eps, family(cfg).norm_plus_one)
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: tuple | dict | None = None,
+                    max_seq_len: int | None = None) -> tuple[np.ndarray, float]:
+    """RoPE inverse frequencies (float32, ``head_dim // 2``) and the cos/sin factor, for plain RoPE
+    and the ``linear``, ``llama3`` and ``yarn`` scalings exactly as transformers'
+    ``modeling_rope_utils`` computes them (float32 arithmetic)."""
+    f32 = np.float32
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(f32) / f32(head_dim)
+    inv_freq = (f32(1.0) / (f32(theta) ** exponents)).astype(f32)
+    s = dict(scaling or {})
+    kind = s.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return (inv_freq / f32(s["factor"])).astype(f32), 1.0
+    if kind == "llama3":
+        factor, low, high = f32(s["factor"]), f32(s["low_freq_factor"]), f32(s["high_freq_factor"])
+        old = f32(s["original_max_position_embeddings"])
+        wavelen = f32(2 * math.pi) / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq).astype(f32)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return np.where(medium, smoothed, scaled).astype(f32), 1.0
+    if kind == "yarn":
+        original = s.get("original_max_position_embeddings") or max_seq_len
+        factor = s.get("factor") or max_seq_len / original
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = s.get("attention_factor")
+        if attention_factor is None:
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001
+        pos_freqs = f32(theta) ** exponents
+        extrapolation, interpolation = f32(1.0) / pos_freqs, f32(1.0) / (f32(factor) * pos_freqs)
+        ramp = np.clip((np.arange(head_dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+        extra = f32(1) - ramp
+        return (interpolation * (1 - extra) + extrapolation * extra).astype(f32), float(attention_factor)
+    raise ValueError(f"RoPE scaling {kind!r} is not supported")
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, scaling: tuple | dict | None = None,
+                 max_seq_len: int | None = None) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables of shape (batch, seq, head_dim) in HF's rotate-half layout."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    inv_freq, factor = inv_frequencies(head_dim, theta, scaling, max_seq_len)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    if factor == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for every attention kind of ``cfg``, stacked: (kinds, batch, seq, head_dim)."""
+    tables = [rope_cos_sin(positions, cfg.head_dim, *cfg.kind_rope(k), cfg.max_seq_len) for k in range(cfg.n_kinds)]
+    return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
+
+
+def pick(stacked: jax.Array, kind: jax.Array | int) -> jax.Array:
+    """One kind's entry of a per-kind stack (static when there is one kind)."""
+    return stacked[0] if stacked.shape[0] == 1 else jax.lax.dynamic_index_in_dim(stacked, kind, keepdims=False)
+
+
+def layer_kinds(cfg: ModelConfig) -> jax.Array:
+    """(n_layers,) int32: each layer's attention kind, scanned beside the stacked weights."""
+    return jnp.asarray(cfg.layer_kinds, jnp.int32)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -156,52 +221,81 @@ def attention_mask(
     return mask[:, None]
 
 
-def _reference_attention(q, k, v, mask):
+def attention_masks(q_positions, kv_positions, q_segments, kv_segments, cfg: ModelConfig) -> jax.Array:
+    """:func:`attention_mask` for every attention kind of ``cfg``: (kinds, batch, 1, q, kv)."""
+    return jnp.stack([attention_mask(q_positions, kv_positions, q_segments, kv_segments, cfg.kind_window(k))
+                      for k in range(cfg.n_kinds)])
+
+
+def _reference_attention(q, k, v, mask, scale=None):
     """Plain einsum attention in float32: the readable oracle for the fused path."""
     groups = q.shape[2] // k.shape[2]
     k = jnp.repeat(k, groups, axis=2)
     v = jnp.repeat(v, groups, axis=2)
     scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = scores / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = scores * jnp.float32(scale)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str,
+           scale: float | None = None) -> jax.Array:
     """Grouped-query attention over (batch, seq, heads, head_dim) tensors with an explicit mask.
 
     The mask path (KV-cache decoding, CPU training): ``auto`` and ``splash`` have no masked form,
-    so they run XLA here; ``cudnn`` takes the mask as cuDNN's bias.
+    so they run XLA here; ``cudnn`` takes the mask as cuDNN's bias. ``scale`` multiplies the
+    scores (default ``1 / sqrt(head_dim)``).
     """
     if impl == "reference":
-        return _reference_attention(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn" if impl == "cudnn" else "xla")
+        return _reference_attention(q, k, v, mask, scale)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                        implementation="cudnn" if impl == "cudnn" else "xla")
 
 
-def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """SwiGLU feed-forward."""
+def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    raise ValueError(f"activation {name!r} is not implemented")
+
+
+def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str = "silu") -> jax.Array:
+    """Gated feed-forward: SwiGLU (``silu``) or GeGLU (``gelu_tanh``)."""
     gate = jnp.einsum("btd,df->btf", x, w_gate.astype(x.dtype))
     up = jnp.einsum("btd,df->btf", x, w_up.astype(x.dtype))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w_down.astype(x.dtype))
+    return jnp.einsum("btf,fd->btd", _activation(activation)(gate) * up, w_down.astype(x.dtype))
 
 
 def qkv_projection(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, cfg: ModelConfig):
-    """Normed input -> rotated queries and keys, and values."""
-    h = rms_norm(x, layer["attn_norm"], cfg.rms_eps)
+    """Normed input -> rotated queries and keys, and values (biases and q/k norms where the family has them)."""
+    h = norm(x, layer["attn_norm"], cfg)
     q = jnp.einsum("btd,dnh->btnh", h, layer["wq"].astype(x.dtype))
     k = jnp.einsum("btd,dnh->btnh", h, layer["wk"].astype(x.dtype))
     v = jnp.einsum("btd,dnh->btnh", h, layer["wv"].astype(x.dtype))
+    if "bq" in layer:
+        q, k, v = (t + layer[b].astype(t.dtype) for t, b in ((q, "bq"), (k, "bk"), (v, "bv")))
+    if "q_norm" in layer:
+        q, k = norm(q, layer["q_norm"], cfg), norm(k, layer["k_norm"], cfg)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
 
 def finish_layer(x: jax.Array, attn_out: jax.Array, layer: Params, cfg: ModelConfig) -> jax.Array:
-    """Output projection, residual, then the MLP block with its residual."""
+    """Output projection, residual, then the MLP block with its residual (sandwich-normed where
+    the family has post norms)."""
     attn_out = checkpoint_name(attn_out, "attn_out")
-    x = x + jnp.einsum("btnh,nhd->btd", attn_out, layer["wo"].astype(x.dtype))
-    h = rms_norm(x, layer["mlp_norm"], cfg.rms_eps)
-    return x + mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"])
+    out = jnp.einsum("btnh,nhd->btd", attn_out, layer["wo"].astype(x.dtype))
+    if "post_attn_norm" in layer:
+        out = norm(out, layer["post_attn_norm"], cfg)
+    x = x + out
+    h = norm(x, layer["mlp_norm"], cfg)
+    out = mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], family(cfg).activation)
+    if "post_mlp_norm" in layer:
+        out = norm(out, layer["post_mlp_norm"], cfg)
+    return x + out
 
 
 def decoder_layer(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, cfg: ModelConfig,
@@ -211,19 +305,35 @@ def decoder_layer(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, c
     return finish_layer(x, self_attention(q, k, v), layer, cfg)
 
 
-def self_attention_fn(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None):
-    """``(q, k, v) -> out`` for a whole sequence, with the backend's kernel (:mod:`solarjax.attention`).
+def attention_scale(cfg: ModelConfig) -> float | None:
+    """The scores' scale when it is not ``1 / sqrt(head_dim)`` (Gemma's query_pre_attn_scalar), else None."""
+    return None if cfg.query_pre_attn_scalar is None else cfg.attention_scale
+
+
+def self_attention_fn(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None, kind: int = 0):
+    """``(q, k, v) -> out`` for a whole sequence, with the backend's kernel (:mod:`solarjax.attention`),
+    for layers of attention ``kind`` (its window).
 
     Fused kernels (splash on TPU, cuDNN on GPU) never build the (B, 1, T, T) mask; the XLA and
     reference paths build it once here and every layer reuses it.
     """
     sharding = _ACTIVATION_SHARDING.get()
     impl = attn.resolve(cfg.attention, cfg.compute_dtype, attn.platform_of(sharding))
+    window = cfg.kind_window(kind)
     if impl in attn.FUSED:
-        return attn.fused_attention_fn(segment_ids, impl=impl, window=cfg.sliding_window,
-                                       max_segments=cfg.max_segments, batch_sharding=sharding)
-    mask = attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
-    return lambda q, k, v: attend(q, k, v, mask, impl)
+        return attn.fused_attention_fn(segment_ids, impl=impl, window=window, max_segments=cfg.max_segments,
+                                       batch_sharding=sharding, scale=attention_scale(cfg))
+    mask = attention_mask(positions, positions, segment_ids, segment_ids, window)
+    return lambda q, k, v: attend(q, k, v, mask, impl, attention_scale(cfg))
+
+
+def self_attention_by_kind(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None):
+    """``(kind, q, k, v) -> out``: one attention function per kind, chosen per layer with
+    ``lax.switch`` (the fused kernels need static windows, so each kind is its own kernel)."""
+    fns = [self_attention_fn(cfg, positions, segment_ids, k) for k in range(cfg.n_kinds)]
+    if len(fns) == 1:
+        return lambda kind, q, k, v: fns[0](q, k, v)
+    return lambda kind, q, k, v: jax.lax.switch(kind, fns, q, k, v)
 
 
 def remat_policy(name: str):
@@ -282,8 +392,17 @@ def constrain_activations(x: jax.Array) -> jax.Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
+def embed_multiplier(cfg: ModelConfig, dtype: Any) -> jax.Array | None:
+    """sqrt(d_model) in the embedding's dtype for families that scale embeddings (Gemma), else None."""
+    if not family(cfg).scale_embeddings:
+        return None
+    return jnp.asarray(math.sqrt(cfg.d_model), jnp.float32).astype(dtype)
+
+
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return jnp.take(params["embed"], tokens, axis=0).astype(cfg.compute_dtype)
+    rows = jnp.take(params["embed"], tokens, axis=0)
+    scale = embed_multiplier(cfg, rows.dtype)
+    return (rows if scale is None else rows * scale).astype(cfg.compute_dtype)
 
 
 def head_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
@@ -293,7 +412,7 @@ def head_matrix(params: Params, cfg: ModelConfig) -> jax.Array:
 
 def lm_head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and vocabulary projection; fp32 logits."""
-    x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    x = norm(x, params["final_norm"], cfg)
     return jnp.einsum("btd,dv->btv", x, head_matrix(params, cfg).astype(x.dtype)).astype(jnp.float32)
 
 
@@ -322,16 +441,18 @@ def hidden_states(
     if positions is None:
         positions = default_positions(tokens, segment_ids)
     x = constrain_activations(embed(params, tokens, cfg))
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    self_attention = self_attention_fn(cfg, positions, segment_ids)
+    cos_all, sin_all = rope_tables(positions, cfg)
+    self_attention = self_attention_by_kind(cfg, positions, segment_ids)
 
-    def body(carry, layer):
-        return constrain_activations(decoder_layer(carry, layer, cos, sin, cfg, self_attention)), None
+    def body(carry, xs):
+        layer, kind = xs
+        q, k, v = qkv_projection(carry, layer, pick(cos_all, kind), pick(sin_all, kind), cfg)
+        return constrain_activations(finish_layer(carry, self_attention(kind, q, k, v), layer, cfg)), None
 
     policy = remat_policy(cfg.remat)
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, params["layers"])
+    x, _ = jax.lax.scan(body, x, (params["layers"], layer_kinds(cfg)))
     return x
 
 

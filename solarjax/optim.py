@@ -12,6 +12,7 @@ import jax
 import optax
 
 from solarjax.config import ConfigError
+from solarjax.families import DECAYS
 from solarjax.model import Params
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -43,10 +44,18 @@ def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     )
 
 def weight_decay_mask(params: Params, decay_norms_and_embeddings: bool = False) -> Params:
-    """True where weight decay applies: matrices, but not norms or the embedding table by default."""
-    def decide(path, _):
-        name = jax.tree_util.keystr(path)
-        return decay_norms_and_embeddings or not ("norm" in name or name == "['embed']")
+    """True where weight decay applies, as each leaf's family spec declares (:mod:`solarjax.families`):
+    matrices decay; norms, biases and the embedding table do not, unless
+    ``decay_norms_and_embeddings`` (then every leaf decays). A leaf no family declares decays when
+    it is a matrix (two or more dims besides the layer axis)."""
+    def decide(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if decay_norms_and_embeddings:
+            return True
+        if name in DECAYS:
+            return DECAYS[name]
+        stacked = getattr(path[0], "key", None) == "layers"
+        return leaf.ndim - int(stacked) >= 2
     return jax.tree_util.tree_map_with_path(decide, params)
 
 def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -120,7 +120,9 @@ def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     if not isinstance(table, Quantized):
         return M.embed(params, tokens, cfg)
     rows = jnp.take(table.values, tokens, axis=0).astype(cfg.compute_dtype)
-    return rows * jnp.take(table.scale, tokens, axis=0).astype(cfg.compute_dtype)
+    rows = rows * jnp.take(table.scale, tokens, axis=0).astype(cfg.compute_dtype)
+    multiplier = M.embed_multiplier(cfg, table.scale.dtype)  # Gemma scales embeddings by sqrt(d_model)
+    return rows if multiplier is None else rows * multiplier.astype(rows.dtype)
 
 
 def lm_head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -138,14 +140,16 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positi
     if positions is None:
         positions = M.default_positions(tokens, segment_ids)
     x = embed(params, tokens, cfg)
-    cos, sin = M.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    mask = M.attention_mask(positions, positions, segment_ids, segment_ids, cfg.sliding_window)
+    cos_all, sin_all = M.rope_tables(positions, cfg)
+    masks = M.attention_masks(positions, positions, segment_ids, segment_ids, cfg)
     impl = "xla" if cfg.attention in ("auto", "cudnn", "splash") else cfg.attention  # explicit mask
 
-    def body(x, layer):
+    def body(x, xs):
+        layer, kind = xs
         layer = dense_layer(layer, cfg.compute_dtype)
-        q, k, v = M.qkv_projection(x, layer, cos, sin, cfg)
-        return M.finish_layer(x, M.attend(q, k, v, mask, impl), layer, cfg), None
+        q, k, v = M.qkv_projection(x, layer, M.pick(cos_all, kind), M.pick(sin_all, kind), cfg)
+        out = M.attend(q, k, v, M.pick(masks, kind), impl, M.attention_scale(cfg))
+        return M.finish_layer(x, out, layer, cfg), None
 
-    x, _ = jax.lax.scan(body, x, params["layers"])
+    x, _ = jax.lax.scan(body, x, (params["layers"], M.layer_kinds(cfg)))
     return x

@@ -577,24 +577,33 @@ def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.G
 
 
 def finish_run(bar, manager, logger: MetricsLogger) -> None:
-    """Close the progress bar, wait for the last async checkpoint to commit, close the logs."""
-    bar.close()
-    if manager is not None:
-        ckpt.wait_for_saves(manager)
-        manager.close()
-    logger.close()
-
-
-def _abandon_run(bar, manager, logger: MetricsLogger) -> None:
-    """Close everything on the way out of a failing run without masking its error; a save still in
-    flight is committed (Orbax's ``close`` waits) or, failing, left for the next run to delete."""
+    """Close the progress bar and the logs, wait for the last async checkpoint to commit (its
+    failure raises one ``CheckpointError``), close the checkpoint manager."""
     bar.close()
     logger.close()
     if manager is not None:
         try:
-            manager.close()
-        except Exception:  # noqa: BLE001 - the error being raised is the one to report
-            pass
+            ckpt.wait_for_saves(manager)
+        except BaseException:
+            _close_quietly(manager)
+            raise
+        manager.close()
+
+
+def _close_quietly(manager) -> None:
+    """Close a checkpoint manager on the way out of a failing run without masking its error; a save
+    still in flight is committed (Orbax's ``close`` waits) or, failing, left for the next run to delete."""
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001 - the error being raised is the one to report
+        pass
+
+
+def _abandon_run(bar, manager, logger: MetricsLogger) -> None:
+    bar.close()
+    logger.close()
+    if manager is not None:
+        _close_quietly(manager)
 
 
 def _place_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules) -> Params:
@@ -733,14 +742,10 @@ def train(
                     timer["start"] += time.perf_counter() - paused  # eval time is not training throughput
                 bar.update(1)
             guard.settle()
-    except TrainingDiverged:
-        flush(int(jax.device_get(state["step"])))
-        if manager is not None:
-            ckpt.wait_for_saves(manager)  # the last finite checkpoint commits
-        _abandon_run(bar, manager, logger)
-        raise
-    except BaseException:
-        _abandon_run(bar, manager, logger)
+    except BaseException as err:
+        if isinstance(err, TrainingDiverged):
+            flush(int(jax.device_get(state["step"])))  # the non-finite steps' records, as null + flag
+        _abandon_run(bar, manager, logger)  # the last (finite) checkpoint in flight still commits
         raise
     finish_run(bar, manager, logger)
     if signals.signum is not None and stop:

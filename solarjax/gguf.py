@@ -323,21 +323,52 @@ class GGUFTokenizer:
         }
 
 
-def tokenizer_from_gguf(reader) -> GGUFTokenizer:
-    """Build the byte-level BPE tokenizer of a ``tokenizer.ggml.model == "gpt2"`` file."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+def spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a token into two tokens,
+    best-scored token first (as transformers' ``generate_merges`` recovers them from a GGUF)."""
+    merges = []
+    for token, score in scores.items():
+        local = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
 
-    kind = _meta(reader, "tokenizer.ggml.model", None)
-    if kind != "gpt2":
-        raise GGUFError(
-            f"{reader.data.filename}: tokenizer.ggml.model={kind!r} is not supported "
-            "(solarjax builds byte-level BPE 'gpt2' vocabularies only)"
-        )
-    tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
+
+def _sentencepiece_model(reader, tokens: list[str]):
+    """A ``tokenizer.ggml.model == "llama"`` vocabulary (Llama-2, Mistral, Gemma) as a byte-fallback BPE
+    with SentencePiece's spelling (``▁`` for a space), built the way transformers' GGUF loader builds
+    its ``LlamaTokenizer`` / ``GemmaTokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    gemma = str(_meta(reader, "general.architecture", "")).startswith("gemma")
+    if gemma:  # Gemma files spell runs of spaces as spaces, and merge in file order, not by score
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+        scores = {t: -i for i, t in enumerate(tokens)}
+    else:
+        scores = dict(zip(tokens, _meta(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    file_merges = _meta(reader, "tokenizer.ggml.merges", None)
+    merges = [tuple(m.split(" ")) for m in file_merges] if file_merges else spm_merges(vocab, scores)
+    unk = _meta(reader, "tokenizer.ggml.unknown_token_id", None)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
+                               unk_token=tokens[unk] if gemma and unk is not None else None))
+    fallback = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if gemma:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+        tok.decoder = decoders.Sequence(fallback)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([*fallback, decoders.Strip(content=" ", left=1)])
+    return tok
+
+
+def _byte_level_model(reader, tokens: list[str], types: list[int]):
+    """A ``tokenizer.ggml.model == "gpt2"`` vocabulary: byte-level BPE."""
+    from tokenizers import Tokenizer, decoders, models, processors
+
     merges: list[str] = _meta(reader, "tokenizer.ggml.merges")
-    types: list[int] = _meta(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
-    if len(types) != len(tokens):
-        raise GGUFError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     spelling = _byte_alphabet()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
@@ -359,6 +390,25 @@ def tokenizer_from_gguf(reader) -> GGUFTokenizer:
     tok.pre_tokenizer = _pre_tokenizer(_meta(reader, "tokenizer.ggml.pre", None))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def tokenizer_from_gguf(reader) -> GGUFTokenizer:
+    """Build the tokenizer of a GGUF: byte-level BPE (``tokenizer.ggml.model == "gpt2"``: Llama 3,
+    Qwen, SmolLM) or SentencePiece (``"llama"``: Llama-2, Mistral, Gemma)."""
+    from tokenizers import AddedToken
+
+    kind = _meta(reader, "tokenizer.ggml.model", None)
+    if kind not in ("gpt2", "llama"):
+        raise GGUFError(
+            f"{reader.data.filename}: tokenizer.ggml.model={kind!r} is not supported "
+            "(solarjax builds byte-level BPE 'gpt2' and SentencePiece 'llama' vocabularies)"
+        )
+    tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
+    types: list[int] = _meta(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise GGUFError(f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    tok = _byte_level_model(reader, tokens, types) if kind == "gpt2" else _sentencepiece_model(reader, tokens)
     control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == TOKEN_CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == TOKEN_USER_DEFINED]
     tok.add_special_tokens(control)
@@ -379,7 +429,8 @@ def tokenizer_from_gguf(reader) -> GGUFTokenizer:
         eos_token=name("eos_token_id"),
         unk_token=name("unknown_token_id"),
         pad_token=name("padding_token_id"),
-        add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
+        # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+        add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
         add_eos_token=bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
         model_max_length=int(_meta(reader, f"{arch}.context_length", 4096)),
     )

@@ -275,3 +275,44 @@ def test_info_and_upscale_take_a_gguf(tiny_gguf, tmp_path, capsys):
         np.testing.assert_allclose(ours(tokens).logits.numpy(), grown(tokens, use_cache=False).logits.numpy(),
                                    atol=2e-5, rtol=1e-5)
     assert json.loads((tmp_path / "grown" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+
+
+# ----------------------------------------------------------------------------- SentencePiece vocabularies
+
+SPM_PIECES = {"\u2581": -9.0, "a": -10.0, "b": -10.5, "c": -11.0, "h": -11.5, "i": -12.0, "\u2581h": -3.0,
+              "\u2581hi": -1.0, "hi": -2.0, "ab": -4.0, "abc": -5.0, "\u2581ab": -6.0, "  ": -7.0}
+
+
+def write_spm_gguf(path, arch: str):
+    """A metadata-only GGUF with a SentencePiece ("llama") vocabulary: specials, 256 byte tokens, pieces."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(SPM_PIECES)
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)  # UNKNOWN, CONTROL, BYTE, NORMAL
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + list(SPM_PIECES.values()))
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sentencepiece_vocabulary_matches_transformers_gguf_loader(tmp_path, arch):
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    path = write_spm_gguf(tmp_path / f"{arch}.gguf", arch)
+    ours = sg.load_gguf_tokenizer(path)
+    theirs, _ = convert_gguf_tokenizer(*get_gguf_tokenizer(str(path))[:2])
+    for text in ["hi abc", " hi  ab", "xyz \u00e9 hi", "abcabc hi\nhi", "</s>hi"]:
+        ids = ours.tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == theirs.encode(text, add_special_tokens=False).ids, text
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False), text
+    assert ours.add_bos_token and ours.encode("hi")[0] == 1 and ours.bos_token == "<s>"

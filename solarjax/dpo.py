@@ -286,7 +286,7 @@ def load_reference(source: str | None, policy_cfg: ModelConfig, params: Params, 
     """The frozen reference in the compute dtype, sharded like the policy.
 
     ``source`` None copies the policy's starting params (which the train step will donate and
-    overwrite, hence a real copy); otherwise an HF dir or Orbax params checkpoint of the same shape.
+    overwrite, hence a real copy); otherwise any model ``solarjax.loading`` reads, of the same shape.
     """
     from solarjax import sharding as shd
 
@@ -294,18 +294,13 @@ def load_reference(source: str | None, policy_cfg: ModelConfig, params: Params, 
     shardings = shd.param_shardings(cfg, mesh, rules)
     if source is None:
         return jax.tree.map(lambda x, s: jax.device_put(jnp.array(x, dtype=cfg.dtype, copy=True), s), params, shardings)
-    path = Path(source)
-    if (path / "config.json").is_file():
-        from solarjax.hf import load_hf
+    from solarjax import loading
 
-        ref_cfg, ref = load_hf(path, dtype=cfg.dtype, shardings=shardings)
-    elif (path / "params").is_dir():
-        from solarjax.ckpt import load_params
-
-        ref_cfg, ref = load_params(path, dtype=cfg.dtype, shardings=shardings)
-    else:
-        raise ConfigError(f"dpo.reference={source!r} is neither an HF checkpoint (config.json) nor an Orbax "
-                          "params checkpoint (params/)")
+    try:
+        reference = loading.detect(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"dpo.reference={source!r}: {err}") from None
+    ref_cfg, ref, _ = loading.load(reference, dtype=cfg.dtype, shardings=shardings)
     shape_fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
                     "tie_embeddings")
     diff = [f for f in shape_fields if getattr(ref_cfg, f) != getattr(policy_cfg, f)]

@@ -38,46 +38,35 @@ class GenerationError(ValueError):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None):
-    """``(cfg, params, tokenizer)`` from an HF directory, a solarjax Orbax checkpoint or a ``.gguf``.
+def load_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None,
+               progress: bool = False):
+    """``(cfg, params, tokenizer)`` from any model ``solarjax.loading`` reads: an HF directory, a
+    ``.gguf``, a solarjax Orbax checkpoint, a training run or one of its steps.
 
     The tokenizer is ``tokenizer`` (a ``tokenizer.json`` file or a directory holding one) when
-    given, else ``PATH/tokenizer.json`` when it exists (a GGUF carries its own), else ``None``
-    (callers that need text raise then). Every verb loads through here, so each accepts all three.
+    given, else the model's own (a GGUF's, a run's), else ``None`` (callers that need text raise).
     """
-    from tokenizers import Tokenizer
+    from solarjax import loading
 
-    path = Path(path)
-    if path.suffix == ".gguf" and path.is_file():
-        from solarjax.gguf import load_gguf
+    return loading.load(path, tokenizer, dtype=dtype, progress=progress)
 
-        cfg, params, tok = load_gguf(path, dtype=dtype or "float32")
-        if tokenizer is None:
-            return cfg, params, tok
-    elif (path / "config.json").is_file():
-        from solarjax.hf import load_hf
 
-        cfg, params = load_hf(path, dtype=dtype)
-    elif (path / "params").is_dir():
-        from solarjax.ckpt import load_params
+def tokenizer_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path | None]:
+    """The ``tokenizer_config.json`` of any model (inside a GGUF, or beside its tokenizer: a run's,
+    a step's) and the directory it came from; ``({}, None)`` when it has none."""
+    import json
 
-        cfg, params = load_params(path, dtype=dtype)
-    elif not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    else:
-        raise GenerationError(f"{path} is neither an HF model directory (config.json), a solarjax Orbax "
-                              "checkpoint (params/) nor a .gguf file")
-    tok_file = None
-    if tokenizer is not None:
-        tok_file = Path(tokenizer)
-        if tok_file.is_dir():
-            tok_file = tok_file / "tokenizer.json"
-        if not tok_file.is_file():
-            raise FileNotFoundError(f"tokenizer file {tok_file} does not exist")
-    elif (path / "tokenizer.json").is_file():
-        tok_file = path / "tokenizer.json"
-    tok = Tokenizer.from_file(str(tok_file)) if tok_file is not None else None
-    return cfg, params, tok
+    from solarjax import loading
+
+    source = loading.detect(path)
+    if source.kind == "gguf":
+        from solarjax.gguf import load_gguf_tokenizer
+
+        return json.loads(load_gguf_tokenizer(source.weights).hf_files().get("tokenizer_config.json", "{}")), None
+    directory = source.tokenizer_dir
+    if directory is None or not (directory / "tokenizer_config.json").is_file():
+        return {}, directory
+    return json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")), directory
 
 
 def require_tokenizer(tokenizer: Any, path: Any) -> Any:
@@ -520,37 +509,17 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def chat_prompt(model_dir: str | os.PathLike, user_message: str, system: str | None = None) -> str:
+def chat_prompt(model: str | os.PathLike, user_message: str, system: str | None = None) -> str:
     """Render the model's chat template (``tokenizer_config.json``, ``chat_template.jinja`` or the GGUF).
 
-    Instruct models answer far better inside their template; jinja2 renders it the way
-    transformers does (one user turn, generation prompt appended).
+    Instruct models answer far better inside their template; it renders in the same sandbox as
+    SFT's (``solarjax.sft.ChatTemplate``, as transformers does): one user turn, generation prompt.
     """
-    import json
+    from solarjax.sft import chat_template_from, load_chat_template
 
-    import jinja2
-
-    model_dir = Path(model_dir)
-    template, special = None, {}
-    config_file = model_dir / "tokenizer_config.json"
-    if model_dir.suffix == ".gguf" and model_dir.is_file():
-        from solarjax.gguf import load_gguf_tokenizer
-
-        config = json.loads(load_gguf_tokenizer(model_dir).hf_files()["tokenizer_config.json"])
-        template = config.get("chat_template")
-        special = {k: config.get(k) for k in ("bos_token", "eos_token")}
-        special = {k: (v.get("content") if isinstance(v, dict) else v) or "" for k, v in special.items()}
-    elif config_file.is_file():
-        config = json.loads(config_file.read_text())
-        template = config.get("chat_template")
-        special = {k: config.get(k) for k in ("bos_token", "eos_token")}
-        special = {k: (v.get("content") if isinstance(v, dict) else v) or "" for k, v in special.items()}
-    if (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text()
-    if not template:
-        raise GenerationError(f"{model_dir} has no chat template (tokenizer_config.json or chat_template.jinja)")
+    config, directory = tokenizer_config(model)
+    template = load_chat_template(directory) if directory is not None else chat_template_from(config, model)
+    if template is None:
+        raise GenerationError(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja)")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=special.get("bos_token", ""),
-                                            eos_token=special.get("eos_token", ""))
+    return template.render(messages, add_generation_prompt=True)

@@ -10,8 +10,6 @@ our own verbs.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -169,17 +167,11 @@ class SolarJaxLM(TemplateLM):
 
 
 def special_token_ids(path: Any, tokenizer: Any, cfg: Any) -> tuple[int | None, int | None]:
-    """(BOS, EOS) ids as an HF tokenizer would report them: ``tokenizer_config.json`` beside the
-    model or inside a GGUF, else the model config's ``bos_token_id`` / ``eos_token_id``."""
-    config: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if path.suffix == ".gguf" and path.is_file():
-            from solarjax.gguf import load_gguf_tokenizer
+    """(BOS, EOS) ids as an HF tokenizer would report them: the model's ``tokenizer_config.json``
+    (beside its tokenizer, a run's included, or inside a GGUF), else the model config's ``bos_token_id`` / ``eos_token_id``."""
+    from solarjax.generate import tokenizer_config
 
-            config = json.loads(load_gguf_tokenizer(path).hf_files().get("tokenizer_config.json", "{}"))
-        elif (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text())
+    config = tokenizer_config(path)[0] if path is not None else {}
     ids = []
     for name, fallback in (("bos_token", cfg.bos_token_id), ("eos_token", cfg.eos_token_id)):
         if name in config:  # present (possibly null: no such token)

@@ -153,13 +153,18 @@ def load_chat_template(path: str | os.PathLike | None) -> ChatTemplate | None:
     config: dict = {}
     if (directory / "tokenizer_config.json").is_file():
         config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    jinja = path if path.suffix == ".jinja" else directory / "chat_template.jinja"
+    return chat_template_from(config, directory / "tokenizer_config.json", jinja if jinja.is_file() else None)
+
+
+def chat_template_from(config: dict, origin: str | os.PathLike, jinja: Path | None = None) -> ChatTemplate | None:
+    """The chat template of a ``tokenizer_config.json`` (as read, from a file or a GGUF), or of a
+    ``chat_template.jinja`` beside it; None when there is none."""
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    origin = directory / "tokenizer_config.json"
-    jinja = path if path.suffix == ".jinja" else directory / "chat_template.jinja"
-    if jinja.is_file():
+    if jinja is not None:
         template, origin = jinja.read_text(encoding="utf-8"), jinja
     if not template:
         return None
@@ -466,15 +471,18 @@ def add_sft_config(config) -> None:
 
 
 def resolve_tokenizer(config):
-    """``(tokenizer, directory)``: ``data.tokenizer`` or the ``tokenizer.json`` beside ``init.source``."""
+    """``(tokenizer, directory)``: ``data.tokenizer``, else the tokenizer of ``init.source`` (any model
+    path: an HF dir, a training run or one of its steps)."""
     from solarjax.data import load_tokenizer
 
     path = config.data.tokenizer
-    if path is None and config.init.source and (Path(config.init.source) / "tokenizer.json").is_file():
-        path = Path(config.init.source)
+    if path is None and config.init.source:
+        from solarjax.train import init_source
+
+        path = init_source(config).tokenizer_dir
     if path is None:
         raise SFTDataError("fine-tuning needs a tokenizer: set data.tokenizer (a tokenizer.json or its directory) "
-                           "or init.source to a model directory that has tokenizer.json")
+                           "or init.source to a model that has tokenizer.json")
     path = Path(path)
     return load_tokenizer(path), (path if path.is_dir() else path.parent)
 
@@ -533,18 +541,10 @@ def run_sft(config, *, cfg=None, params=None, stop_after: int | None = None) -> 
 
 def _source_config(config):
     """The ModelConfig of ``init.source`` (for bos/eos and vocab checks before the weights load)."""
-    from solarjax.config import ConfigError
+    from solarjax import loading
+    from solarjax.train import init_source
 
-    path = Path(config.init.source)
-    if (path / "config.json").is_file():
-        from solarjax.hf import config_from_hf, read_hf_config
-
-        return config_from_hf(read_hf_config(path))
-    if (path / "params").is_dir():
-        from solarjax.ckpt import read_config
-
-        return read_config(path)
-    raise ConfigError(f"init.source={config.init.source!r} is neither an HF checkpoint nor an Orbax params checkpoint")
+    return loading.read_config(init_source(config))
 
 
 def _save_tokenizer_files(config, out_dir: Path) -> None:

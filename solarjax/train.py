@@ -226,7 +226,8 @@ def model_config(config) -> ModelConfig:
 
 
 def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfig, Params]:
-    """Params placed on the mesh: random (``init.source`` None), from an HF dir or an Orbax checkpoint.
+    """Params placed on the mesh: random (``init.source`` None) or from any model ``solarjax.loading``
+    reads (HF dir, GGUF, Orbax checkpoint, training run).
 
     ``init.upscale`` (e.g. ``"solar:m=8"``) applies a depth up-scaling plan after loading. Compute
     settings (dtype, remat, attention) come from ``config.model``; shapes from the checkpoint.
@@ -237,16 +238,9 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
         cfg = model_config(config).replace(param_dtype="float32")
         params = None
     else:
-        path = ckpt.as_path(source)
-        if (path / "config.json").is_file():
-            from solarjax.hf import load_hf
+        from solarjax import loading
 
-            cfg, params = load_hf(path, dtype="float32")
-        elif (path / "params").is_dir():
-            cfg, params = ckpt.load_params(path, dtype="float32")
-        else:
-            raise ConfigError(f"init.source={source!r} is neither an HF checkpoint (config.json) nor an Orbax "
-                              "params checkpoint (params/)")
+        cfg, params, _ = loading.load(init_source(config), dtype="float32")
         cfg = cfg.replace(**compute)
     if upscale:
         from solarjax.dus import parse_plan_spec, upscale_params
@@ -263,16 +257,36 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
     return cfg, jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s), params, shardings)
 
 
+def init_source(config):
+    """``config.init.source`` as ``solarjax.loading`` sees it (any model path: HF, GGUF, Orbax, run);
+    a bad path names the config key. A remote (``gs://``) path is an Orbax checkpoint."""
+    from solarjax import loading
+
+    source = config.init.source
+    if "://" in str(source):
+        path = ckpt.as_path(source)
+        return loading.Source("orbax", path, path, path if (path / "tokenizer.json").exists() else None)
+    try:
+        return loading.detect(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"init.source={source!r}: {err}") from None
+
+
 def _tokenizer_for(config, cfg: ModelConfig, docs, out_dir: epath.Path | None):
     from solarjax import data
 
     path = config.data.tokenizer
-    if path is None and config.init.source and (ckpt.as_path(config.init.source) / "tokenizer.json").is_file():
-        path = ckpt.as_path(config.init.source) / "tokenizer.json"
+    if path is None and config.init.source:
+        own = init_source(config).tokenizer_dir
+        path = own / "tokenizer.json" if own is not None else None
     if path is None and out_dir is not None and (out_dir / "tokenizer.json").is_file():
         path = out_dir / "tokenizer.json"  # trained by an earlier run of this experiment
     if path is not None:
         tokenizer = data.load_tokenizer(path)
+        if out_dir is not None and jax.process_index() == 0 and not (out_dir / "tokenizer.json").exists():
+            # the run keeps its tokenizer, so `solarjax generate --model RUN` needs nothing else
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))
     else:
         sample = docs[:: max(1, len(docs) // 200)]  # a small-vocabulary BPE needs no more
         tokenizer = data.train_tokenizer(sample, cfg.vocab_size, out_dir / "tokenizer.json" if out_dir else None)

@@ -171,3 +171,38 @@ def test_sft_cli_lowers_response_loss(tmp_path, model_dir):
     assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:2]), losses
     assert (out / "checkpoints" / "12" / "params").is_dir()
     assert (out / "tokenizer_config.json").is_file()
+
+
+def test_a_sft_run_generates_by_its_directory_or_a_step(tmp_path, model_dir, capsys):
+    """After ``solarjax sft --out RUN``, ``generate --model RUN`` and ``--model RUN/checkpoints/N`` need
+    nothing else (the run keeps its tokenizer and chat template); the chat prompt and the greedy
+    continuation are transformers' for the same weights (the run exported as HF)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from solarjax.cli import main
+
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_records(8))
+    run = tmp_path / "run"
+    assert main(["sft", "--data", str(data), "--init", str(model_dir), "--out", str(run), "--steps", "2",
+                 "--config.train.seq_len=64", "--config.train.progress=False"]) == 0
+    prompt = "Repeat the words: red cat"
+    completions = []
+    for model in (run, run / "checkpoints" / "2"):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(model), "--prompt", prompt, "--chat", "--no-stream",
+                     "--max-new-tokens", "6"]) == 0, capsys.readouterr().err
+        shown = capsys.readouterr().out
+        assert shown.startswith(prompt + "\n"), shown
+        completions.append(shown[len(prompt) + 1:].rstrip("\n"))
+    assert completions[0] == completions[1]
+
+    assert main(["convert", "orbax-to-hf", str(run), str(tmp_path / "hf")]) == 0
+    hf_tok = hf_tokenizer(tmp_path / "hf")
+    rendered = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=False)
+    ids = torch.tensor([hf_tok(rendered).input_ids])
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+    out = hf_model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                            pad_token_id=hf_tok.pad_token_id)
+    assert completions[0] == hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

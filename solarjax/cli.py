@@ -13,36 +13,7 @@ import pkgutil
 import sys
 
 import solarjax.commands
-
-
-CONFIG_PREFIX = "--config."
-
-
-def accept_config_overrides(parser: argparse.ArgumentParser) -> None:
-    """Let ``parser`` take any number of ``--config.key.sub=value`` (or ``--config.key value``) items.
-
-    argparse cannot declare options by prefix, so they are pulled out before it parses and left
-    in ``args.overrides`` as ``key.sub=value`` strings for ``solarjax.config.apply_overrides``.
-    """
-    parse_known = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        args, overrides, rest = list(args or []), [], []
-        i = 0
-        while i < len(args):
-            item = args[i]
-            if item.startswith(CONFIG_PREFIX):
-                if "=" not in item and i + 1 < len(args):
-                    item, i = f"{item}={args[i + 1]}", i + 1
-                overrides.append(item[len("--"):])
-            else:
-                rest.append(item)
-            i += 1
-        namespace, unknown = parse_known(rest, namespace)
-        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
-        return namespace, unknown
-
-    parser.parse_known_args = parse_known_args
+from solarjax.commands._flags import CONFIG_PREFIX, accept_config_overrides  # noqa: F401  (kept importable here)
 
 
 def build_parser() -> argparse.ArgumentParser:

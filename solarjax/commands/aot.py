@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.cli import accept_config_overrides
+from solarjax.commands._flags import accept_config_overrides
 
 EXIT_DOES_NOT_FIT = 3
 

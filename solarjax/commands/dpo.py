@@ -1,10 +1,10 @@
-"""``solarjax dpo --config CONFIG --data FILE [--config.key=value ...]``: preference tuning with DPO."""
+"""``solarjax dpo --data FILE [--init MODEL] [--out RUN] [--config.key=value ...]``: preference tuning with DPO."""
 
 from __future__ import annotations
 
 import argparse
 
-from solarjax.commands.sft import add_common_arguments, resolve_config
+from solarjax.commands._flags import add_training, claim_out_dir, report, training_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,8 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(with dpo.beta and dpo.label_smoothing) or ipo. train.batch_size counts pairs. Logs loss, reward "
         "accuracy and margins; same mesh, optimizer, checkpoints and resume as 'solarjax train'.",
     )
-    add_common_arguments(p, "dpo_tiny")
-    p.add_argument("--reference", help="reference model (HF dir or Orbax params checkpoint); sets dpo.reference "
+    add_training(p, "dpo_tiny", data_help="preference pairs: JSONL/Parquet files, globs or directories "
+                 "(comma-separated)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad pairs (missing fields, empty answers, too long) and report how many, instead "
+                   "of stopping at the first")
+    p.add_argument("--reference", help="reference model (any model path, like --init); sets dpo.reference "
                    "(default: the --init model)")
     p.set_defaults(func=run)
 
@@ -26,19 +30,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from solarjax.dpo import add_dpo_config, run_dpo
 
-    config = resolve_config(args, "dpo", add_dpo_config)
+    config = training_config(args, add_dpo_config)
+    if args.skip_bad:
+        config.dpo.skip_bad = True
     if args.reference:
         config.dpo.reference = args.reference
     if args.print_config:
         print(config)
         return 0
-    from solarjax.commands.train import claim_out_dir
-
     claim_out_dir(config, "dpo")
     summary = run_dpo(config)
-    if summary["final_loss"] is not None:
-        print(f"dpo: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"reward accuracy {summary['final_reward_accuracy']:.3f}")
-    if summary["checkpoint_dir"]:
-        print(f"checkpoints in {summary['checkpoint_dir']}")
+    final = summary["final_loss"]
+    report(args, {k: summary[k] for k in ("steps", "final_loss", "final_reward_accuracy", "checkpoint_dir")},
+           f"dpo: {summary['steps']} steps" + (f", final loss {final:.4f}, reward accuracy "
+                                               f"{summary['final_reward_accuracy']:.3f}" if final is not None else "")
+           + (f"\ncheckpoints in {summary['checkpoint_dir']}" if summary["checkpoint_dir"] else ""))
     return 0

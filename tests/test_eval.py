@@ -203,7 +203,7 @@ def test_eval_cli(mistral, tmp_path, capsys):
     for argv, name in ((["ppl", "--data", str(data), "--batch-size", "0"], "batch_size must be a positive integer"),
                        (["ppl", "--data", str(data), "--window", "-4"], "window must be a positive integer"),
                        (["ppl", "--data", str(data), "--window", "1"], "window must be at least 2"),
-                       (["mmlu", "--limit", "0"], "limit must be a positive integer"),
+                       (["mmlu", "--limit", "-1"], "--limit must be 0 (no limit) or a positive count"),
                        (["mmlu", "--shots", "-1"], "--shots must be 0 or more")):
         assert main(["eval", argv[0], "--model", str(path), *argv[1:]]) == 1
         err = capsys.readouterr().err

@@ -103,6 +103,14 @@ def add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def loading_progress(args: argparse.Namespace) -> bool:
+    """A bar while a model loads: on a terminal, unless --no-progress (a captured stderr keeps an error
+    to its one line)."""
+    import sys
+
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
 def add_json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of prose")
 

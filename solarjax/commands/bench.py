@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from solarjax.commands._flags import add_progress
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -51,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="directory for latency.md, latency.jsonl and latency.png (must not exist, or "
                    "pass --overwrite for one solarjax wrote)")
     p.add_argument("--overwrite", action="store_true")
+    add_progress(p)
     p.set_defaults(func=run_latency)
 
 
@@ -79,7 +82,7 @@ def run_latency(args: argparse.Namespace) -> int:
 
     rows = latency.latency_table(args.presets, args.formats, args.lengths, args.new_tokens,
                                  upscale=not args.no_upscale, repeats=args.repeats, configs=configs, on_row=show,
-                                 progress=sys.stderr.isatty())
+                                 progress=sys.stderr.isatty() and not args.no_progress)
     table = latency.markdown(rows)
     print(table)
     if check is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from solarjax.commands._flags import add_json, add_model, add_out, add_progress, paths, report
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,23 +31,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from_gguf = kinds.add_parser("gguf-to-hf", help="llama.cpp GGUF (Llama arch) -> HF directory, dequantized")
     from_gguf.set_defaults(func=_gguf_to_hf)
 
-    for sub in (to_orbax, to_hf, from_gguf):
-        sub.add_argument("src", help="source checkpoint")
-        sub.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-        sub.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep)")
+    for sub in (to_orbax, to_hf, from_gguf):  # 'convert DIRECTION SRC DST' (positional) still works
+        add_model(sub, "source model", alias="src")
+        add_out(sub, "output directory (must not exist unless --overwrite)", alias="dst")
+        sub.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep; a GGUF "
+                         "dequantizes to float32)")
         sub.add_argument("--overwrite", action="store_true",
                          help="replace an existing output directory that solarjax wrote")
+        add_progress(sub)
+        add_json(sub)
+
+
+def _paths(args: argparse.Namespace) -> argparse.Namespace:
+    paths(args)
+    args.src, args.dst = args.model, args.out
+    return args
+
+
+def _done(args: argparse.Namespace, cfg=None) -> None:
+    facts = {"model": str(args.src), "out": str(args.dst)}
+    if cfg is None:
+        report(args, facts, f"wrote {args.dst}")
+        return
+    facts.update(arch=cfg.arch, layers=cfg.n_layers, params=cfg.num_params(), param_dtype=cfg.param_dtype)
+    report(args, facts, f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params, "
+           f"{cfg.param_dtype}")
 
 
 def _hf_to_orbax(args: argparse.Namespace) -> int:
     from solarjax import ckpt, loading
     from solarjax.outputs import check_destination
 
+    _paths(args)
     source = loading.detect(args.src)  # a bad source is named first
     check_destination(args.dst, overwrite=args.overwrite, sources=(args.src,))  # before loading anything
-    cfg, params, _ = loading.load(source, dtype=args.dtype, progress=True)
+    cfg, params, _ = loading.load(source, dtype=args.dtype, progress=not args.no_progress)
     ckpt.save_params(args.dst, params, cfg, overwrite=args.overwrite, sources=(args.src,), verb="convert hf-to-orbax")
-    print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params, {cfg.param_dtype}")
+    _done(args, cfg)
     return 0
 
 
@@ -53,20 +75,23 @@ def _orbax_to_hf(args: argparse.Namespace) -> int:
     from solarjax import hf, loading
     from solarjax.outputs import check_destination
 
+    _paths(args)
     source = loading.detect(args.src)  # a bad source is named first
     source_dir = args.source_dir or source.tokenizer_dir
     sources = (args.src, source_dir)
     check_destination(args.dst, overwrite=args.overwrite, sources=sources)  # before loading anything
     cfg, params, _ = loading.load(source)
     hf.save_hf(params, cfg, args.dst, source_dir=source_dir, dtype=args.dtype, sources=sources,
-               max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=True, verb="convert orbax-to-hf")
-    print(f"wrote {args.dst}: {cfg.arch}, {cfg.n_layers} layers, {cfg.num_params():,} params")
+               max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+               verb="convert orbax-to-hf")
+    _done(args, cfg)
     return 0
 
 
 def _gguf_to_hf(args: argparse.Namespace) -> int:
     from solarjax import gguf
 
-    gguf.gguf_to_hf(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype)
-    print(f"wrote {args.dst}")
+    _paths(args)
+    gguf.gguf_to_hf(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype, progress=not args.no_progress)
+    _done(args)
     return 0

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 
+from solarjax.commands._flags import (NO_LIMIT_HELP, add_json, add_model, add_progress, add_tokenizer, limit,
+                                      loading_progress)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory, solarjax Orbax checkpoint or .gguf file")
-    p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the model's")
+    add_model(p)
+    add_tokenizer(p)
     p.add_argument("--dtype", help="param dtype to load as, e.g. bfloat16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization on load (per-output-"
                    "channel scales; dequantized inside the layer loop)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+    add_json(p)
+    add_progress(p)
 
 
 def _load(args: argparse.Namespace):
@@ -23,7 +27,7 @@ def _load(args: argparse.Namespace):
     from solarjax.eval import check_positive
 
     check_positive(batch_size=args.batch_size)
-    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
+    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype, progress=loading_progress(args))
     require_tokenizer(tokenizer, args.model)
     if args.quantize:
         from solarjax.quant import quantize_params
@@ -53,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mmlu", help="MMLU dev questions shipped in lm-eval, scored by log-likelihood")
     _model_args(p)
     p.add_argument("--subjects", help="comma-separated subjects (default: all 57)")
-    p.add_argument("--limit", type=int, help="at most this many questions, spread over subjects")
+    p.add_argument("--limit", type=int, default=0,
+                   help=f"at most this many questions, spread over subjects ({NO_LIMIT_HELP})")
     p.add_argument("--shots", type=int, default=0, help="solved same-subject examples before each question")
     p.set_defaults(func=run_mmlu)
 
@@ -61,9 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _model_args(p)
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--limit", type=float, help="examples per task (or a fraction)")
+    p.add_argument("--limit", type=float, default=0, help=f"examples per task, or a fraction below 1 ({NO_LIMIT_HELP})")
     p.add_argument("--include-path", help="directory of extra task YAMLs (e.g. local data)")
-    p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--out", "--output", dest="out", help="write the full results JSON to this file (--output: "
+                   "deprecated spelling)")
     p.set_defaults(func=run_lm_eval)
 
 
@@ -75,7 +81,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     docs = read_documents(args.data, args.field)
     cfg, params, tokenizer = _load(args)
     result = text_perplexity(params, cfg, tokenizer, docs, window=args.window, stride=args.stride,
-                             batch_size=args.batch_size, progress=True)
+                             batch_size=args.batch_size, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -85,15 +91,15 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_mmlu(args: argparse.Namespace) -> int:
-    from solarjax.eval import check_positive, mmlu_accuracy
+    from solarjax.eval import mmlu_accuracy
 
-    check_positive(limit=args.limit)
+    questions = limit(args.limit, "--limit")
     if args.shots < 0:
         raise ValueError(f"--shots must be 0 or more, got {args.shots}")
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     cfg, params, tokenizer = _load(args)
-    result = mmlu_accuracy(params, cfg, tokenizer, subjects, args.limit, shots=args.shots,
-                           batch_size=args.batch_size, progress=True)
+    result = mmlu_accuracy(params, cfg, tokenizer, subjects, questions, shots=args.shots,
+                           batch_size=args.batch_size, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
@@ -113,20 +119,20 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     from solarjax.lm_eval_adapter import SolarJaxLM
 
     check_positive(batch_size=args.batch_size)
-    if args.limit is not None and args.limit <= 0:
-        raise ValueError(f"--limit must be positive (a count, or a fraction below 1), got {args.limit}")
+    if args.limit < 0:
+        raise ValueError(f"--limit must be 0 (no limit), a count, or a fraction below 1, got {args.limit}")
     model = SolarJaxLM(path=args.model, tokenizer=args.tokenizer, batch_size=args.batch_size, dtype=args.dtype,
                        quantize=args.quantize)
     results = simple_evaluate(
-        model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
+        model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit or None,
         task_manager=TaskManager(include_path=args.include_path) if args.include_path else None,
     )
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
              for task, metrics in results["results"].items()}
     print(json.dumps(table, indent=None if args.json else 2))
-    if args.output:
+    if args.out:
         from lm_eval.utils import handle_non_serializable
 
-        with open(args.output, "w") as f:
+        with open(args.out, "w") as f:
             json.dump(results, f, indent=2, default=handle_non_serializable)
     return 0

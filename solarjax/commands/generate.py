@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from solarjax.commands._flags import add_json, add_model, add_progress, add_tokenizer, loading_progress
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,8 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate continuations of one or more prompts. One prompt streams token by token; "
         "several run as one left-padded batch.",
     )
-    p.add_argument("--model", required=True, help="HF model directory, solarjax Orbax checkpoint or .gguf file")
-    p.add_argument("--tokenizer", help="tokenizer.json (or a directory holding one); default: the model's")
+    add_model(p)
+    add_tokenizer(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -29,8 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--truncate", choices=["none", "left"], default="none",
                    help="a prompt that does not fit the model's context (max_seq_len minus --max-new-tokens) is an "
                    "error (none, default) or keeps its last tokens (left)")
-    p.add_argument("--no-stream", action="store_true", help="print only when done (and faster: the whole decode "
-                   "loop is one compiled program; streaming runs one compiled step per token)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print only when done (as --json does; and faster: the whole decode loop is one compiled "
+                   "program; streaming runs one compiled step per token)")
+    add_progress(p)
+    add_json(p)
     p.set_defaults(func=run)
 
 
@@ -39,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:  # before loading: nonsensical limits fail in a second, not after a load
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype)
+    cfg, params, tokenizer = load_model(args.model, args.tokenizer, dtype=args.dtype, progress=loading_progress(args))
     require_tokenizer(tokenizer, args.model)
     if args.quantize:
         from solarjax.quant import quantize_params
@@ -49,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
                    truncate=args.truncate)
+    if args.json:  # one object per prompt, when all are done
+        for prompt, text in zip(args.prompt, generate_text(params, cfg, tokenizer, prompts, **options)):
+            print(json.dumps({"prompt": prompt, "completion": text}))
+        return 0
     if len(prompts) == 1 and not args.no_stream:
         def stream(piece: str) -> None:
             sys.stdout.write(piece)

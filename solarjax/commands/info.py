@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from solarjax.commands._flags import add_json, add_model, paths
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -14,9 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Describe an HF directory, a .gguf file, a solarjax Orbax checkpoint, a training run "
         "(its latest checkpoint), a config file or a preset name.",
     )
-    parser.add_argument("path", help="model path (HF dir, .gguf, Orbax checkpoint, training run), config .py file, "
-                        "or preset name (e.g. solar_10_7b)")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    add_model(parser, "model path (HF dir, .gguf, Orbax checkpoint, training run), config .py file, or preset "
+              "name (e.g. solar_10_7b); 'solarjax info PATH' (positional) still works", alias="path")
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -33,7 +35,7 @@ def describe(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    fmt, cfg = describe(args.path)
+    fmt, cfg = describe(paths(args).model)
     facts = {
         "format": fmt,
         "architecture": cfg.arch,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from solarjax.commands._flags import add_json, add_model, add_out, add_progress, paths, report
+
 EPILOG = """plans (--plan; the trainer's init.upscale takes the same strings):
   solar:m=8                       SOLAR: [0, n-8) then [8, n)
   seam:first_end=24,second_start=8
@@ -36,8 +38,8 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", type=Path, help="source model: HF directory, solarjax Orbax checkpoint, training run or .gguf")
-    p.add_argument("dst", type=Path, help="output directory (must not exist unless --overwrite)")
+    add_model(p, "source model: HF directory, solarjax Orbax checkpoint, training run or .gguf", alias="src")
+    add_out(p, "output directory (must not exist unless --overwrite)", alias="dst")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--m", type=int, help="SOLAR DUS: drop m layers on each side of the seam (paper: 8)")
     which.add_argument("--plan", help="a plan spec, e.g. '0:24,8:32' or 'solar:m=8' (see below)")
@@ -50,7 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB; HF and GGUF sources)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if solarjax wrote it (never a source or a directory holding other files)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress(p)
+    add_json(p)
     p.set_defaults(func=run)
 
 
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from solarjax import dus, loading
     from solarjax.hf import CheckpointError, read_hf_config
 
+    paths(args)
+    args.src, args.dst = Path(args.model), Path(args.out)
     source = loading.detect(args.src)
     kind = "orbax" if source.kind == "run" else source.kind
     if args.format not in ("auto", kind):
@@ -93,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
-    print(f"{args.src} ({n_src} layers) -> {args.dst} ({len(dus.plan_layers(plan))} layers), plan "
-          f"{dus.format_plan(plan)}: {size / 1e9:.3f} GB in {seconds:.1f} s "
-          f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+    n_out = len(dus.plan_layers(plan))
+    report(args, {"model": str(args.src), "out": str(args.dst), "layers_in": n_src, "layers_out": n_out,
+                  "plan": dus.format_plan(plan), "bytes": size, "seconds": seconds},
+           f"{args.src} ({n_src} layers) -> {args.dst} ({n_out} layers), plan {dus.format_plan(plan)}: "
+           f"{size / 1e9:.3f} GB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
     return 0

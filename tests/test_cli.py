@@ -28,3 +28,43 @@ def test_errors_are_one_clean_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no config.json" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_one_convention_model_in_out_out(hf_llama_dir, tmp_path, capsys):
+    """--model/--out on the model verbs (positionals still accepted), --json results, shared training flags."""
+    out = tmp_path / "grown"
+    assert main(["upscale", "--model", str(hf_llama_dir), "--out", str(out), "--m", "1", "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["layers_in"], result["layers_out"]) == (4, 6)  # SOLAR m=1 on 4 layers: 2 * (4 - 1)
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"] == 6
+    for argv, message in ((["upscale", "--out", str(tmp_path / "x"), "--m", "1"], "--model is required"),
+                          (["upscale", str(hf_llama_dir), "--model", str(hf_llama_dir), "--out", str(tmp_path / "x"),
+                            "--m", "1"], "not both"),
+                          (["eval", "mmlu", "--model", str(hf_llama_dir), "--limit", "-1"], "0 (no limit)")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+    from solarjax.cli import build_parser
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    for verb in ("train", "sft", "dpo"):
+        flags = {s for a in verbs[verb]._actions for s in a.option_strings}
+        assert {"--config", "--data", "--init", "--steps", "--out", "--no-progress", "--json"} <= flags, verb
+
+
+def test_verbs_import_neither_the_cli_nor_each_other():
+    """Shared flags live in solarjax/commands/_flags.py; a verb module imports no other verb."""
+    import ast
+    from pathlib import Path
+
+    import solarjax.commands
+
+    pending = {("ablate", "solarjax.commands.demo")}  # ablate's PROMPT from demo: being moved (issue 15)
+    for path in Path(solarjax.commands.__path__[0]).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and (path.stem, node.module) not in pending:
+                assert node.module != "solarjax.cli", path
+                assert not node.module.startswith("solarjax.commands.") or node.module == "solarjax.commands._flags", \
+                    (path, node.module)

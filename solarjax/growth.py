@@ -659,7 +659,7 @@ def summary_lines(rows: Sequence[dict[str, Any]], config: StudyConfig, reference
                      f"{d['mean']:+.3f}" + ("" if d["lo"] is None else ": better, beyond noise" if sign < 0 else
                                             ": worse, beyond noise" if sign > 0 else ": within noise"))
         lines.append(head + text + ".")
-    lines += _ranking_lines(rows[1:])
+    lines += _paired_lines(rows[1:], reference) if reference else _ranking_lines(rows[1:])
     lines += [
         "",
         "What this does not show: these are tiny models on one corpus with short budgets; orderings can change "
@@ -669,6 +669,20 @@ def summary_lines(rows: Sequence[dict[str, Any]], config: StudyConfig, reference
         "curve mid-schedule). Evaluation FLOPs are not counted (the same for every arm).",
     ]
     return lines
+
+
+def _paired_lines(arms: Sequence[dict[str, Any]], reference: str) -> list[str]:
+    """The seed-paired comparison with the reference arm (same depth, parameters, FLOPs and batches):
+    sharper than comparing FLOP-saving intervals, which carry every seed's control noise too."""
+    groups: dict[str, list[str]] = {"better": [], "worse": [], "within noise": []}
+    for r in arms:
+        d = r.get("delta_vs_reference")
+        if r["arm"] == reference or not d or d["lo"] is None:
+            continue
+        sign = _excludes_zero(d)
+        groups["better" if sign < 0 else "worse" if sign > 0 else "within noise"].append(f"{r['arm']} ({d['mean']:+.3f})")
+    return [f"- Paired with {reference} seed by seed (final loss): "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + "."]
 
 
 def _ranking_lines(arms: Sequence[dict[str, Any]]) -> list[str]:
@@ -724,7 +738,7 @@ def plot_loss_vs_flops(records: Sequence[dict[str, Any]], path: Path, title: str
             keep = c["flops"] > 0
             ax.plot(c["flops"][keep], c["loss"].mean(0)[keep], color=colors[i % 10], label=key[0], lw=1.4)
             ax.fill_between(c["flops"][keep], c["loss"].min(0)[keep], c["loss"].max(0)[keep],
-                            color=colors[i % 10], alpha=0.12)
+                            color=colors[i % 10], alpha=0.12 if len(keys) <= 6 else 0.05)
         if control is not None:
             keep = control["flops"] > 0
             ax.plot(control["flops"][keep], control["loss"].mean(0)[keep], color="black", lw=2.2,
@@ -739,6 +753,33 @@ def plot_loss_vs_flops(records: Sequence[dict[str, Any]], path: Path, title: str
         ax.set_title(f"{title}" + (f" (grown at step {g})" if g is not None else ""))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_paired(rows: Sequence[dict[str, Any]], path: Path, reference: str) -> Path | None:
+    """Each arm's final loss minus the reference arm's, seed-paired, with its interval."""
+    arms = [r for r in rows if r.get("delta_vs_reference") and r["delta_vs_reference"]["mean"] is not None]
+    if not arms:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(arms) + 1.4), dpi=110)
+    for i, r in enumerate(arms):
+        d = r["delta_vs_reference"]
+        err = None if d["lo"] is None else [[d["mean"] - d["lo"]], [d["hi"] - d["mean"]]]
+        color = "gray" if _excludes_zero(d) == 0 else ("tab:green" if d["mean"] < 0 else "tab:red")
+        ax.errorbar([d["mean"]], [i], xerr=err, fmt="o", color=color, capsize=4)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(range(len(arms)), [f"{r['arm']}" for r in arms])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"final held-out loss minus {reference}'s (same seed; negative = better)")
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -775,6 +816,9 @@ def write_report(records: Sequence[dict[str, Any]], config: StudyConfig, out_dir
         f"![held-out loss vs FLOPs]({plot.name})",
         "",
     ]
+    paired = plot_paired(rows, out_dir / "paired_vs_reference.png", reference) if reference else None
+    if paired is not None:
+        lines += [f"![final loss vs {reference}, seed-paired]({paired.name})", ""]
     report = "\n".join(lines)
     for name, text in (("study.md", report), ("rows.json", json.dumps(rows, indent=1))):
         tmp = out_dir / (name + ".tmp")

@@ -509,17 +509,23 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def chat_prompt(model: str | os.PathLike, user_message: str, system: str | None = None) -> str:
-    """Render the model's chat template (``tokenizer_config.json``, ``chat_template.jinja`` or the GGUF).
+def chat_prompt(model: str | os.PathLike, user_message: str, system: str | None = None,
+                tokenizer: str | os.PathLike | None = None) -> str:
+    """Render the chat template of ``tokenizer`` (a tokenizer file or directory) when given, else the
+    model's (``tokenizer_config.json``, ``chat_template.jinja`` or the GGUF).
 
     Instruct models answer far better inside their template; it renders in the same sandbox as
     SFT's (``solarjax.sft.ChatTemplate``, as transformers does): one user turn, generation prompt.
     """
     from solarjax.sft import chat_template_from, load_chat_template
 
-    config, directory = tokenizer_config(model)
-    template = load_chat_template(directory) if directory is not None else chat_template_from(config, model)
+    if tokenizer is not None:
+        template = load_chat_template(tokenizer)
+    else:
+        config, directory = tokenizer_config(model)
+        template = load_chat_template(directory) if directory is not None else chat_template_from(config, model)
     if template is None:
-        raise GenerationError(f"{model} has no chat template (tokenizer_config.json or chat_template.jinja)")
+        raise GenerationError(f"{tokenizer or model} has no chat template (tokenizer_config.json or "
+                              "chat_template.jinja)")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
     return template.render(messages, add_generation_prompt=True)

@@ -22,7 +22,7 @@ from solarjax.generate import cut_at_stop, generate, load_model, require_tokeniz
 
 @register_model("solarjax")
 class SolarJaxLM(TemplateLM):
-    """A solarjax model (HF directory or Orbax checkpoint) behind lm-eval's ``LM`` interface.
+    """A solarjax model (any path ``solarjax.loading`` reads) behind lm-eval's ``LM`` interface.
 
     ``model_args``: ``path`` (required unless ``params``/``cfg``/``tokenizer`` objects are
     passed), ``tokenizer`` (file or dir), ``batch_size``, ``max_length``, ``max_gen_toks``,

@@ -173,7 +173,7 @@ def test_sft_cli_lowers_response_loss(tmp_path, model_dir):
     assert (out / "tokenizer_config.json").is_file()
 
 
-def test_a_sft_run_generates_by_its_directory_or_a_step(tmp_path, model_dir, capsys):
+def test_a_sft_run_generates_by_its_directory_or_a_step(tmp_path, model_dir, hf_llama_dir, capsys):
     """After ``solarjax sft --out RUN``, ``generate --model RUN`` and ``--model RUN/checkpoints/N`` need
     nothing else (the run keeps its tokenizer and chat template); the chat prompt and the greedy
     continuation are transformers' for the same weights (the run exported as HF)."""
@@ -201,6 +201,9 @@ def test_a_sft_run_generates_by_its_directory_or_a_step(tmp_path, model_dir, cap
     hf_tok = hf_tokenizer(tmp_path / "hf")
     rendered = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           tokenize=False)
+    from solarjax.generate import chat_prompt
+
+    assert chat_prompt(run, prompt) == rendered == chat_prompt(hf_llama_dir, prompt, tokenizer=model_dir)
     ids = torch.tensor([hf_tok(rendered).input_ids])
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
     out = hf_model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=hf_tok.eos_token_id,

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model(p)
     add_tokenizer(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template (--tokenizer's, else the model's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         from solarjax.quant import quantize_params
 
         params = quantize_params(params, bits=int(args.quantize[3:]))
-    prompts = [chat_prompt(args.model, p) if args.chat else p for p in args.prompt]
+    prompts = [chat_prompt(args.model, p, tokenizer=args.tokenizer) if args.chat else p for p in args.prompt]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
                    truncate=args.truncate)

@@ -425,6 +425,9 @@ class StudyRunner:
             self._small[key] = seg
         return self._small[key]
 
+    def forget_small_models(self) -> None:
+        self._small.clear()
+
     def arm(self, op: Operator, seed: int, grow_step: int) -> dict[str, Any]:
         from solarjax.dus import upscale_params
 
@@ -468,18 +471,18 @@ class StudyRunner:
 def run_study(config: StudyConfig, operators: Sequence[Operator], out_dir: Path | None, *,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every seed's control and arms (finished runs under ``out_dir`` are read back, not rerun)."""
-    for op in operators:  # fail on a bad plan before any training
-        cfg = config.model(op.small_layers)
-        from solarjax.dus import parse_plan_spec
+    from solarjax.dus import parse_plan_spec, plan_layers
 
+    for op in operators:  # fail on a bad plan before any training
+        n = op.small_layers
         for spec in op.stages:
-            cfg = cfg.replace(n_layers=len([i for s in parse_plan_spec(spec, cfg.n_layers)
-                                            for i in range(s.start, s.end)]))
-        if cfg.n_layers != config.target_layers:
-            raise ValueError(f"operator {op.name}: {op.stages} grows {op.small_layers} layers to {cfg.n_layers}, "
+            n = len(plan_layers(parse_plan_spec(spec, n)))
+        if n != config.target_layers:
+            raise ValueError(f"operator {op.name}: {op.stages} grows {op.small_layers} layers to {n}, "
                              f"not --target-layers {config.target_layers}")
     config.grow_steps(), config.arm_steps()  # flag errors before loading anything
     if out_dir is not None:
+        _check_same_study(out_dir / "config.json", config)
         _write_json(out_dir / "config.json", dataclasses.asdict(config))
     data = load_data(config, out_dir)
     runner = StudyRunner(config, data, out_dir, log)
@@ -488,9 +491,22 @@ def run_study(config: StudyConfig, operators: Sequence[Operator], out_dir: Path 
         records.append(runner.control(seed))
         for grow_step in config.grow_steps():
             records += [runner.arm(op, seed, grow_step) for op in operators]
-        runner._small.clear()  # small models of this seed are not needed again
+        runner.forget_small_models()  # this seed's small models are not needed again
     check_same_batches(records)
     return records
+
+
+def _check_same_study(saved: Path, config: StudyConfig) -> None:
+    """Finished runs are reused, so a directory may only be resumed by the same study (more seeds or
+    growth points are fine: they add runs)."""
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    changed = sorted(k for k in now if k not in ("seeds", "grow_at") and before.get(k) != now[k])
+    if changed:
+        raise ValueError(f"{saved.parent} holds a study with different {', '.join(changed)} "
+                         f"({', '.join(f'{k}={before.get(k)!r}' for k in changed)}); use a new --out")
 
 
 def check_same_batches(records: Sequence[dict[str, Any]]) -> None:

@@ -49,10 +49,13 @@ class SolarJaxLM(TemplateLM):
         quantize: str | None = None,
         params: Any = None,
         cfg: Any = None,
+        progress: bool | str = True,
         **_ignored: Any,  # harness-wide options such as device / max_batch_size
     ) -> None:
         super().__init__()
         from solarjax.eval import check_positive
+
+        self.progress = progress.lower() in ("1", "true", "yes") if isinstance(progress, str) else bool(progress)
         if params is not None and cfg is not None:
             self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         elif path is not None:
@@ -111,7 +114,7 @@ class SolarJaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         results = loglikelihoods(self.params, self.cfg, pairs, batch_size=self.batch_size,
-                                 max_length=self.max_length, progress=not disable_tqdm)
+                                 max_length=self.max_length, progress=self.progress and not disable_tqdm)
         for (key, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, result)
         return results
@@ -126,7 +129,7 @@ class SolarJaxLM(TemplateLM):
             per_doc.append(len(windows))
             pairs.extend(windows)
         scores = loglikelihoods(self.params, self.cfg, pairs, batch_size=self.batch_size,
-                                max_length=self.max_length, progress=not disable_tqdm)
+                                max_length=self.max_length, progress=self.progress and not disable_tqdm)
         out, i = [], 0
         for (string,), n in zip((r.args for r in requests), per_doc):
             total = sum(s for s, _ in scores[i:i + n])

@@ -122,7 +122,7 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise ValueError(f"--limit must be 0 (no limit), a count, or a fraction below 1, got {args.limit}")
     model = SolarJaxLM(path=args.model, tokenizer=args.tokenizer, batch_size=args.batch_size, dtype=args.dtype,
-                       quantize=args.quantize)
+                       quantize=args.quantize, progress=not args.no_progress)
     results = simple_evaluate(
         model=model, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit or None,
         task_manager=TaskManager(include_path=args.include_path) if args.include_path else None,

@@ -176,7 +176,7 @@ def test_sft_cli_lowers_response_loss(tmp_path, model_dir):
 def test_a_sft_run_generates_by_its_directory_or_a_step(tmp_path, model_dir, hf_llama_dir, capsys):
     """After ``solarjax sft --out RUN``, ``generate --model RUN`` and ``--model RUN/checkpoints/N`` need
     nothing else (the run keeps its tokenizer and chat template); the chat prompt and the greedy
-    continuation are transformers' for the same weights (the run exported as HF)."""
+    continuation are transformers' for the same weights (the run's ``--export-hf`` directory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -185,7 +185,7 @@ def test_a_sft_run_generates_by_its_directory_or_a_step(tmp_path, model_dir, hf_
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_records(8))
     run = tmp_path / "run"
     assert main(["sft", "--data", str(data), "--init", str(model_dir), "--out", str(run), "--steps", "2",
-                 "--config.train.seq_len=64", "--config.train.progress=False"]) == 0
+                 "--config.train.seq_len=64", "--no-progress", "--export-hf", str(tmp_path / "hf")]) == 0
     prompt = "Repeat the words: red cat"
     completions = []
     for model in (run, run / "checkpoints" / "2"):
@@ -197,7 +197,6 @@ def test_a_sft_run_generates_by_its_directory_or_a_step(tmp_path, model_dir, hf_
         completions.append(shown[len(prompt) + 1:].rstrip("\n"))
     assert completions[0] == completions[1]
 
-    assert main(["convert", "orbax-to-hf", str(run), str(tmp_path / "hf")]) == 0
     hf_tok = hf_tokenizer(tmp_path / "hf")
     rendered = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           tokenize=False)

@@ -143,6 +143,8 @@ def add_training(p: argparse.ArgumentParser, default_config: str | None, *, data
     p.add_argument("--out", help="run directory (tokenizer, metrics.jsonl, checkpoints/); sets train.out_dir")
     p.add_argument("--steps", type=int, help="sets train.steps")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--export-hf", metavar="DIR", help="after training, also write the final model as an HF "
+                   "directory (transformers loads it) with the run's tokenizer; needs --out")
     add_progress(p)
     add_json(p)
     accept_config_overrides(p)
@@ -179,3 +181,30 @@ def claim_out_dir(config, verb: str) -> None:
     if "dpo" in config:
         specs.append(config.dpo.get("reference"))
     claim_run_dir(config.train.out_dir, verb=verb, sources=source_paths(*specs))
+
+
+def check_export(args: argparse.Namespace, config) -> None:
+    """Refuse a bad ``--export-hf`` destination before any training (the ownership rule)."""
+    if not getattr(args, "export_hf", None):
+        return
+    if not config.train.out_dir:
+        raise ValueError("--export-hf needs a run directory (--out): the export is its final checkpoint")
+    from solarjax.outputs import check_destination
+
+    check_destination(args.export_hf, sources=(config.train.out_dir,))
+
+
+def export_hf(args: argparse.Namespace, config, verb: str) -> str | None:
+    """Write the run's latest checkpoint, with its tokenizer, as an HF directory (``--export-hf``)."""
+    if not getattr(args, "export_hf", None):
+        return None
+    import jax
+
+    from solarjax import hf, loading
+
+    if jax.process_index() == 0:
+        source = loading.detect(config.train.out_dir)
+        cfg, params, _ = loading.load(source)
+        hf.save_hf(params, cfg, args.export_hf, source_dir=source.tokenizer_dir, sources=(config.train.out_dir,),
+                   progress=not args.no_progress, verb=f"{verb} --export-hf")
+    return args.export_hf

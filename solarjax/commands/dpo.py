@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands._flags import add_training, claim_out_dir, report, training_config
+from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_hf, report,
+                                      training_config)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,11 +39,14 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config)
         return 0
+    check_export(args, config)
     claim_out_dir(config, "dpo")
     summary = run_dpo(config)
+    summary["hf_export"] = export_hf(args, config, "dpo")
     final = summary["final_loss"]
-    report(args, {k: summary[k] for k in ("steps", "final_loss", "final_reward_accuracy", "checkpoint_dir")},
+    report(args, {k: summary[k] for k in ("steps", "final_loss", "final_reward_accuracy", "checkpoint_dir", "hf_export")},
            f"dpo: {summary['steps']} steps" + (f", final loss {final:.4f}, reward accuracy "
                                                f"{summary['final_reward_accuracy']:.3f}" if final is not None else "")
-           + (f"\ncheckpoints in {summary['checkpoint_dir']}" if summary["checkpoint_dir"] else ""))
+           + (f"\ncheckpoints in {summary['checkpoint_dir']}" if summary["checkpoint_dir"] else "")
+           + (f"\nHF export in {summary['hf_export']}" if summary["hf_export"] else ""))
     return 0

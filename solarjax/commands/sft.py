@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands._flags import add_training, claim_out_dir, report, training_config
+from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_hf, report,
+                                      training_config)
 
 DATA_HELP = "training data: JSONL/Parquet files, globs or directories (comma-separated)"
 
@@ -35,10 +36,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config)
         return 0
+    check_export(args, config)
     claim_out_dir(config, "sft")
     summary = run_sft(config)
+    summary["hf_export"] = export_hf(args, config, "sft")
     final = summary["final_loss"]
-    report(args, {k: summary[k] for k in ("steps", "final_loss", "checkpoint_dir")},
+    report(args, {k: summary[k] for k in ("steps", "final_loss", "checkpoint_dir", "hf_export")},
            f"sft: {summary['steps']} steps" + (f", final loss {final:.4f}" if final is not None else "")
-           + (f"\ncheckpoints in {summary['checkpoint_dir']}" if summary["checkpoint_dir"] else ""))
+           + (f"\ncheckpoints in {summary['checkpoint_dir']}" if summary["checkpoint_dir"] else "")
+           + (f"\nHF export in {summary['hf_export']}" if summary["hf_export"] else ""))
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands._flags import add_training, claim_out_dir, report, training_config
+from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_hf, report,
+                                      training_config)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,13 +32,17 @@ def run(args: argparse.Namespace) -> int:
         print(config)
         return 0
 
+    check_export(args, config)
     claim_out_dir(config, "train")
     from solarjax.train import train
 
     summary = train(config)
-    shown = {k: summary[k] for k in ("steps", "final_loss", "final_eval_loss", "tokens_per_s", "mfu", "checkpoint_dir")}
+    summary["hf_export"] = export_hf(args, config, "train")
+    shown = {k: summary[k] for k in ("steps", "final_loss", "final_eval_loss", "tokens_per_s", "mfu", "checkpoint_dir",
+                                     "hf_export")}
     shown["eval"] = summary["eval"]
     loss = shown["final_loss"]
     report(args, shown, f"train: {shown['steps']} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
-           + (f"; checkpoints in {shown['checkpoint_dir']}" if shown["checkpoint_dir"] else ""))
+           + (f"; checkpoints in {shown['checkpoint_dir']}" if shown["checkpoint_dir"] else "")
+           + (f"; HF export in {shown['hf_export']}" if shown["hf_export"] else ""))
     return 0

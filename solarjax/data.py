@@ -151,6 +151,126 @@ def read_documents(source: str | Sequence[str], text_field: str = "text", split:
     return docs
 
 
+# ----------------------------------------------------------------------------- chat templates
+
+
+class ChatTemplate:
+    """A tokenizer's jinja chat template, rendered in a sandbox like ``transformers.apply_chat_template``:
+    the one renderer of SFT, DPO and ``solarjax generate --chat``."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", origin: str = "chat template"):
+        import re
+
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        template_self = self
+        self._tracker: tuple[list[str], list[tuple[int, int]]] | None = None
+        # transformers' assistant-mask tag: when present, it marks the response spans exactly
+        self.has_generation_tags = bool(re.search(r"\{%-?\s*generation\s*-?%\}", source))
+
+        class Generation(Extension):
+            """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask tag) renders its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+            def _body(self, caller):
+                text = caller()
+                if template_self._tracker is not None:
+                    blocks, spans = template_self._tracker
+                    start = len("".join(blocks))
+                    spans.append((start, start + len(text)))
+                return text
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            from datetime import datetime
+
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as err:
+            raise DataError(f"{origin}: invalid jinja chat template ({err})") from err
+        self.bos_token, self.eos_token, self.origin = bos_token, eos_token, origin
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        import jinja2
+
+        try:
+            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as err:
+            raise DataError(f"{self.origin}: {err}") from err
+
+    def render_with_spans(self, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The text and the character spans of its ``{% generation %}`` blocks (in order)."""
+        import jinja2
+
+        blocks: list[str] = []
+        spans: list[tuple[int, int]] = []
+        self._tracker = (blocks, spans)
+        try:
+            for chunk in self.template.generate(messages=list(messages), add_generation_prompt=False,
+                                                bos_token=self.bos_token, eos_token=self.eos_token):
+                blocks.append(chunk)
+        except jinja2.TemplateError as err:
+            raise DataError(f"{self.origin}: {err}") from err
+        finally:
+            self._tracker = None
+        return "".join(blocks), spans
+
+
+def _token_text(value: Any) -> str:
+    return (value.get("content") if isinstance(value, dict) else value) or ""
+
+
+def load_chat_template(path: str | os.PathLike | None) -> ChatTemplate | None:
+    """The chat template beside a tokenizer: ``chat_template.jinja`` or ``tokenizer_config.json``.
+
+    ``path`` is a directory, a ``tokenizer.json``/``tokenizer_config.json`` (its directory is
+    searched) or a ``.jinja`` file. None when there is no template.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    config: dict = {}
+    if (directory / "tokenizer_config.json").is_file():
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    jinja = path if path.suffix == ".jinja" else directory / "chat_template.jinja"
+    return chat_template_from(config, directory / "tokenizer_config.json", jinja if jinja.is_file() else None)
+
+
+def chat_template_from(config: dict, origin: str | os.PathLike, jinja: Path | None = None) -> ChatTemplate | None:
+    """The chat template of a ``tokenizer_config.json`` (as read, from a file or a GGUF), or of a
+    ``chat_template.jinja`` beside it; None when there is none."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if jinja is not None:
+        template, origin = jinja.read_text(encoding="utf-8"), jinja
+    if not template:
+        return None
+    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+    return ChatTemplate(template, bos, eos, str(origin))
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 

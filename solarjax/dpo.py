@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from solarjax.config import ConfigError, ModelConfig
+from solarjax.data import DataError
 from solarjax.model import Params, forward
 from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, make_encoder,
                           read_records, resolve_tokenizer)
@@ -122,7 +123,7 @@ def load_pairs(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bool 
             chosen, rejected = pair_messages(record, where)
             pairs.append((encoder.encode(chosen, where, last_turn_only=True),
                           encoder.encode(rejected, where, last_turn_only=True)))
-        except SFTDataError as err:
+        except DataError as err:  # SFTDataError, or the chat template's
             if not skip_bad:
                 raise
             stats.skip(err)

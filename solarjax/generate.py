@@ -515,9 +515,9 @@ def chat_prompt(model: str | os.PathLike, user_message: str, system: str | None 
     model's (``tokenizer_config.json``, ``chat_template.jinja`` or the GGUF).
 
     Instruct models answer far better inside their template; it renders in the same sandbox as
-    SFT's (``solarjax.sft.ChatTemplate``, as transformers does): one user turn, generation prompt.
+    SFT's (``solarjax.data.ChatTemplate``, as transformers does): one user turn, generation prompt.
     """
-    from solarjax.sft import chat_template_from, load_chat_template
+    from solarjax.data import chat_template_from, load_chat_template
 
     if tokenizer is not None:
         template = load_chat_template(tokenizer)

@@ -237,3 +237,17 @@ def test_int8_generate_equals_transformers_on_the_dequantized_weights(models):
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m for m in missing)
     assert generate(qparams, cfg, PROMPTS, max_new_tokens=20) == hf_greedy(ref, PROMPTS, 20)
+
+
+def test_chat_prompt_of_a_gguf_is_transformers():
+    """``generate --chat`` on a .gguf renders the template it carries as transformers' GGUF tokenizer does."""
+    from transformers import AutoTokenizer
+
+    from solarjax.generate import chat_prompt
+    from solarjax.gguf import default_gguf_path
+
+    path = default_gguf_path()
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    assert chat_prompt(path, "Name a colour.", system="Be brief.") == theirs.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)

@@ -48,50 +48,34 @@ def accept_config_overrides(parser: argparse.ArgumentParser) -> None:
 
 def add_model(p: argparse.ArgumentParser, help: str = "model: HF directory, .gguf file, solarjax Orbax checkpoint, "
               "training run or one of its checkpoints/<step>", *, alias: str | None = None) -> None:
-    """``--model PATH``. ``alias`` keeps an older positional working (deprecated, hidden from --help);
-    :func:`paths` then fills ``args.model`` from it."""
+    """``--model PATH`` (required). ``alias`` keeps an older positional working (deprecated, hidden
+    from --help); the verb then calls :func:`paths`, which fills ``args.model`` from it."""
+    _add_path(p, "model", help, alias)
+
+
+def add_out(p: argparse.ArgumentParser, help: str, *, alias: str | None = None) -> None:
+    """``--out PATH`` (required), the verb's output; ``alias`` as in :func:`add_model`."""
+    _add_path(p, "out", help, alias)
+
+
+def _add_path(p: argparse.ArgumentParser, flag: str, help: str, alias: str | None) -> None:
     if alias is None:
-        p.add_argument("--model", required=True, help=help)
+        p.add_argument(f"--{flag}", required=True, help=help)
         return
-    p.add_argument("--model", help=help + " (required)")
+    p.add_argument(f"--{flag}", help=help + " (required)")
     p.add_argument(alias, nargs="?", help=argparse.SUPPRESS)
-    _aliases(p)["model"] = alias
-
-
-def add_out(p: argparse.ArgumentParser, help: str, *, alias: str | None = None, required: bool = True) -> None:
-    """``--out PATH`` (the verb's output); ``alias`` as in :func:`add_model`."""
-    if alias is None:
-        p.add_argument("--out", required=required, help=help)
-        return
-    p.add_argument("--out", help=help + (" (required)" if required else ""))
-    p.add_argument(alias, nargs="?", help=argparse.SUPPRESS)
-    _aliases(p)["out"] = alias
-    if required:
-        _required(p).append("out")
-    return
-
-
-def _aliases(p: argparse.ArgumentParser) -> dict[str, str]:
-    p.set_defaults(_aliases={**(p.get_default("_aliases") or {})})
-    return p.get_default("_aliases")
-
-
-def _required(p: argparse.ArgumentParser) -> list[str]:
-    p.set_defaults(_required=list(p.get_default("_required") or []))
-    return p.get_default("_required")
+    p.set_defaults(_aliases={**(p.get_default("_aliases") or {}), flag: alias})
 
 
 def paths(args: argparse.Namespace) -> argparse.Namespace:
     """Fill ``--model``/``--out`` from their deprecated positionals; a missing one is an error naming the flag."""
-    aliases = getattr(args, "_aliases", None) or {}
-    for flag, alias in aliases.items():
+    for flag, alias in (getattr(args, "_aliases", None) or {}).items():
         given, old = getattr(args, flag, None), getattr(args, alias, None)
         if given is not None and old is not None:
             raise ValueError(f"give --{flag} or the positional {alias.upper()}, not both")
-        setattr(args, flag, given if given is not None else old)
-    for flag in ("model", *(getattr(args, "_required", None) or [])):
-        if flag in aliases and getattr(args, flag) is None:
+        if given is None and old is None:
             raise ValueError(f"--{flag} is required")
+        setattr(args, flag, given if given is not None else old)
     return args
 
 

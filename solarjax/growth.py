@@ -413,7 +413,8 @@ class StudyRunner:
             _write_json(path, record)
         return record
 
-    def _small_model(self, n_layers: int, seed: int, steps: int) -> tuple[Segment, dict[str, Any]]:
+    def _small_model(self, n_layers: int, seed: int, steps: int) -> Segment:
+        """The small model of this depth and seed trained from scratch for ``steps`` (shared by arms)."""
         key = (n_layers, seed, steps)
         if key not in self._small:
             cfg, params = self._fresh(n_layers, seed)

@@ -332,17 +332,18 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-COLUMNS = ["arm", "plan", "layers", "params", "eval_before", "eval_after", "ppl_before", "ppl_after",
+COLUMNS = ["arm", "plan", "layers", "params", "steps", "flops", "eval_before", "eval_after", "ppl_before", "ppl_after",
            "mmlu_before", "mmlu_after", "tokens_per_s", "seconds"]
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of the headline numbers, one row per arm."""
-    header = "| arm | plan | layers | params | held-out loss before → after | ppl before → after | MMLU before → after | tok/s |"
-    lines = [header, "|" + "---|" * 8]
+    header = ("| arm | plan | layers | params | steps | held-out loss before → after | ppl before → after | "
+              "MMLU before → after | tok/s |")
+    lines = [header, "|" + "---|" * 9]
     for r in records:
         lines.append(
-            f"| {r['arm']} | {r['plan'] or '—'} | {r['layers']} | {r['params'] / 1e6:.1f}M | "
+            f"| {r['arm']} | {r['plan'] or '—'} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r.get('steps', '—')} | "
             f"{_fmt(r['eval_before'])} → {_fmt(r['eval_after'])} | {_fmt(r['ppl_before'], 1)} → {_fmt(r['ppl_after'], 1)} | "
             f"{_fmt(r['mmlu_before'], 2)} → {_fmt(r['mmlu_after'], 2)} | {_fmt(r['tokens_per_s'], 0)} |"
         )

@@ -170,16 +170,16 @@ def test_tiny_study_end_to_end_through_the_cli(corpus, tmp_path, capsys):
     out = tmp_path / "study"
     args = ["study", "growth", "--out", str(out), "--source", str(corpus), "--target-layers", "4", "--d-model", "16",
             "--heads", "2", "--kv-heads", "2", "--ffn-dim", "32", "--vocab-size", "128", "--seq-len", "16",
-            "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--eval-batches", "1", "--seeds", "2",
+            "--batch-size", "8", "--steps", "6", "--eval-every", "3", "--eval-batches", "1", "--seeds", "1",
             "--grow-at", "0.5", "--operators", "llama_pro"]
     assert main(args) == 0
     report = (out / "study.md").read_text()
     assert "| llama_pro | 3 | 2 → 4 |" in report and "What the data supports" in report
     assert (out / "loss_vs_flops.png").stat().st_size > 10_000
     rows = json.loads((out / "rows.json").read_text())
-    assert [r["arm"] for r in rows] == ["control", "llama_pro"] and rows[0]["seeds"] == 2
+    assert [r["arm"] for r in rows] == ["control", "llama_pro"] and rows[0]["seeds"] == 1
     for name in ("control", "llama_pro@3"):
-        record = json.loads((out / "runs" / "seed1" / name / "result.json").read_text())
+        record = json.loads((out / "runs" / "seed0" / name / "result.json").read_text())
         assert record["curve"][-1]["step"] == 6 and math.isfinite(record["final_loss"])
     # LLaMA Pro is function-preserving: the loss right after growth equals the small model's loss
     lp = json.loads((out / "runs" / "seed0" / "llama_pro@3" / "result.json").read_text())

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+MOE_DISPATCH = ("auto", "ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out", "save_qkv_attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -55,6 +56,14 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None  # RoPE base of sliding layers (Gemma 3); None: rope_theta
     query_pre_attn_scalar: float | None = None  # attention scale is its inverse sqrt; None: head_dim
+    # Mixture-of-Experts MLP (solarjax.moe); n_experts=0: the dense gated MLP
+    n_experts: int = 0
+    experts_per_token: int = 2  # top-k
+    moe_ffn_dim: int | None = None  # each expert's hidden size; None: ffn_dim
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (Mixtral yes, OLMoE no)
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in the training loss
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE; OLMoE trains with 0.001)
+    moe_dispatch: str = "auto"  # "ragged" (sorted tokens, grouped matmuls), "dense" (every expert on every token)
 
     def __post_init__(self) -> None:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, tuple):
@@ -128,6 +137,22 @@ class ModelConfig:
                 raise ConfigError("layer_types has sliding_attention layers but sliding_window is None")
         if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar <= 0:
             raise ConfigError(f"query_pre_attn_scalar must be positive, got {self.query_pre_attn_scalar}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ConfigError(f"n_experts must be 0 (dense) or a positive integer, got {self.n_experts!r}")
+        if self.moe_dispatch not in MOE_DISPATCH:
+            raise ConfigError(f"moe_dispatch={self.moe_dispatch!r} is not one of {MOE_DISPATCH}")
+        if not self.n_experts:
+            return
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ConfigError(f"experts_per_token={self.experts_per_token} must be between 1 and "
+                              f"n_experts={self.n_experts}")
+        if self.moe_ffn_dim is not None and self.moe_ffn_dim <= 0:
+            raise ConfigError(f"moe_ffn_dim must be None or positive, got {self.moe_ffn_dim}")
+        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ConfigError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
 
     # ------------------------------------------------------------------ per-layer attention kinds
     # Kind 0 is a full layer (windowed by sliding_window when layer_types is None, as Mistral),
@@ -173,6 +198,15 @@ class ModelConfig:
         return windows.pop() if len(windows) == 1 else None
 
     @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        """Hidden size of one expert's gated MLP."""
+        return self.moe_ffn_dim or self.ffn_dim
+
+    @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
@@ -190,23 +224,31 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
         """Exact parameter count from the family's declared shapes (no arrays allocated).
 
         Without embeddings, the lookup table is left out; an untied head is a matmul and counts.
+        ``active``: the parameters one token uses (of a Mixture-of-Experts layer, only its
+        ``experts_per_token`` experts), the N of the FLOP count.
         """
         import math
 
         from solarjax import families
 
         layer, glob = families.get(self.arch).params(self)
-        total = self.n_layers * sum(math.prod(p.shape(self)) for p in layer)
+        fraction = lambda p: self.experts_per_token / self.n_experts if active and "experts" in p.axes else 1  # noqa: E731
+        total = self.n_layers * sum(math.prod(p.shape(self)) * fraction(p) for p in layer)
         total += sum(math.prod(p.shape(self)) for p in glob if include_embeddings or p.name != "embed")
-        return total
+        return int(total)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N (non-embedding matmuls + head) plus causal attention."""
-        n = self.num_params(include_embeddings=False)
+        """Training FLOPs per token, the one count behind MFU and every FLOP-matched comparison:
+        6N over the active non-embedding matmul weights and the head (a tied head is the embedding
+        table used as a matmul, so it counts), plus causal attention 12 L h d T (not halved for
+        causality; each layer's T is capped by its window)."""
+        n = self.num_params(include_embeddings=False, active=True)
+        if self.tie_embeddings:
+            n += self.vocab_size * self.d_model
         lengths = [seq_len if self.kind_window(k) is None else min(seq_len, self.kind_window(k))
                    for k in self.layer_kinds]
         attention = 12 * self.n_heads * self.head_dim * sum(lengths)
@@ -229,6 +271,8 @@ def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
 DEFAULT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp"), "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
     "head_dim": None, "mlp": "tensor", "layers": None,
+    # experts sharded like FSDP (ZeRO-3): split over fsdp at rest, gathered per layer (solarjax.moe)
+    "experts": "fsdp",
 }
 
 

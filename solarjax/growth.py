@@ -31,7 +31,6 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from solarjax.config import ModelConfig
-from solarjax.research import flops_per_token
 
 # ----------------------------------------------------------------------------- operators
 
@@ -211,8 +210,8 @@ class StudyConfig:
 
 
 def segment_flops(cfg: ModelConfig, steps: int, batch_size: int, seq_len: int) -> float:
-    """Training FLOPs of ``steps`` steps: :func:`flops_per_token` x tokens."""
-    return flops_per_token(cfg, seq_len) * steps * batch_size * seq_len
+    """Training FLOPs of ``steps`` steps: ``ModelConfig.flops_per_token`` x tokens."""
+    return cfg.flops_per_token(seq_len) * steps * batch_size * seq_len
 
 
 # ----------------------------------------------------------------------------- data

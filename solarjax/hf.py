@@ -39,6 +39,7 @@ class TensorSpec(NamedTuple):
     layer: int | None  # index on the stacked layer axis; None for embed / final_norm / lm_head
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    expert: int | None = None  # index on a Mixture-of-Experts leaf's experts axis (after the layer axis)
 
 
 def _identity(w: np.ndarray) -> np.ndarray:
@@ -85,7 +86,12 @@ def tensor_index(cfg: ModelConfig) -> dict[str, TensorSpec]:
     index = {}
 
     def add(name: str, p, i: int | None) -> None:
-        index[name] = TensorSpec(p.name, i, *converters(p.layout, tuple(p.shape(cfg))))
+        if not p.per_expert:
+            index[name] = TensorSpec(p.name, i, *converters(p.layout, tuple(p.shape(cfg))))
+            return
+        to_ours, to_hf = converters(p.layout, tuple(p.shape(cfg))[1:])  # one expert's slice
+        for e in range(cfg.n_experts):
+            index[name.format(e=e)] = TensorSpec(p.name, i, to_ours, to_hf, e)
 
     add(by_name["embed"].hf, by_name["embed"], None)
     for i in range(cfg.n_layers):
@@ -253,8 +259,10 @@ def assemble_params(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig,
             raise error(f"tensor {name!r} has shape {tuple(array.shape)}, but the config of {source} implies {expected}")
         if spec.layer is None:
             target[...] = spec.to_ours(array)
-        else:
+        elif spec.expert is None:
             target[spec.layer] = spec.to_ours(array)
+        else:
+            target[spec.layer, spec.expert] = spec.to_ours(array)
         seen.add(name)
     missing = [name for name in index if name not in seen]
     if missing:
@@ -278,6 +286,8 @@ def to_device(buffers: Params, shardings: Any) -> Params:
 def hf_tensor(params: Params, spec: TensorSpec, dtype: str | None = None) -> np.ndarray:
     """One HF tensor of ``params`` as a contiguous numpy array (fetched from the device now)."""
     array = params[spec.leaf] if spec.layer is None else params["layers"][spec.leaf][spec.layer]
+    if spec.expert is not None:
+        array = array[spec.expert]
     array = spec.to_hf(np.asarray(array))
     return np.ascontiguousarray(array.astype(dtype) if dtype else array)
 
@@ -292,6 +302,8 @@ def hf_shape(spec: TensorSpec, cfg: ModelConfig) -> tuple[int, ...]:
     """The HF-layout shape of one tensor of a ``cfg`` checkpoint (no arrays allocated beyond int8 views)."""
     shapes = param_shapes(cfg)
     ours = shapes[spec.leaf] if spec.layer is None else shapes["layers"][spec.leaf][1:]
+    if spec.expert is not None:
+        ours = ours[1:]
     return tuple(spec.to_hf(np.empty(ours, np.int8)).shape)
 
 

@@ -278,24 +278,47 @@ def qkv_projection(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, 
     if "bq" in layer:
         q, k, v = (t + layer[b].astype(t.dtype) for t, b in ((q, "bq"), (k, "bk"), (v, "bv")))
     if "q_norm" in layer:
-        q, k = norm(q, layer["q_norm"], cfg), norm(k, layer["k_norm"], cfg)
+        q, k = head_norm(q, layer["q_norm"], cfg), head_norm(k, layer["k_norm"], cfg)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
 
-def finish_layer(x: jax.Array, attn_out: jax.Array, layer: Params, cfg: ModelConfig) -> jax.Array:
+def head_norm(x: jax.Array, weight: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """q/k RMSNorm on (batch, seq, heads, head_dim): per head for a (head_dim,) weight (Qwen3,
+    Gemma 3), over all heads' projection at once for a (heads, head_dim) weight (OLMoE)."""
+    if weight.ndim == 1:
+        return norm(x, weight, cfg)
+    flat = norm(x.reshape(*x.shape[:-2], -1), weight.reshape(-1), cfg)
+    return flat.reshape(x.shape)
+
+
+def finish_layer_with_stats(x: jax.Array, attn_out: jax.Array, layer: Params, cfg: ModelConfig,
+                            valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Output projection, residual, then the MLP block with its residual (sandwich-normed where
-    the family has post norms)."""
+    the family has post norms); also the router statistics of a Mixture-of-Experts layer (else
+    None). ``valid`` (B, T) marks the tokens those statistics count."""
     attn_out = checkpoint_name(attn_out, "attn_out")
     out = jnp.einsum("btnh,nhd->btd", attn_out, layer["wo"].astype(x.dtype))
     if "post_attn_norm" in layer:
         out = norm(out, layer["post_attn_norm"], cfg)
     x = x + out
     h = norm(x, layer["mlp_norm"], cfg)
-    out = mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], family(cfg).activation)
+    stats = None
+    if "w_router" in layer:
+        from solarjax import moe
+
+        out, stats = moe.moe_block(h, layer, cfg, _activation(family(cfg).activation), valid,
+                                   _ACTIVATION_SHARDING.get())
+    else:
+        out = mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], family(cfg).activation)
     if "post_mlp_norm" in layer:
         out = norm(out, layer["post_mlp_norm"], cfg)
-    return x + out
+    return x + out, stats
+
+
+def finish_layer(x: jax.Array, attn_out: jax.Array, layer: Params, cfg: ModelConfig) -> jax.Array:
+    """:func:`finish_layer_with_stats` without the router statistics (inference)."""
+    return finish_layer_with_stats(x, attn_out, layer, cfg)[0]
 
 
 def decoder_layer(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, cfg: ModelConfig,
@@ -438,22 +461,41 @@ def hidden_states(
     segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Run the stack and return the last hidden states (before the final norm)."""
+    return hidden_states_and_aux(params, tokens, cfg, positions=positions, segment_ids=segment_ids)[0]
+
+
+def hidden_states_and_aux(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`hidden_states` and, for a Mixture-of-Experts model, its auxiliary losses and expert
+    metrics (:func:`solarjax.moe.aux_losses`; padding, segment 0, not counted); ``{}`` if dense."""
     if positions is None:
         positions = default_positions(tokens, segment_ids)
     x = constrain_activations(embed(params, tokens, cfg))
     cos_all, sin_all = rope_tables(positions, cfg)
     self_attention = self_attention_by_kind(cfg, positions, segment_ids)
+    valid = None if segment_ids is None else segment_ids != 0
 
     def body(carry, xs):
         layer, kind = xs
         q, k, v = qkv_projection(carry, layer, pick(cos_all, kind), pick(sin_all, kind), cfg)
-        return constrain_activations(finish_layer(carry, self_attention(kind, q, k, v), layer, cfg)), None
+        out, stats = finish_layer_with_stats(carry, self_attention(kind, q, k, v), layer, cfg, valid)
+        return constrain_activations(out), stats
 
     policy = remat_policy(cfg.remat)
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (params["layers"], layer_kinds(cfg)))
-    return x
+    x, stats = jax.lax.scan(body, x, (params["layers"], layer_kinds(cfg)))
+    if stats is None:
+        return x, {}
+    from solarjax import moe
+
+    return x, moe.aux_losses(stats, cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -41,10 +41,10 @@ import optax
 from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
-from solarjax import ckpt
+from solarjax import ckpt, moe
 from solarjax import sharding as shd
 from solarjax.config import ConfigError, ModelConfig, model_config_from_dict
-from solarjax.model import (Params, abstract_params, batch_shards, compute_params, head_matrix, hidden_states,
+from solarjax.model import (Params, abstract_params, batch_shards, compute_params, head_matrix, hidden_states_and_aux,
                             init_params, norm)
 
 TrainState = dict[str, Any]
@@ -68,7 +68,8 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     from solarjax.losses import chunk_length, chunked_cross_entropy
 
     params = compute_params(params, cfg)
-    x = hidden_states(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
+    x, aux = hidden_states_and_aux(params, batch["tokens"], cfg, positions=batch["positions"],
+                                   segment_ids=batch["segment_ids"])
     x = norm(x, params["final_norm"], cfg)  # the family's norm (Gemma scales by 1 + w)
     head = head_matrix(params, cfg).astype(x.dtype)
     if mesh is None:
@@ -80,7 +81,9 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
     loss = jnp.sum(jnp.where(mask > 0, ce, 0.0)) / jnp.maximum(tokens, 1.0)
-    return loss, {"loss": loss, "tokens": tokens}
+    if not aux:
+        return loss, {"loss": loss, "tokens": tokens}
+    return loss + moe.weighted_aux_loss(aux, cfg), {"loss": loss, "tokens": tokens, **moe.scalar_metrics(aux, cfg)}
 
 
 def default_loss(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> LossFn:
@@ -626,9 +629,23 @@ def _abandon_run(bar, manager, logger: MetricsLogger) -> None:
 
 
 def _place_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules) -> Params:
-    # may_alias=False: the step donates its state, and the caller's arrays must survive it
-    return jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s, may_alias=False),
-                        params, shd.param_shardings(cfg, mesh, rules))
+    """The caller's params as float32 on the mesh, in buffers of their own: the step donates its state,
+    and the caller's arrays must survive it."""
+    return jax.tree.map(_own_copy, params, shd.param_shardings(cfg, mesh, rules))
+
+
+def _own_copy(a: Any, sharding: NamedSharding) -> jax.Array:
+    """``a`` placed on ``sharding`` sharing no buffer with ``a``. ``device_put(..., may_alias=False)``
+    alone is not enough: placing a single-device array as a replicated one on a multi-device mesh
+    reuses its buffer as one of the shards (jax 0.10), so that leaf is copied on the mesh."""
+    placed = jax.device_put(jnp.asarray(a, jnp.float32), sharding, may_alias=False)
+    if isinstance(a, jax.Array) and _buffers(placed) & _buffers(a):
+        placed = jax.jit(jnp.copy, out_shardings=sharding)(placed)
+    return placed
+
+
+def _buffers(a: jax.Array) -> set[int]:
+    return {shard.data.unsafe_buffer_pointer() for shard in a.addressable_shards}
 
 
 def train(

@@ -26,6 +26,8 @@ INITS = ("normal", "ones", "zeros")
 #   split_out: HF (n*hd, d) -> ours (d, n, hd)   (q/k/v projections)
 #   split_in:  HF (d, n*hd) -> ours (n, hd, d)   (output projection)
 #   flat:      HF (n*hd,)   -> ours (n, hd)      (q/k/v biases)
+# An ``hf`` name with ``{e}`` is one HF tensor per expert (Mixture-of-Experts): our leaf has a
+# leading experts axis and the layout applies to each expert's slice.
 LAYOUTS = ("identity", "transpose", "split_out", "split_in", "flat")
 
 
@@ -46,6 +48,11 @@ class Param:
 
     def __post_init__(self) -> None:
         assert self.init in INITS and self.layout in LAYOUTS, self
+
+    @property
+    def per_expert(self) -> bool:
+        """One HF tensor per expert (``{e}`` in the name), stacked on our leading experts axis."""
+        return "{e}" in self.hf
 
     def present(self, cfg: "ModelConfig") -> bool:
         return self.when is None or self.when(cfg)
@@ -75,6 +82,7 @@ class Family:
     gguf_norm_offset: float = 0.0  # llama.cpp stores (1 + w) for Gemma's norms
     # (meta(key, default) reading "<arch>.<key>", common values) -> extra ModelConfig values from GGUF
     from_gguf: Callable[[Callable, dict[str, Any]], dict[str, Any]] | None = None
+    moe: bool = False  # its MLP is a Mixture of Experts (ModelConfig.n_experts > 0), else dense
 
     def params(self, cfg: "ModelConfig") -> tuple[tuple[Param, ...], tuple[Param, ...]]:
         """(layer params, global params) present for ``cfg``."""
@@ -124,6 +132,14 @@ def attention(with_bias: bool = False) -> tuple[Param, ...]:
     return tuple(out)
 
 
+def whole_qk_norms() -> tuple[Param, ...]:
+    """RMSNorm over the whole query and key projections (all heads at once, OLMoE), before RoPE."""
+    return (Param("q_norm", lambda c: (c.n_heads, c.head_dim), ("heads", "head_dim"), "ones", False, False,
+                  "self_attn.q_norm.weight", "flat", "attn_q_norm.weight"),
+            Param("k_norm", lambda c: (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), "ones", False, False,
+                  "self_attn.k_norm.weight", "flat", "attn_k_norm.weight"))
+
+
 def qk_norms(init: str = "ones") -> tuple[Param, ...]:
     """Per-head RMSNorm of queries and keys (over head_dim), applied before RoPE."""
     hd = lambda c: c.head_dim  # noqa: E731
@@ -137,6 +153,25 @@ def gated_mlp() -> tuple[Param, ...]:
             matrix("w_up", *ffn, "mlp.up_proj.weight", "transpose", "ffn_up.weight"),
             matrix("w_down", lambda c: (c.ffn_dim, c.d_model), ("mlp", "embed"), "mlp.down_proj.weight", "transpose",
                    "ffn_down.weight"))
+
+
+def expert_mlp(prefix: str, gate: str, up: str, down: str, router: str) -> tuple[Param, ...]:
+    """A Mixture-of-Experts MLP (:mod:`solarjax.moe`): the router and E stacked gated MLPs.
+
+    ``prefix`` is the block's HF name (``block_sparse_moe`` for Mixtral, ``mlp`` for OLMoE);
+    ``gate``/``up``/``down`` the experts' projection names, ``router`` the gate's. The router is
+    kept in float32 (routing decisions are sensitive to rounding), so it is not a matmul weight.
+    """
+    e, f = (lambda c: c.n_experts), (lambda c: c.expert_ffn_dim)
+    names = lambda proj: f"{prefix}.experts.{{e}}.{proj}.weight"  # noqa: E731
+    return (
+        Param("w_router", lambda c: (c.d_model, e(c)), ("embed", None), "normal", True, False,
+              f"{prefix}.{router}.weight", "transpose", None),
+        matrix("w_gate", lambda c: (e(c), c.d_model, f(c)), ("experts", "embed", "mlp"), names(gate), "transpose", None),
+        matrix("w_up", lambda c: (e(c), c.d_model, f(c)), ("experts", "embed", "mlp"), names(up), "transpose", None),
+        matrix("w_down", lambda c: (e(c), f(c), c.d_model), ("experts", "mlp", "embed"), names(down), "transpose",
+               None),
+    )
 
 
 def globals_(norm_init: str = "ones") -> tuple[Param, ...]:

@@ -1,0 +1,176 @@
+"""Mixture-of-Experts MLP: top-k routing, dropless dispatch, auxiliary losses and expert metrics.
+
+The alternative SOLAR argues against (Mixtral, OLMoE), in the same stacked-layer model: a layer
+whose ``params["layers"]`` hold ``w_router (L, d, E)`` and expert weights ``w_gate/w_up (L, E, d, f)``
+and ``w_down (L, E, f, d)`` runs this block instead of the dense gated MLP.
+
+Routing is softmax over all experts, then the top k (``norm_topk_prob`` renormalises those k
+weights: Mixtral does, OLMoE does not), computed in float32. Dispatch is *dropless*: every token
+reaches its k experts, no capacity factor.
+
+- ``ragged`` (the default everywhere): the N*k assignments are sorted by expert and each expert's
+  contiguous group goes through ``jax.lax.ragged_dot`` (grouped matmuls; Megablox-style on TPU).
+  FLOPs are those of the k chosen experts only.
+- ``dense``: every expert on every token, combined with the (mostly zero) routing weights;
+  E/k times the FLOPs, kept as the readable reference the ragged path is tested against.
+
+Sharding (``experts`` logical axis, default rule ``experts -> fsdp``): experts are sharded like
+FSDP, not expert-parallel. At rest each device holds E/fsdp experts; the block runs in
+``shard_map`` over the batch axes with the expert weights gathered whole, so every device routes
+and sorts only its own tokens (a global sort would gather the batch). We chose this over
+all-to-all expert parallelism because dropless dispatch sends a data-dependent number of tokens to
+each device, which all-to-all can only do with capacity buffers (dropping tokens) or ragged
+all-to-all; at the scales solarjax upcycles (≤ a few B parameters) the gathered experts of one
+layer fit easily. A mesh that does not divide the experts is a ``ShardingError`` before compiling.
+
+Auxiliary losses, per layer then averaged over layers (padding, ``segment_ids == 0``, excluded):
+- load balancing (Switch Transformer eq. 4 with top-k, as transformers' Mixtral/OLMoE):
+  ``E * sum_i f_i * P_i`` with ``f_i = count_i / N`` (assignments to expert i per token) and
+  ``P_i`` the mean router probability of expert i; k at perfect balance. transformers pools the
+  counts of all layers before multiplying; per layer is the paper's form (equal for one layer).
+- router z-loss (ST-MoE): ``mean_t logsumexp(logits_t)^2``.
+Metrics: each expert's share of the assignments (``expert_load``, sums to 1 per layer) and the
+mean router entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from solarjax.config import ModelConfig
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # (N, k) float32: each chosen expert's weight
+    experts: jax.Array  # (N, k) int32: the chosen experts
+    logits: jax.Array  # (N, E) float32 router logits
+    probs: jax.Array  # (N, E) float32 softmax of the logits
+
+
+def route(h: jax.Array, w_router: jax.Array, cfg: ModelConfig) -> Routing:
+    """Softmax over the experts, then top-k (renormalised when ``cfg.norm_topk_prob``), in float32."""
+    logits = jnp.einsum("nd,de->ne", h.astype(jnp.float32), w_router.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(weights, experts.astype(jnp.int32), logits, probs)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def ragged_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array, activation: Callable) -> jax.Array:
+    """Dropless dispatch: sort the N*k assignments by expert, grouped matmuls, unsort, weight, sum.
+
+    ``x`` (N, d); ``weights``/``experts`` (N, k); expert weights (E, d, f) and (E, f, d).
+    """
+    n, k = experts.shape
+    num_experts = w_gate.shape[0]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = jnp.take(x, order // k, axis=0)  # (N*k, d), grouped by expert
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    gate = jax.lax.ragged_dot(rows, w_gate.astype(x.dtype), sizes)
+    up = jax.lax.ragged_dot(rows, w_up.astype(x.dtype), sizes)
+    out = jax.lax.ragged_dot(activation(gate) * up, w_down.astype(x.dtype), sizes)  # (N*k, d)
+    out = jnp.take(out, jnp.argsort(order), axis=0).reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                  w_down: jax.Array, activation: Callable) -> jax.Array:
+    """Every expert on every token, combined with the routing weights (zero for experts not chosen)."""
+    num_experts = w_gate.shape[0]
+    gate = jnp.einsum("nd,edf->nef", x, w_gate.astype(x.dtype))
+    up = jnp.einsum("nd,edf->nef", x, w_up.astype(x.dtype))
+    out = jnp.einsum("nef,efd->ned", activation(gate) * up, w_down.astype(x.dtype))
+    combine = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(experts, num_experts, dtype=jnp.float32))
+    return jnp.einsum("ned,ne->nd", out.astype(jnp.float32), combine).astype(x.dtype)
+
+
+DISPATCH = {"ragged": ragged_experts, "dense": dense_experts}
+
+
+def dispatch_fn(cfg: ModelConfig) -> Callable:
+    return DISPATCH["ragged" if cfg.moe_dispatch == "auto" else cfg.moe_dispatch]
+
+
+# ----------------------------------------------------------------------------- the block
+
+def router_stats(routing: Routing, valid: jax.Array, num_experts: int) -> dict[str, jax.Array]:
+    """Sums over the valid tokens of one layer (global: reductions over the sharded batch), from
+    which :func:`aux_losses` forms the losses and metrics."""
+    assigned = jnp.sum(jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32), axis=1)  # (N, E)
+    log_probs = jax.nn.log_softmax(routing.logits, axis=-1)
+    entropy = -jnp.sum(routing.probs * log_probs, axis=-1)
+    z = jnp.square(jax.nn.logsumexp(routing.logits, axis=-1))
+    return {
+        "assignments": jnp.einsum("ne,n->e", assigned, valid),
+        "prob_sum": jnp.einsum("ne,n->e", routing.probs, valid),
+        "z_sum": jnp.sum(z * valid),
+        "entropy_sum": jnp.sum(entropy * valid),
+        "tokens": jnp.sum(valid),
+    }
+
+
+def moe_block(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig, activation: Callable,
+              valid: jax.Array | None = None, batch_sharding: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The MoE MLP on normed activations ``h`` (B, T, d) -> (output, router stats).
+
+    ``valid`` (B, T) marks real tokens for the statistics (None: all). ``batch_sharding`` (the
+    activations' ``NamedSharding``, inside a mesh) runs the dispatch per device in ``shard_map``.
+    """
+    batch, seq, d = h.shape
+    routing = route(h.reshape(-1, d), layer["w_router"], cfg)
+    valid = jnp.ones((batch * seq,), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+    stats = router_stats(routing, valid, cfg.n_experts)
+    weights = routing.weights.reshape(batch, seq, -1)
+    experts = routing.experts.reshape(batch, seq, -1)
+    dispatch = dispatch_fn(cfg)
+
+    def local(h, weights, experts, w_gate, w_up, w_down):
+        b, t, _ = h.shape
+        out = dispatch(h.reshape(-1, d), weights.reshape(b * t, -1), experts.reshape(b * t, -1), w_gate, w_up, w_down,
+                       activation)
+        return out.reshape(b, t, d)
+
+    args = (h, weights, experts, layer["w_gate"], layer["w_up"], layer["w_down"])
+    if batch_sharding is None or batch_sharding.spec[0] is None:
+        return local(*args), stats
+    rows = P(batch_sharding.spec[0], None, None)
+    out = jax.shard_map(local, mesh=batch_sharding.mesh, in_specs=(rows, rows, rows, P(), P(), P()),
+                        out_specs=rows)(*args)
+    return out, stats
+
+
+def aux_losses(stats: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, jax.Array]:
+    """Per-layer router stats (leading layer axis) -> the losses (averaged over layers) and metrics."""
+    tokens = jnp.maximum(stats["tokens"], 1.0)[:, None]
+    f = stats["assignments"] / tokens  # (L, E): assignments per token
+    p = stats["prob_sum"] / tokens  # (L, E): mean router probability
+    balance = cfg.n_experts * jnp.sum(f * p, axis=-1)
+    return {
+        "moe_balance_loss": jnp.mean(balance),
+        "moe_z_loss": jnp.mean(stats["z_sum"] / tokens[:, 0]),
+        "router_entropy": jnp.mean(stats["entropy_sum"] / tokens[:, 0]),
+        "expert_load": f / cfg.experts_per_token,  # (L, E): each expert's share of the assignments
+    }
+
+
+def weighted_aux_loss(aux: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
+    """The term the training loss adds: ``router_aux_loss_coef * balance + router_z_loss_coef * z``."""
+    return cfg.router_aux_loss_coef * aux["moe_balance_loss"] + cfg.router_z_loss_coef * aux["moe_z_loss"]
+
+
+def scalar_metrics(aux: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, jax.Array]:
+    """The training log's MoE figures: both losses, router entropy, and the busiest and idlest
+    expert's load relative to perfect balance (1.0 = each expert gets 1/E of the assignments)."""
+    load = aux["expert_load"] * cfg.n_experts
+    return {"moe_balance_loss": aux["moe_balance_loss"], "moe_z_loss": aux["moe_z_loss"],
+            "router_entropy": aux["router_entropy"], "expert_load_max": jnp.max(load),
+            "expert_load_min": jnp.min(load)}

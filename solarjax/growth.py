@@ -369,8 +369,7 @@ class StudyRunner:
 
         c = self.config
         window = BatchWindow(self.data.train_dataset(c, seed), start, stop)
-        summary = train.train(research.train_config(cfg, c.budget(stop - start, seed), None), cfg=cfg,
-                              params=research.trainable_copy(params),
+        summary = train.train(research.train_config(cfg, c.budget(stop - start, seed), None), cfg=cfg, params=params,
                               train_data=window, eval_data=self.held_out)
         per_step = segment_flops(cfg, 1, c.batch_size, c.seq_len)
         points = [{"step": start + k, "tokens": (start + k) * c.tokens_per_step(), "flops": flops0 + k * per_step,

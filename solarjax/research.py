@@ -199,16 +199,6 @@ def _sample(params: Params, cfg: ModelConfig, tokenizer: Any, prompt: str, budge
     return generate_text(params, cfg, tokenizer, [prompt], max_new_tokens=budget.generate_tokens)[0]
 
 
-def trainable_copy(params: Params) -> Params:
-    """A copy for :func:`train.train` to donate. Its ``may_alias=False`` placement still reuses a
-    single-device buffer as one shard of a replicated array on a multi-device mesh (jax 0.10), so
-    the donated step would delete arrays the caller keeps (the base model's embeddings, shared by
-    every grown arm); copying first keeps them alive."""
-    import jax.numpy as jnp
-
-    return jax.tree.map(jnp.copy, params)
-
-
 def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, prompt: str,
             checkpoint_every: int = 0, log: Callable[[str], None] = print) -> tuple[dict[str, Any], Params, ModelConfig]:
     """Up-scale (if the arm has a plan), score, train on the budget, score again; return the record."""
@@ -225,7 +215,7 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
     mmlu0 = _mmlu(params, cfg, base.tokenizer, budget)
     sample0 = _sample(params, cfg, base.tokenizer, prompt, budget)
     log(f"[{arm.name}] held-out loss {loss0:.4f} (ppl {math.exp(loss0):.2f}); training {budget.steps} steps")
-    summary = train.train(train_config(cfg, budget, out_dir, checkpoint_every), cfg=cfg, params=trainable_copy(params),
+    summary = train.train(train_config(cfg, budget, out_dir, checkpoint_every), cfg=cfg, params=params,
                           train_data=train_ds, eval_data=held_out)
     params, cfg = summary["params"], summary["cfg"].replace(dtype=budget.dtype)
     final = summary["final_eval_loss"]

@@ -85,3 +85,30 @@ def test_demo_ends_on_an_equal_compute_answer(base_dir, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "## The answer: equal compute" in report and "At equal compute" in report
     assert (out / "eval_loss_vs_flops.png").stat().st_size > 0
+
+
+def test_training_leaves_the_callers_params_alive():
+    """``train.train`` donates its state; the arms (and growth studies) keep training from one base model's
+    arrays, so the caller's arrays must survive on any mesh. On data=8 every param is replicated: there
+    ``device_put(may_alias=False)`` reused a single-device array as one shard, and the donation deleted it."""
+    import sys
+    from pathlib import Path
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from solarjax import train
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_fixtures import numpy_params, process_dataset, tiny_config
+
+    config = tiny_config(**{"train.steps": 1, "mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1})  # all replicated
+    cfg = train.model_config(config)
+    host = numpy_params(cfg)
+    params = jax.tree.map(jnp.asarray, host)  # single-device arrays, as the loaders return them
+    summary = train.train(config, cfg=cfg, params=params, train_data=process_dataset(0, 1, 8))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(params))
+    for mine, original, trained in zip(jax.tree.leaves(params), jax.tree.leaves(host),
+                                       jax.tree.leaves(summary["params"])):
+        np.testing.assert_array_equal(np.asarray(mine), original)  # untouched, still readable
+        assert trained.sharding.num_devices == 8

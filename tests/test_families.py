@@ -96,6 +96,20 @@ def test_export_loads_in_transformers_with_the_same_logits(case, tmp_path):
     assert hf.config_from_hf(json.loads((out / "config.json").read_text()), param_dtype="float32") == case.cfg
 
 
+def test_training_loss_matches_transformers(case):
+    """The training loss (chunked cross-entropy after the family's final norm) is transformers'
+    loss with labels: catches a final norm applied as w instead of 1 + w (Gemma)."""
+    from solarjax.train import next_token_loss
+
+    tokens = np.asarray(TOKENS)
+    batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones_like(tokens[:, 1:], np.float32),
+                 segment_ids=np.ones_like(tokens[:, 1:]), positions=np.broadcast_to(np.arange(18), (2, 18)))
+    ours, _ = jax.jit(next_token_loss, static_argnums=2)(case.params, jax.tree.map(jnp.asarray, batch), case.cfg)
+    with torch.no_grad():
+        theirs = case.net(torch.tensor(tokens), labels=torch.tensor(tokens)).loss.item()
+    assert float(ours) == pytest.approx(theirs, abs=1e-5)
+
+
 def test_greedy_generation_matches_transformers(case):
     from solarjax.generate import generate
 

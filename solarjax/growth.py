@@ -202,7 +202,7 @@ class StudyConfig:
 
         return Budget(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
                       warmup_steps=min(self.warmup_steps, max(1, steps // 4)), eval_every=self.eval_every,
-                      eval_batches=self.eval_batches, mmlu_questions=0, generate_tokens=0, dtype=self.dtype,
+                      eval_batches=self.eval_batches, mmlu=False, generate_tokens=0, dtype=self.dtype,
                       seed=seed, schedule=self.schedule)
 
     def tokens_per_step(self) -> int:
@@ -358,8 +358,8 @@ class StudyRunner:
     """Runs the control and every (operator, growth point) arm for each seed; resumes finished runs."""
 
     def __init__(self, config: StudyConfig, data: StudyData, out_dir: Path | None,
-                 log: Callable[[str], None] = print):
-        self.config, self.data, self.out_dir, self.log = config, data, out_dir, log
+                 log: Callable[[str], None] = print, progress: bool = True):
+        self.config, self.data, self.out_dir, self.log, self.progress = config, data, out_dir, log, progress
         self.held_out = data.held_out(config)
         self._small: dict[tuple, Segment] = {}
 
@@ -369,7 +369,8 @@ class StudyRunner:
 
         c = self.config
         window = BatchWindow(self.data.train_dataset(c, seed), start, stop)
-        summary = train.train(research.train_config(cfg, c.budget(stop - start, seed), None), cfg=cfg, params=params,
+        budget = dataclasses.replace(c.budget(stop - start, seed), progress=self.progress)
+        summary = train.train(research.train_config(cfg, budget, None), cfg=cfg, params=params,
                               train_data=window, eval_data=self.held_out)
         per_step = segment_flops(cfg, 1, c.batch_size, c.seq_len)
         points = [{"step": start + k, "tokens": (start + k) * c.tokens_per_step(), "flops": flops0 + k * per_step,
@@ -468,7 +469,7 @@ class StudyRunner:
 
 
 def run_study(config: StudyConfig, operators: Sequence[Operator], out_dir: Path | None, *,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, progress: bool = True) -> list[dict[str, Any]]:
     """Every seed's control and arms (finished runs under ``out_dir`` are read back, not rerun)."""
     from solarjax.dus import parse_plan_spec, plan_layers
 
@@ -484,7 +485,7 @@ def run_study(config: StudyConfig, operators: Sequence[Operator], out_dir: Path 
         _check_same_study(out_dir / "config.json", config)
         _write_json(out_dir / "config.json", dataclasses.asdict(config))
     data = load_data(config, out_dir)
-    runner = StudyRunner(config, data, out_dir, log)
+    runner = StudyRunner(config, data, out_dir, log, progress)
     records = []
     for seed in range(config.seeds):
         records.append(runner.control(seed))

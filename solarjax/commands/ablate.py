@@ -14,12 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+from solarjax.commands._flags import add_run_args, budget_from_args, comma_list, paths, report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,20 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seam-position (m) and depth-growth ablations under one training budget",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: solarjax ablate --m 0,2,4,6,8,10 --plans repeat:k=2,llama_pro:new=6 --steps 200",
+        epilog="example: solarjax ablate --m 0,2,4,6,8,10 --plans 'repeat:k=2;llama_pro:new=6' --steps 200",
     )
-    parser.add_argument("--m", type=_ints, default=[], help="SOLAR seam sizes, e.g. 0,2,4,6,8,10")
+    add_run_args(parser, default_out="runs/ablate")
+    parser.add_argument("--m", type=comma_list(int, "integers"), default=(), help="SOLAR seam sizes, e.g. 0,2,4,6,8,10")
     parser.add_argument("--plans", default="", help="other layer plans, ';'-separated, e.g. "
                         "'repeat:k=2;llama_pro:new=6;0:20,10:30'")
     parser.add_argument("--no-base", action="store_true", help="skip the un-scaled control arm")
     parser.add_argument("--arm", default=None, help="run only the arm with this name (for one job per arm)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate finished arms")
-    parser.add_argument("--out", default="runs/ablate", help="output directory (default runs/ablate)")
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="save a resumable checkpoint every N steps inside each arm (default: only results)")
-    from solarjax.research import add_run_args
-
-    add_run_args(parser)
     parser.set_defaults(func=run)
 
 
@@ -49,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from solarjax import research
     from solarjax.dus import parse_plan_spec
 
+    paths(args)
     plans = [p.strip() for p in args.plans.split(";") if p.strip()]
     arms = research.arms_from_args(args.m, plans, include_base=not args.no_base)
     if not arms:
@@ -60,28 +53,28 @@ def run(args: argparse.Namespace) -> int:
     from solarjax.outputs import claim_run_dir, source_paths
 
     out = Path(args.out)
-    claim_run_dir(out, verb="ablate", sources=source_paths(args.base, args.tokenizer))
+    budget = budget_from_args(args)
+    claim_run_dir(out, verb="ablate", sources=source_paths(args.model, args.tokenizer))
     if args.report_only:
         records = [json.loads(p.read_text()) for p in sorted(out.glob("arms/*/result.json"))]
         if not records:
             raise ValueError(f"no finished arms under {out}/arms")
     else:
-        budget = research.budget_from_args(args)
-        base = research.load_base(args.base, args.tokenizer)
+        base = research.load_base(args.model, args.tokenizer, progress=budget.progress)
         for arm in arms:  # fail on a bad plan before spending time on any arm
             if arm.spec:
                 parse_plan_spec(arm.spec, base.cfg.n_layers)
         print(f"ablation over {len(arms)} arm(s): {', '.join(a.name for a in arms)}; {budget.steps} steps x "
               f"{budget.batch_size} x {budget.seq_len} tokens each -> {out}")
-        from solarjax.commands.demo import PROMPT
-
-        records = research.run_arms(arms, base, budget, out, prompt=PROMPT, checkpoint_every=args.checkpoint_every)
+        records = research.run_arms(arms, base, budget, out, prompt=research.PROMPT,
+                                    checkpoint_every=args.checkpoint_every)
         finished = {r["arm"] for r in records}
         records += [json.loads(p.read_text()) for p in sorted(out.glob("arms/*/result.json"))
                     if p.parent.name not in finished]
     research.write_tables(records, out)
     research.plot_curves(records, out / "eval_loss.png", "held-out loss per arm")
     research.plot_final_vs_m(records, out / "final_loss_vs_m.png")
-    print(research.results_table(records))
-    print(f"tables: {out / 'results.csv'}, {out / 'results.md'}; plots in {out}")
+    tables = [str(out / "results.csv"), str(out / "results.md")]
+    report(args, {"out": str(out), "tables": tables, "arms": [{k: r.get(k) for k in research.COLUMNS} for r in records]},
+           f"{research.results_table(records)}\ntables: {', '.join(tables)}; plots in {out}")
     return 0

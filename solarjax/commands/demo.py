@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-PROMPT = "**HAMLET**  \nTo be, or not to be, that is the question:  \n"
+from solarjax.commands._flags import add_run_args, budget_from_args, paths, report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,22 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    add_run_args(parser, default_out="runs/demo")
     parser.add_argument("--m", type=int, default=7, help="layers dropped on each side of the seam (default 7)")
-    from solarjax.research import add_run_args
-
-    add_run_args(parser)
     parser.set_defaults(func=run)
 
 
-def _export_and_check(params, cfg, base, out: Path) -> dict:
+def _export_and_check(params, cfg, base, out: Path, progress: bool) -> dict:
     """Write the up-scaled model as an HF directory and compare transformers' logits with ours."""
     import numpy as np
 
     from solarjax import hf, model
+    from solarjax.research import PROMPT
 
     hf.save_hf(params, cfg.replace(dtype="float32"), out, extra_files=base.tokenizer_files, overwrite=True,
-               progress=True, verb="demo")  # replaces only an export an earlier demo wrote
+               progress=progress, verb="demo")  # replaces only an export an earlier demo wrote
     tokens = np.asarray([base.tokenizer.encode(PROMPT).ids[:24]])
     ours = np.asarray(model.forward_jit(params, tokens, cfg.replace(dtype="float32")))
     try:
@@ -67,22 +65,24 @@ def run(args: argparse.Namespace) -> int:
 
     from solarjax import research
     from solarjax.outputs import claim_run_dir, source_paths
+    from solarjax.research import PROMPT
 
     started = time.perf_counter()
-    out = Path(args.out)
-    claim_run_dir(out, verb="demo", sources=source_paths(args.base, args.tokenizer))
+    paths(args)
     # A constant rate after warmup: any step of the base model's curve is then exactly what a run stopped there
     # gives, so one base run yields both the equal-tokens and the equal-FLOPs comparison.
-    budget = dataclasses.replace(research.budget_from_args(args), schedule="constant")
+    budget = dataclasses.replace(budget_from_args(args), schedule="constant")
+    out = Path(args.out)
+    claim_run_dir(out, verb="demo", sources=source_paths(args.model, args.tokenizer))
     if args.steps is None and jax.default_backend() == "cpu":
         # the equal-FLOPs control trains ~1.45x as many steps: 30 + 44 steps keep the demo under 10 min on 2 cores
         budget = dataclasses.replace(budget, steps=CPU_STEPS)
-    base = research.load_base(args.base, args.tokenizer)
+    base = research.load_base(args.model, args.tokenizer, progress=budget.progress)
     spec = f"solar:m={args.m}"
     print(f"solarjax demo on {jax.default_backend()} ({jax.device_count()} device(s), {jax.devices()[0].device_kind})")
     print(f"plan: base model -> held-out ppl -> DUS ({spec}) -> ppl -> {budget.steps} steps of continued pretraining "
           f"(batch {budget.batch_size} x {budget.seq_len} tokens, constant lr {budget.lr}); then the base model "
-          f"(control) trains on the same batches for the same FLOPs -> ppl, {budget.mmlu_questions} MMLU questions, "
+          f"(control) trains on the same batches for the same FLOPs -> ppl, {_mmlu_plan(budget)}, "
           f"samples -> {out}/report.md")
     dus_arm = research.Arm(f"solar_m{args.m}", spec)
     dus_record, dus_params, dus_cfg = research.run_arm(dus_arm, base, budget, out / "arms" / dus_arm.name, prompt=PROMPT)
@@ -99,15 +99,23 @@ def run(args: argparse.Namespace) -> int:
     research.write_tables(records, out)
     research.plot_curves(records, out / "eval_loss.png", f"{base.name}: base vs up-scaled (m={args.m})")
     research.plot_curves(records, out / "eval_loss_vs_flops.png", f"{base.name}: equal compute", x="flops")
-    export = _export_and_check(dus_params, dus_cfg, base, out / "hf_upscaled")
+    export = _export_and_check(dus_params, dus_cfg, base, out / "hf_upscaled", budget.progress)
     (out / "export.json").write_text(json.dumps(export, indent=2))
     (out / "answer.json").write_text(json.dumps(answer, indent=2))
-    report = render_report(records, base, budget, args.m, export, answer, time.perf_counter() - started)
-    (out / "report.md").write_text(report)
-    print(report)
-    print(f"report: {out / 'report.md'}  plots: {out / 'eval_loss.png'}, {out / 'eval_loss_vs_flops.png'}  "
-          f"export: {export['path']}")
+    seconds = time.perf_counter() - started
+    text = render_report(records, base, budget, args.m, export, answer, seconds)
+    (out / "report.md").write_text(text)
+    files = {"report": str(out / "report.md"), "plots": [str(out / "eval_loss.png"), str(out / "eval_loss_vs_flops.png")],
+             "export": export["path"]}
+    report(args, {"out": str(out), **files, "answer": answer, "export_check": export, "seconds": seconds},
+           f"{text}\nreport: {files['report']}  plots: {', '.join(files['plots'])}  export: {files['export']}")
     return 0
+
+
+def _mmlu_plan(budget) -> str:
+    if not budget.mmlu:
+        return "no MMLU"
+    return f"{budget.mmlu_questions or 'all'} MMLU questions"
 
 
 def compare_at_equal_compute(records, trained, base, budget) -> dict:
@@ -176,8 +184,15 @@ def answer_lines(answer: dict, m: int) -> list[str]:
     ]
 
 
+def _mmlu_line(record) -> str:
+    if record.get("mmlu_questions") is None:
+        return "- MMLU: not run (--no-mmlu)."
+    return (f"- MMLU: {record['mmlu_questions']} real dev questions from lm-eval (chance 0.25); at this size it is "
+            "noise-level and is reported for completeness.")
+
+
 def render_report(records, base, budget, m, export, answer, seconds) -> str:
-    from solarjax.research import results_table
+    from solarjax.research import PROMPT, results_table
 
     base_r, dus_r = records
     n = base_r["layers"]
@@ -200,8 +215,7 @@ def render_report(records, base, budget, m, export, answer, seconds) -> str:
         f"- Continued pretraining moves the up-scaled model by {recovered:+.3f}, to {dus_r['eval_after']:.3f}; the "
         f"base model reaches {answer['base_loss_equal_tokens']:.3f} on the same tokens and "
         f"{answer['base_loss_equal_flops']:.3f} on the same FLOPs.",
-        f"- MMLU: {budget.mmlu_questions} real dev questions from lm-eval (chance 0.25); at this size it is noise-level "
-        "and is reported for completeness.",
+        _mmlu_line(dus_r),
         "",
         "![held-out loss vs step](eval_loss.png)",
         "",

@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-FLAGS = [  # flag, StudyConfig field, type, help
+from solarjax.commands._flags import FieldFlags, add_field_flags, add_json, add_progress, comma_list, field_values, report
+
+FLAGS: FieldFlags = [  # StudyConfig's fields
     ("target-layers", "target_layers", int, "layers of the control and of every grown model"),
     ("d-model", "d_model", int, "hidden size"),
     ("heads", "n_heads", int, "attention heads"),
@@ -48,13 +50,6 @@ FLAGS = [  # flag, StudyConfig field, type, help
 ]
 
 
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from err
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "study",
@@ -65,12 +60,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("mode", choices=["growth", "seam"], help="growth operators vs from scratch, or the seam ablation")
     parser.add_argument("--out", default=None, help="output directory (default runs/study-MODE)")
-    parser.add_argument("--grow-at", type=_fractions, default=None,
+    parser.add_argument("--grow-at", type=comma_list(float, "fractions"), default=None,
                         help="growth points as fractions of --steps, comma-separated (default 0.25)")
     parser.add_argument("--operators", default="", help="comma-separated arm names to run (default: all of the mode)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; report the finished runs")
-    for flag, _, kind, what in FLAGS:
-        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"{what} (default: sized for the device)")
+    add_field_flags(parser, FLAGS)
+    add_progress(parser)
+    add_json(parser)
     parser.set_defaults(func=run)
 
 
@@ -78,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from solarjax import growth
     from solarjax.outputs import claim_run_dir, source_paths
 
-    config = growth.StudyConfig.for_backend(grow_at=args.grow_at,
-                                            **{field: getattr(args, flag.replace("-", "_")) for flag, field, _, _ in FLAGS})
+    config = growth.StudyConfig.for_backend(grow_at=args.grow_at, **field_values(args, FLAGS))
     operators = growth.select_operators(growth.MODES[args.mode](config.target_layers),
                                         [n.strip() for n in args.operators.split(",") if n.strip()])
     config.grow_steps(), config.arm_steps()  # flag errors before claiming anything
@@ -95,13 +90,14 @@ def run(args: argparse.Namespace) -> int:
         _compile_cache(out)
         print(f"study {args.mode}: {len(operators)} operator(s) x {len(config.grow_steps())} growth point(s) x "
               f"{config.seeds} seed(s), plus the control; {dataclasses.asdict(config)} -> {out}")
-        records = growth.run_study(config, operators, out)
+        records = growth.run_study(config, operators, out, progress=not args.no_progress)
     command = "solarjax " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
         f"solarjax study {args.mode}"
-    report = growth.write_report(records, config, out, args.mode, command,
-                                 None if args.report_only else time.perf_counter() - started)
-    print(report)
-    print(f"report: {out / 'study.md'}  plot: {out / 'loss_vs_flops.png'}  rows: {out / 'rows.json'}")
+    text = growth.write_report(records, config, out, args.mode, command,
+                               None if args.report_only else time.perf_counter() - started)
+    files = {"report": str(out / "study.md"), "plot": str(out / "loss_vs_flops.png"), "rows": str(out / "rows.json")}
+    report(args, {"out": str(out), "mode": args.mode, "runs": len(records), **files},
+           f"{text}\nreport: {files['report']}  plot: {files['plot']}  rows: {files['rows']}")
     return 0
 
 

@@ -61,10 +61,42 @@ def test_verbs_import_neither_the_cli_nor_each_other():
 
     import solarjax.commands
 
-    pending = {("ablate", "solarjax.commands.demo")}  # ablate's PROMPT from demo: being moved (issue 15)
     for path in Path(solarjax.commands.__path__[0]).glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and (path.stem, node.module) not in pending:
+            if isinstance(node, ast.ImportFrom) and node.module:
                 assert node.module != "solarjax.cli", path
                 assert not node.module.startswith("solarjax.commands.") or node.module == "solarjax.commands._flags", \
                     (path, node.module)
+
+
+def test_research_verbs_follow_the_convention(tmp_path, capsys, monkeypatch):
+    """demo, ablate and study: --out, --no-progress, --json; demo and ablate read --model (--base still
+    works, hidden from --help) and count MMLU questions as eval counts a limit: 0 is all of them."""
+    import pytest
+
+    from solarjax import eval as ev
+    from solarjax import research
+    from solarjax.cli import build_parser
+    from solarjax.commands._flags import budget_from_args, paths
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    for verb in ("demo", "ablate", "study"):
+        flags = {s for a in verbs[verb]._actions for s in a.option_strings}
+        assert {"--out", "--no-progress", "--json"} <= flags, verb
+    for verb in ("demo", "ablate"):
+        assert "--model" in verbs[verb].format_help() and "--base" not in verbs[verb].format_help()
+        assert paths(verbs[verb].parse_args(["--base", "old"])).model == "old"
+        assert paths(verbs[verb].parse_args([])).model is None  # the default model
+        with pytest.raises(ValueError, match="--model or --base"):
+            paths(verbs[verb].parse_args(["--model", "a", "--base", "b"]))
+
+    asked = []  # the limit each MMLU evaluation is given (None: every question)
+    monkeypatch.setattr(ev, "mmlu_accuracy", lambda *a, limit=None, **k: asked.append(limit) or "scored")
+    for argv, limits in ((["--mmlu-questions", "0"], [None]), (["--mmlu-questions", "5"], [5]), (["--no-mmlu"], [])):
+        asked.clear()
+        budget = budget_from_args(verbs["demo"].parse_args(argv))
+        assert research._mmlu(None, None, None, budget) == ("scored" if limits else None) and asked == limits
+    assert main(["ablate", "--m", "1", "--mmlu-questions", "-1", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--mmlu-questions must be 0 (no limit)" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()

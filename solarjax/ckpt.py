@@ -52,7 +52,7 @@ def save_params(path: str | os.PathLike, params: Params, cfg: ModelConfig, *, ov
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """The ``ModelConfig`` stored beside the params, without touching the arrays."""
-    file = Path(path) / CONFIG_ITEM / "metadata"
+    file = as_path(path) / CONFIG_ITEM / "metadata"  # a gs:// URI stays one
     if not file.is_file():
         raise CheckpointError(f"{path} is not a solarjax Orbax checkpoint (no {CONFIG_ITEM}/ item)")
     return model_config_from_dict(json.loads(file.read_text()))

@@ -9,6 +9,9 @@ streaming view by HF tensor name that merging reads one tensor at a time.
 A training run directory (``solarjax train/sft/dpo`` with an output directory) holds
 ``checkpoints/<step>/`` and the ``tokenizer.json`` the run used: its latest finished step is
 loaded, with that tokenizer. A step directory inside a run finds the run's tokenizer too.
+
+Paths may be URIs (``gs://bucket/run``: Orbax checkpoints and run directories live on GCS on TPU
+pods): those are ``etils.epath`` paths, detected by the same markers as local ones.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
+from etils import epath
 
 from solarjax.config import ModelConfig
 from solarjax.model import Params
@@ -27,6 +31,7 @@ from solarjax.safetensors_io import CheckpointError
 KINDS = {"hf": "Hugging Face directory", "gguf": "GGUF file", "orbax": "solarjax Orbax checkpoint",
          "run": "training run"}
 RUN_CHECKPOINTS = "checkpoints"  # <run>/checkpoints/<step>/, as solarjax.train writes them
+AnyPath = Union[Path, epath.Path]  # a local path, or a URI such as gs://bucket/run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +39,9 @@ class Source:
     """What a model path is and where its parts are."""
 
     kind: str  # a key of KINDS
-    path: Path  # as named by the user
-    weights: Path  # the file or directory holding the weights (for a run: its latest step)
-    tokenizer_dir: Path | None  # the directory holding its tokenizer.json (and chat template), if any
+    path: AnyPath  # as named by the user
+    weights: AnyPath  # the file or directory holding the weights (for a run: its latest step)
+    tokenizer_dir: AnyPath | None  # the directory holding its tokenizer.json (and chat template), if any
     step: int | None = None  # the checkpoint step, for runs and step directories
 
     @property
@@ -44,9 +49,22 @@ class Source:
         return KINDS[self.kind] + (f", step {self.step}" if self.step is not None else "")
 
 
+def _path(path: str | os.PathLike) -> AnyPath:
+    """A URI (``gs://...``) as an ``etils.epath`` path, kept as it is (``ckpt.as_path``); a local path as
+    a ``pathlib`` one, as named (the HF and GGUF readers memory-map local files). Both answer
+    ``exists``/``is_dir``/``/`` alike, so detection is one code path."""
+    text = os.fspath(path)
+    if "://" in text:
+        from solarjax import ckpt
+
+        return ckpt.as_path(text)
+    return Path(text)
+
+
 def detect(path: str | os.PathLike) -> Source:
-    """Classify ``path``; a path that is none of the four raises one line saying what was looked for."""
-    path = Path(path)
+    """Classify ``path`` (local or a URI); a path that is none of the four raises one line saying what
+    was looked for."""
+    path = _path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     if path.is_file():
@@ -71,7 +89,7 @@ def detect(path: str | os.PathLike) -> Source:
                           f"(solarjax Orbax checkpoint) and no {RUN_CHECKPOINTS}/ (training run)")
 
 
-def _tokenizer_dir(*candidates: Path | None) -> Path | None:
+def _tokenizer_dir(*candidates: AnyPath | None) -> AnyPath | None:
     return next((c for c in candidates if c is not None and (c / "tokenizer.json").is_file()), None)
 
 
@@ -130,7 +148,7 @@ def load_tokenizer(path: str | os.PathLike):
     """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` or a directory holding one."""
     from solarjax.data import load_tokenizer as read
 
-    if "://" not in os.fspath(path) and not Path(path).exists():
+    if not _path(path).exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist")
     return read(path)
 
@@ -141,7 +159,7 @@ def copy_tokenizer(path: str | os.PathLike, out_dir: Path) -> list[str]:
     directory that holds tokenizer files itself is copied from as it is."""
     from solarjax.hf import TOKENIZER_FILES, copy_tokenizer_files
 
-    path = Path(path)
+    path = _path(path)
     if path.is_file() and path.suffix == ".gguf":
         from solarjax.gguf import load_gguf_tokenizer
 

@@ -132,6 +132,33 @@ def test_paths_that_are_no_model_say_why(formats, tmp_path, capsys):
         assert err.endswith(f"model path {typo} does not exist"), err
 
 
+def test_remote_paths_are_detected_like_local_ones(formats, tmp_path, monkeypatch):
+    """Orbax checkpoints and runs live on GCS on TPU pods: ``gs://`` paths go through ``etils.epath``
+    and are classified by the same markers. Offline, epath's test backend (``mock_epath``: every scheme
+    on the local disk, ``gs://bucket/x`` at ``./gs:/bucket/x``) serves them."""
+    import os
+    import shutil
+
+    from etils import epath
+    from etils.epath import testing as epath_testing
+
+    paths, _ = formats
+    local = loading.detect(epath.Path(paths["run"]))  # an epath to a local directory: still the local reader's path
+    assert (local.kind, local.step, local.weights) == ("run", 3, paths["run"] / "checkpoints" / "3")
+    monkeypatch.chdir(tmp_path)
+    for name in ("hf", "orbax", "run"):
+        shutil.copytree(paths[name], tmp_path / "gs:" / "bucket" / name)
+    with epath_testing.mock_epath():
+        found = {name: loading.detect(f"gs://bucket/{name}") for name in ("hf", "orbax", "run", "run/checkpoints/3")}
+        with pytest.raises(FileNotFoundError, match="^model path gs://bucket/typo does not exist$"):
+            loading.detect("gs://bucket/typo")
+        assert loading.read_config("gs://bucket/run") == loading.read_config(paths["run"])
+    assert {name: (s.kind, s.step) for name, s in found.items()} == {
+        "hf": ("hf", None), "orbax": ("orbax", None), "run": ("run", 3), "run/checkpoints/3": ("orbax", 3)}
+    assert os.fspath(found["run"].weights) == "gs://bucket/run/checkpoints/3"
+    assert os.fspath(found["run/checkpoints/3"].tokenizer_dir) == "gs://bucket/run"  # the run's tokenizer
+
+
 def test_a_run_converts_to_hf_with_its_tokenizer(formats, tmp_path, capsys):
     paths, expected = formats
     assert main(["info", str(paths["run"]), "--json"]) == 0

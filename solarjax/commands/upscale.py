@@ -22,10 +22,16 @@ EPILOG = """plans (--plan; the trainer's init.upscale takes the same strings):
   llama_pro:new=8                 LLaMA Pro identity blocks (zero o_proj/down_proj copies)
   0:24,8:32                       explicit half-open ranges; 0:8,7:8*0 scales a range's
                                   o_proj and down_proj (mergekit passthrough 'scale')
+sparse upcycling (--upcycle, alone or after the plan; the output is a Mixtral):
+  experts=8,k=2                   each MLP copied into 8 experts, top-2, renormalised
+  ...,noise=0.01 | add_noise=0.01 multiplicative | additive Gaussian noise on the copies
+  ...,reinit=0.5,router=0         re-draw half of each expert's hidden units; zero router
+  a --plan may chain steps with '+': upcycle:experts=8,k=2+solar:m=8 (upcycle, then DUS)
 examples:
   solarjax upscale mistral-7b solar-10.7b-init --m 8 --dtype bfloat16
   solarjax upscale ckpt/step_1000 grown --format orbax --plan llama_pro:new=8
   solarjax upscale SmolLM2-135M-Instruct.Q4_1.gguf smollm2-dus --m 7
+  solarjax upscale --model smollm2-135m --out smollm2-moe --m 8 --upcycle experts=8,k=2
 """
 
 
@@ -40,10 +46,13 @@ def register(subparsers) -> None:
     )
     add_model(p, "source model: HF directory, solarjax Orbax checkpoint, training run or .gguf", alias="src")
     add_out(p, "output directory (must not exist unless --overwrite)", alias="dst")
-    which = p.add_mutually_exclusive_group(required=True)
+    which = p.add_mutually_exclusive_group()  # one of them, or only --upcycle
     which.add_argument("--m", type=int, help="SOLAR DUS: drop m layers on each side of the seam (paper: 8)")
     which.add_argument("--plan", help="a plan spec, e.g. '0:24,8:32' or 'solar:m=8' (see below)")
     which.add_argument("--method", choices=("llama-pro", "repeat"), help="a named operator (with --new-layers / --k)")
+    p.add_argument("--upcycle", metavar="experts=E,k=K[,...]",
+                   help="sparse upcycling after the plan (if any): each MLP copied into E experts, top-K; "
+                   "writes a Mixtral (see below)")
     p.add_argument("--new-layers", type=int, help="llama-pro: number of identity blocks to insert")
     p.add_argument("--k", type=int, default=2, help="repeat: how many copies of the stack (default 2)")
     p.add_argument("--format", choices=("auto", "hf", "orbax", "gguf"), default="auto",
@@ -58,9 +67,16 @@ def register(subparsers) -> None:
 
 
 def plan_spec(args: argparse.Namespace) -> str:
-    """The plan spec string the flags describe."""
+    """The plan (or growth) spec string the flags describe."""
     from solarjax.dus import PlanError
 
+    if getattr(args, "upcycle", None):
+        upcycle = "upcycle:" + args.upcycle.removeprefix("upcycle:")
+        if args.m is None and args.plan is None and args.method is None:
+            return upcycle
+        return plan_spec(argparse.Namespace(**{**vars(args), "upcycle": None})) + "+" + upcycle
+    if args.m is None and args.plan is None and args.method is None:
+        raise PlanError("say how to grow: --m, --plan, --method or --upcycle")
     if args.m is not None:
         return f"solar:m={args.m}"
     if args.plan is not None:
@@ -85,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if args.format not in ("auto", kind):
         raise CheckpointError(f"{args.src} is a {source.description}, not {args.format}")
     spec = plan_spec(args)
+    from solarjax import upcycle
+
+    if len(upcycle.growth_steps(spec)) > 1 or upcycle.is_upcycle(spec):
+        return _grow_in_memory(args, spec)
     # an HF source is streamed without being modelled, so any Llama-family config.json is fine
     n_src = (read_hf_config(source.weights).get("num_hidden_layers") if source.kind == "hf"
              else loading.read_config(source).n_layers)
@@ -103,4 +123,26 @@ def run(args: argparse.Namespace) -> int:
                   "plan": dus.format_plan(plan), "bytes": size, "seconds": seconds},
            f"{args.src} ({n_src} layers) -> {args.dst} ({n_out} layers), plan {dus.format_plan(plan)}: "
            f"{size / 1e9:.3f} GB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+    return 0
+
+
+def _grow_in_memory(args: argparse.Namespace, spec: str) -> int:
+    """A growth spec with sparse upcycling (or several steps): load, grow, save (an HF Mixtral by default)."""
+    import time
+
+    from solarjax import upcycle
+
+    start = time.perf_counter()
+    cfg_in, cfg = upcycle.grow_loaded(args.src, args.dst, spec, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                      overwrite=args.overwrite, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
+    report(args, {"model": str(args.src), "out": str(args.dst), "layers_in": cfg_in.n_layers,
+                  "layers_out": cfg.n_layers, "plan": spec, "arch": cfg.arch, "experts": cfg.n_experts,
+                  "experts_per_token": cfg.experts_per_token, "params": cfg.num_params(),
+                  "active_params": cfg.num_params(active=True), "bytes": size, "seconds": seconds},
+           f"{args.src} ({cfg_in.n_layers} layers, {cfg_in.num_params() / 1e6:.1f}M params) -> {args.dst} "
+           f"({cfg.n_layers} layers, " + (f"{cfg.n_experts} experts top-{cfg.experts_per_token}, " if cfg.is_moe else "")
+           + f"{cfg.num_params() / 1e6:.1f}M params, {cfg.num_params(active=True) / 1e6:.1f}M active), {spec}: "
+           f"{size / 1e9:.3f} GB in {seconds:.1f} s")
     return 0

@@ -69,7 +69,7 @@ def load_params(
     Stored shapes are checked against the stored config first, so a mismatched checkpoint fails
     with the leaf name and both shapes instead of a tensorstore error.
     """
-    path = Path(path).resolve()
+    path = as_path(path)  # a gs:// URI stays one (Orbax reads GCS natively)
     if not (path / PARAMS_ITEM).is_dir():
         raise CheckpointError(f"{path} is not a solarjax Orbax checkpoint (no {PARAMS_ITEM}/ item)")
     cfg = read_config(path)

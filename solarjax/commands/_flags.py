@@ -43,6 +43,13 @@ def accept_config_overrides(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
+def add_verb(subparsers: argparse._SubParsersAction, name: str, doc: str, *, help: str,
+             epilog: str | None = None) -> argparse.ArgumentParser:
+    """The verb's parser; ``--help`` shows the module docstring after its first paragraph, as written."""
+    return subparsers.add_parser(name, help=help, description=doc.split("\n\n", 1)[1], epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
@@ -77,7 +84,8 @@ def _dest(alias: str) -> str:
 
 
 def paths(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill ``--model``/``--out`` from their deprecated spellings; a missing required one is an error naming the flag."""
+    """Fill ``--model``/``--out`` from their deprecated spellings; a missing required one is an error
+    naming the flag."""
     for flag, (alias, required) in (getattr(args, "_aliases", None) or {}).items():
         given, old = getattr(args, flag, None), getattr(args, _dest(alias), None)
         if given is not None and old is not None:

@@ -14,15 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-from solarjax.commands._flags import add_run_args, budget_from_args, comma_list, paths, report
+from solarjax.commands._flags import add_run_args, add_verb, budget_from_args, comma_list, paths, report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "ablate",
+    parser = add_verb(
+        subparsers, "ablate", __doc__,
         help="seam-position (m) and depth-growth ablations under one training budget",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: solarjax ablate --m 0,2,4,6,8,10 --plans 'repeat:k=2;llama_pro:new=6' --steps 200",
     )
     add_run_args(parser, default_out="runs/ablate")
@@ -75,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     research.plot_curves(records, out / "eval_loss.png", "held-out loss per arm")
     research.plot_final_vs_m(records, out / "final_loss_vs_m.png")
     tables = [str(out / "results.csv"), str(out / "results.md")]
-    report(args, {"out": str(out), "tables": tables, "arms": [{k: r.get(k) for k in research.COLUMNS} for r in records]},
+    arms = [{k: r.get(k) for k in research.COLUMNS} for r in records]
+    report(args, {"out": str(out), "tables": tables, "arms": arms},
            f"{research.results_table(records)}\ntables: {', '.join(tables)}; plots in {out}")
     return 0

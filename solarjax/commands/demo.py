@@ -18,15 +18,13 @@ import math
 import time
 from pathlib import Path
 
-from solarjax.commands._flags import add_run_args, budget_from_args, paths, report
+from solarjax.commands._flags import add_run_args, add_verb, budget_from_args, paths, report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo",
+    parser = add_verb(
+        subparsers, "demo", __doc__,
         help="up-scale SmolLM2-135M with the SOLAR rule, train, compare at equal compute (under 10 min on 2 CPU cores)",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_args(parser, default_out="runs/demo")
     parser.add_argument("--m", type=int, default=7, help="layers dropped on each side of the seam (default 7)")
@@ -105,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     text = render_report(records, base, budget, args.m, export, answer, seconds)
     (out / "report.md").write_text(text)
-    files = {"report": str(out / "report.md"), "plots": [str(out / "eval_loss.png"), str(out / "eval_loss_vs_flops.png")],
-             "export": export["path"]}
+    files = {"report": str(out / "report.md"), "export": export["path"],
+             "plots": [str(out / "eval_loss.png"), str(out / "eval_loss_vs_flops.png")]}
     report(args, {"out": str(out), **files, "answer": answer, "export_check": export, "seconds": seconds},
            f"{text}\nreport: {files['report']}  plots: {', '.join(files['plots'])}  export: {files['export']}")
     return 0

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from solarjax.commands._flags import FieldFlags, add_field_flags, add_json, add_progress, comma_list, field_values, report
+from solarjax.commands._flags import (FieldFlags, add_field_flags, add_json, add_progress, add_verb, comma_list,
+                                      field_values, report)
 
 FLAGS: FieldFlags = [  # StudyConfig's fields
     ("target-layers", "target_layers", int, "layers of the control and of every grown model"),
@@ -51,11 +52,9 @@ FLAGS: FieldFlags = [  # StudyConfig's fields
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "study",
+    parser = add_verb(
+        subparsers, "study", __doc__,
         help="compute-matched growth studies (FLOPs to reach a from-scratch model's loss) and the seam ablation",
-        description=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: solarjax study growth --seeds 3 --grow-at 0.25,0.5 --out runs/growth",
     )
     parser.add_argument("mode", choices=["growth", "seam"], help="growth operators vs from scratch, or the seam ablation")

@@ -449,8 +449,10 @@ class Task:
             self.tokens_per_s = steps_per_s * tc.batch_size * tc.seq_len
             self.mfu = mfu(self.tokens_per_s, self.cfg, tc.seq_len, self.mesh.size)
         last = fetched[-1]
+        moe_figures = {k: float(np.mean([m[k] for m in fetched])) for k in last if k.startswith(("moe_", "router_",
+                                                                                                  "expert_"))}
         return {"loss": float(np.mean([m["loss"] for m in fetched])), "grad_norm": last["grad_norm"],
-                "lr": last.get("lr"), "tokens_per_s": self.tokens_per_s, "mfu": self.mfu}
+                "lr": last.get("lr"), "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, **moe_figures}
 
     def evaluate(self, eval_step, params: Params, eval_data, num_batches: int, shardings) -> dict[str, Any] | None:
         loss = evaluate(eval_step, params, eval_data, num_batches, shardings)

@@ -5,6 +5,11 @@ control that gets the same extra training). Every arm sees the same training bat
 seed) and is scored on the same held-out batches, so differences come from the plan alone.
 ``solarjax demo`` runs two arms (base, SOLAR m=7) on SmolLM2-135M; ``solarjax ablate`` runs any
 list of arms, one result file each, so an interrupted sweep resumes where it stopped.
+
+An arm's spec is a growth spec (:mod:`solarjax.upcycle`): a DUS plan, sparse upcycling into a
+Mixture of Experts (``upcycle:experts=8,k=2``), or both chained with ``+``. For DUS against MoE the
+arms get *equal training FLOPs* rather than equal steps (:func:`flop_matched_budgets`, active
+parameters counted), and :func:`run_arm` can measure each trained arm's decode latency and memory.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ PROMPT = "**HAMLET**  \nTo be, or not to be, that is the question:  \n"  # the a
 @dataclasses.dataclass
 class Arm:
     name: str
-    spec: str | None  # a DUS plan spec (``solar:m=7``, ``0:23,7:30``, ``repeat:k=2``) or None = base model
+    spec: str | None  # a growth spec (``solar:m=7``, ``0:23,7:30``, ``upcycle:experts=8,k=2``) or None = base model
 
 
 @dataclasses.dataclass
@@ -188,17 +193,20 @@ def _sample(params: Params, cfg: ModelConfig, tokenizer: Any, prompt: str, budge
 
 
 def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, prompt: str,
-            checkpoint_every: int = 0, log: Callable[[str], None] = print) -> tuple[dict[str, Any], Params, ModelConfig]:
-    """Up-scale (if the arm has a plan), score, train on the budget, score again; return the record."""
+            checkpoint_every: int = 0, latency: bool = False,
+            log: Callable[[str], None] = print) -> tuple[dict[str, Any], Params, ModelConfig]:
+    """Grow (if the arm has a spec), score, train on the budget, score again; return the record.
+    ``latency``: also measure the trained model's decode ms/token and peak memory (:func:`decode_cost`)."""
     from solarjax import train
-    from solarjax.dus import parse_plan_spec, upscale_params
+    from solarjax.upcycle import grow
     cfg, params = base.cfg.replace(dtype=budget.dtype), base.params
     if arm.spec:
-        plan = parse_plan_spec(arm.spec, cfg.n_layers)
-        params, cfg = upscale_params(params, cfg, plan)
+        params, cfg = grow(params, cfg, arm.spec, jax.random.key(budget.seed))
     train_ds, held_out = datasets(base, budget)
     started = time.perf_counter()
-    log(f"[{arm.name}] {cfg.n_layers} layers, {cfg.num_params() / 1e6:.1f}M params: scoring before training")
+    moe = f", {cfg.n_experts} experts top-{cfg.experts_per_token}" if cfg.is_moe else ""
+    log(f"[{arm.name}] {cfg.n_layers} layers{moe}, {cfg.num_params() / 1e6:.1f}M params "
+        f"({cfg.num_params(active=True) / 1e6:.1f}M active): scoring before training")
     loss0 = held_out_loss(params, cfg, held_out, budget)
     mmlu0 = _mmlu(params, cfg, base.tokenizer, budget)
     sample0 = _sample(params, cfg, base.tokenizer, prompt, budget)
@@ -221,6 +229,10 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
         "tokens_per_step": budget.batch_size * budget.seq_len, "flops_per_token": cfg.flops_per_token(budget.seq_len),
     }
     record["flops"] = record["tokens"] * record["flops_per_token"]
+    record.update(active_params=cfg.num_params(active=True), experts=cfg.n_experts,
+                  experts_per_token=cfg.experts_per_token if cfg.is_moe else None)
+    if latency:
+        record.update(decode_cost(params, cfg))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / "result.json.tmp"
@@ -230,8 +242,10 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
 
 
 def run_arms(arms: Sequence[Arm], base: BaseModel, budget: Budget, out_dir: Path, *, prompt: str,
-             checkpoint_every: int = 0, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run each arm unless its ``result.json`` exists (resume); return every arm's record."""
+             checkpoint_every: int = 0, budgets: dict[str, Budget] | None = None, latency: bool = False,
+             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run each arm unless its ``result.json`` exists (resume); return every arm's record.
+    ``budgets`` (arm name -> Budget, e.g. :func:`flop_matched_budgets`) overrides ``budget`` per arm."""
     records = []
     for arm in arms:
         done = out_dir / "arms" / arm.name / "result.json"
@@ -239,9 +253,37 @@ def run_arms(arms: Sequence[Arm], base: BaseModel, budget: Budget, out_dir: Path
             log(f"[{arm.name}] already done, reading {done}")
             records.append(json.loads(done.read_text()))
             continue
-        records.append(run_arm(arm, base, budget, out_dir / "arms" / arm.name, prompt=prompt,
-                               checkpoint_every=checkpoint_every, log=log)[0])
+        records.append(run_arm(arm, base, (budgets or {}).get(arm.name, budget), out_dir / "arms" / arm.name,
+                               prompt=prompt, checkpoint_every=checkpoint_every, latency=latency, log=log)[0])
     return records
+
+
+def flop_matched_budgets(arms: Sequence[Arm], cfg: ModelConfig, budget: Budget) -> dict[str, Budget]:
+    """Equal training FLOPs for every arm: the budget is ``budget.steps`` steps of the base model
+    ``cfg`` (``flops_per_token`` x tokens, active parameters counted), and each arm gets
+    ``round(budget / its FLOPs per step)`` steps (at least 1) on the same batch stream, so the arms
+    share a prefix of it. Every spec is checked (:func:`solarjax.upcycle.grown_config`) first."""
+    from solarjax.upcycle import grown_config
+
+    tokens = budget.batch_size * budget.seq_len
+    total = budget.steps * tokens * cfg.flops_per_token(budget.seq_len)
+    out = {}
+    for arm in arms:
+        grown = grown_config(cfg, arm.spec) if arm.spec else cfg
+        steps = max(1, round(total / (tokens * grown.flops_per_token(budget.seq_len))))
+        out[arm.name] = dataclasses.replace(budget, steps=steps)
+    return out
+
+
+def decode_cost(params: Params, cfg: ModelConfig, prompt_len: int = 16, new_tokens: int = 16,
+                repeats: int = 3) -> dict[str, float]:
+    """Decode ms/token (batch 1, after a short prompt) and XLA's peak memory of the prefill and
+    generate programs, measured as :func:`solarjax.latency.measure` does for the latency table."""
+    from solarjax import latency
+
+    _, decode_ms, peak_mb = latency.measure(params, cfg.replace(attention="xla", remat="none"), (prompt_len,),
+                                            new_tokens, repeats)
+    return {"decode_ms_per_token": decode_ms, "peak_memory_mb": peak_mb}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -258,7 +300,8 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str, x: st
     for r in records:
         steps, losses = zip(*r["eval_curve"])
         xs = [s * r["tokens_per_step"] * r["flops_per_token"] for s in steps] if x == "flops" else steps
-        ax.plot(xs, losses, marker="o", label=f"{r['arm']} ({r['layers']} layers)")
+        moe = f", {r['experts']} experts top-{r['experts_per_token']}" if r.get("experts") else ""
+        ax.plot(xs, losses, marker="o", label=f"{r['arm']} ({r['layers']} layers{moe})")
     ax.set_xlabel("continued-pretraining FLOPs" if x == "flops" else "continued-pretraining step")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title)
@@ -305,19 +348,34 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 
 COLUMNS = ["arm", "plan", "layers", "params", "steps", "flops", "eval_before", "eval_after", "ppl_before", "ppl_after",
-           "mmlu_before", "mmlu_after", "tokens_per_s", "seconds"]
+           "mmlu_before", "mmlu_after", "tokens_per_s", "seconds", "active_params", "experts", "experts_per_token",
+           "decode_ms_per_token", "peak_memory_mb"]
+# The compute columns of a DUS-vs-MoE table, shown when some arm is an MoE or was timed: (header, cell)
+COMPUTE_COLUMNS = [
+    ("active params", lambda r: f"{r['active_params'] / 1e6:.1f}M" if r.get("active_params") else "—"),
+    ("experts", lambda r: f"{r['experts']} top-{r['experts_per_token']}" if r.get("experts") else "—"),
+    ("training FLOPs", lambda r: f"{r['flops']:.3g}" if r.get("flops") else "—"),
+    ("decode ms/token", lambda r: _fmt(r.get("decode_ms_per_token"), 2)),
+    ("peak memory MB", lambda r: _fmt(r.get("peak_memory_mb"), 0)),
+]
+
+
+def _compute_columns(records: Sequence[dict[str, Any]]) -> list:
+    return COMPUTE_COLUMNS if any(r.get("experts") or "decode_ms_per_token" in r for r in records) else []
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> str:
     """A Markdown table of the headline numbers, one row per arm."""
+    extra = _compute_columns(records)
     header = ("| arm | plan | layers | params | steps | held-out loss before → after | ppl before → after | "
-              "MMLU before → after | tok/s |")
-    lines = [header, "|" + "---|" * 9]
+              "MMLU before → after | tok/s |" + "".join(f" {h} |" for h, _ in extra))
+    lines = [header, "|" + "---|" * (9 + len(extra))]
     for r in records:
         lines.append(
             f"| {r['arm']} | {r['plan'] or '—'} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r.get('steps', '—')} | "
             f"{_fmt(r['eval_before'])} → {_fmt(r['eval_after'])} | {_fmt(r['ppl_before'], 1)} → {_fmt(r['ppl_after'], 1)} | "
             f"{_fmt(r['mmlu_before'], 2)} → {_fmt(r['mmlu_after'], 2)} | {_fmt(r['tokens_per_s'], 0)} |"
+            + "".join(f" {cell(r)} |" for _, cell in extra)
         )
     return "\n".join(lines)
 

@@ -118,3 +118,39 @@ def test_training_leaves_the_callers_params_alive():
                                        jax.tree.leaves(summary["params"])):
         np.testing.assert_array_equal(np.asarray(mine), original)  # untouched, still readable
         assert trained.sharding.num_devices == 8
+
+
+def test_dus_against_moe_at_equal_training_flops(base_dir, tmp_path):
+    """Arms get equal training FLOPs: the base model's 4 steps' worth, each arm round(that / its FLOPs per step)
+    steps, with per-token FLOPs counted here from the arrays (6 x active matmul weights + attention); the
+    table and plot carry total and active parameters, decode ms/token and peak memory."""
+    import numpy as np
+
+    from solarjax import loading
+
+    out = tmp_path / "moe"
+    assert ablate(base_dir, out, "--no-base", "--m", "1", "--plans", "upcycle:experts=4,k=2,split=2",
+                  "--equal-flops", "--latency", "--steps", "4") == 0
+    cfg, params, _ = loading.load(loading.detect(base_dir))
+    layer = {k: np.size(v) // cfg.n_layers for k, v in params["layers"].items()}
+    mlp = layer["w_gate"] + layer["w_up"] + layer["w_down"]
+    head = sum(np.size(v) for k, v in params.items() if k not in ("layers", "embed"))  # final norm, untied head
+    attn = lambda layers: 12 * layers * cfg.n_heads * cfg.head_dim * 32  # noqa: E731
+    per_layer = sum(layer.values())
+    fpt = {"base": 6 * (cfg.n_layers * per_layer + head) + attn(cfg.n_layers),
+           "solar_m1": 6 * (6 * per_layer + head) + attn(6),  # 2 * (4 - 1) layers
+           # 4 experts of ffn/2 units, top-2: two half-MLPs active per token, plus the router (d x 4)
+           "upcycle_experts4_k2_split2": 6 * (cfg.n_layers * (per_layer + cfg.d_model * 4) + head) + attn(cfg.n_layers)}
+    rows = read_rows(out)
+    for name, flops in list(fpt.items())[1:]:  # the base model sets the budget; its arm is not run
+        record = json.loads((out / "arms" / name / "result.json").read_text())
+        assert record["flops_per_token"] == pytest.approx(flops, rel=1e-12), name
+        assert record["steps"] == round(4 * fpt["base"] / flops), name
+        assert record["decode_ms_per_token"] > 0 and record["peak_memory_mb"] > 0
+        assert int(rows[name]["active_params"]) <= int(rows[name]["params"])
+    moe = json.loads((out / "arms" / "upcycle_experts4_k2_split2" / "result.json").read_text())
+    assert (moe["experts"], moe["experts_per_token"]) == (4, 2) and moe["params"] > moe["active_params"]
+    assert json.loads((out / "arms" / "solar_m1" / "result.json").read_text())["steps"] < 4
+    table = (out / "results.md").read_text()
+    assert "active params" in table and "decode ms/token" in table and "peak memory MB" in table
+    assert (out / "eval_loss_vs_flops.png").stat().st_size > 0

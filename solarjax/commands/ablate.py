@@ -6,6 +6,11 @@ of steps on the same batches, and is scored again. Finished arms are not rerun (
 ``arms/NAME/result.json``), so an interrupted sweep resumes; ``--arm`` runs a single arm, so a
 TPU pod can run arms as separate jobs that share one output directory, and ``--report-only``
 collects whatever has finished.
+
+Arms may also be Mixtures of Experts upcycled from the base model (``--plans
+'upcycle:experts=8,k=2'``, alone or after a DUS plan with ``+``): with ``--equal-flops`` every arm
+trains for the base model's training FLOPs (active parameters counted) and ``--latency`` adds each
+arm's decode ms/token and peak memory, so DUS and MoE compare at equal compute.
 """
 
 from __future__ import annotations
@@ -32,12 +37,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate finished arms")
     parser.add_argument("--checkpoint-every", type=int, default=0,
                         help="save a resumable checkpoint every N steps inside each arm (default: only results)")
+    parser.add_argument("--equal-flops", action="store_true",
+                        help="equal training FLOPs instead of equal steps: --steps is the base model's, each arm "
+                        "trains round(base FLOPs / its FLOPs per step) steps (active parameters counted; DUS vs MoE)")
+    parser.add_argument("--latency", action="store_true",
+                        help="also measure each trained arm's decode ms/token and peak memory (batch 1, short prompt)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from solarjax import research
-    from solarjax.dus import parse_plan_spec
+    from solarjax.upcycle import grown_config
 
     paths(args)
     plans = [p.strip() for p in args.plans.split(";") if p.strip()]
@@ -59,19 +69,24 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no finished arms under {out}/arms")
     else:
         base = research.load_base(args.model, args.tokenizer, progress=budget.progress)
-        for arm in arms:  # fail on a bad plan before spending time on any arm
+        for arm in arms:  # fail on a bad spec before spending time on any arm
             if arm.spec:
-                parse_plan_spec(arm.spec, base.cfg.n_layers)
-        print(f"ablation over {len(arms)} arm(s): {', '.join(a.name for a in arms)}; {budget.steps} steps x "
+                grown_config(base.cfg, arm.spec)
+        budgets = research.flop_matched_budgets(arms, base.cfg, budget) if args.equal_flops else None
+        each = (f"equal FLOPs ({budget.steps} base-model steps; steps: "
+                f"{', '.join(f'{n} {b.steps}' for n, b in budgets.items())})" if budgets else f"{budget.steps} steps")
+        print(f"ablation over {len(arms)} arm(s): {', '.join(a.name for a in arms)}; {each} x "
               f"{budget.batch_size} x {budget.seq_len} tokens each -> {out}")
         records = research.run_arms(arms, base, budget, out, prompt=research.PROMPT,
-                                    checkpoint_every=args.checkpoint_every)
+                                    checkpoint_every=args.checkpoint_every, budgets=budgets, latency=args.latency)
         finished = {r["arm"] for r in records}
         records += [json.loads(p.read_text()) for p in sorted(out.glob("arms/*/result.json"))
                     if p.parent.name not in finished]
     research.write_tables(records, out)
     research.plot_curves(records, out / "eval_loss.png", "held-out loss per arm")
     research.plot_final_vs_m(records, out / "final_loss_vs_m.png")
+    if len({r.get("flops_per_token") for r in records}) > 1:  # arms differ in cost: loss against compute too
+        research.plot_curves(records, out / "eval_loss_vs_flops.png", "held-out loss vs training FLOPs", x="flops")
     tables = [str(out / "results.csv"), str(out / "results.md")]
     arms = [{k: r.get(k) for k in research.COLUMNS} for r in records]
     report(args, {"out": str(out), "tables": tables, "arms": arms},

@@ -323,6 +323,21 @@ def _sub_jaxprs(value: Any):
             yield from _sub_jaxprs(item)
 
 
+def _grouped_matmul_flops(eqn) -> float:
+    """A kernel with a data-dependent grid: Megablox's grouped matmuls, where every row goes through
+    one group. ``gmm``: rows (m, k) -> (m, n), 2 m k n; ``tgmm`` (the weight gradient): rows (m, k)
+    and (m, n) -> (groups, k, n), 2 m k n. Anything else is not counted."""
+    out = eqn.outvars[0].aval.shape
+    flats = [v.aval.shape for v in eqn.invars if len(getattr(v.aval, "shape", ())) == 2]
+    if len(out) == 2:
+        lhs = next((s for s in flats if s[0] == out[0]), None)
+        return 0.0 if lhs is None else 2.0 * out[0] * out[1] * lhs[1]
+    if len(out) == 3:
+        rows = next((s[0] for s in flats if s[1] == out[1]), None)
+        return 0.0 if rows is None else 2.0 * rows * out[1] * out[2]
+    return 0.0
+
+
 def jaxpr_flops(jaxpr) -> float:
     """Matmul FLOPs of a jaxpr: 2 x output size x contracted size per ``dot_general``.
 
@@ -342,7 +357,18 @@ def jaxpr_flops(jaxpr) -> float:
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
             continue
         if name == "pallas_call":  # a kernel body runs once per grid point (splash: dense count)
-            total += math.prod(eqn.params["grid_mapping"].grid) * jaxpr_flops(eqn.params["jaxpr"])
+            grid = eqn.params["grid_mapping"].grid
+            if all(isinstance(g, int) for g in grid):
+                total += math.prod(grid) * jaxpr_flops(eqn.params["jaxpr"])
+            else:
+                total += _grouped_matmul_flops(eqn)
+            continue
+        if name == "ragged_dot_general":  # every lhs row meets one group: 2 x |lhs| x rhs free dims
+            numbers = eqn.params["ragged_dot_dimension_numbers"]
+            (_, rhs_contract), _ = numbers.dot_dimension_numbers
+            lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+            skip = set(rhs_contract) | set(numbers.rhs_group_dimensions)
+            total += 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in skip)
             continue
         subs = [jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
         if not subs:

@@ -54,6 +54,11 @@ def kernels_interpreted() -> Iterator[None]:
         _INTERPRET.reset(token)
 
 
+def interpreting() -> bool:
+    """Inside :func:`kernels_interpreted`: Pallas TPU kernels may run interpreted off TPU."""
+    return _INTERPRET.get()
+
+
 def resolve(impl: str, dtype: jnp.dtype, backend: str | None = None) -> str:
     """The concrete implementation for ``impl`` on ``backend`` (default: JAX's default backend)."""
     backend = backend or jax.default_backend()

@@ -11,6 +11,10 @@ reaches its k experts, no capacity factor.
 - ``ragged`` (the default everywhere): the N*k assignments are sorted by expert and each expert's
   contiguous group goes through ``jax.lax.ragged_dot`` (grouped matmuls; Megablox-style on TPU).
   FLOPs are those of the k chosen experts only.
+- ``megablox`` (``auto`` on TPU): the same sorted dispatch through JAX's Pallas TPU grouped
+  matmul (``jax.experimental.pallas.ops.tpu.megablox``, MaxText's kernel). libtpu 0.10.2 fails
+  to compile ``lax.ragged_dot`` inside the sharded training step (an internal RET_CHECK,
+  reproduced with ``solarjax aot``), and the kernel is the tuned path anyway.
 - ``dense``: every expert on every token, combined with the (mostly zero) routing weights;
   E/k times the FLOPs, kept as the readable reference the ragged path is tested against.
 
@@ -35,13 +39,14 @@ mean router entropy.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from solarjax.config import ModelConfig
+from solarjax.config import ConfigError, ModelConfig
 
 
 class Routing(NamedTuple):
@@ -69,17 +74,43 @@ def ragged_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate:
 
     ``x`` (N, d); ``weights``/``experts`` (N, k); expert weights (E, d, f) and (E, f, d).
     """
+    return _sorted_experts(x, weights, experts, w_gate, w_up, w_down, activation, jax.lax.ragged_dot)
+
+
+def _sorted_experts(x, weights, experts, w_gate, w_up, w_down, activation, grouped_matmul) -> jax.Array:
+    """Sort the assignments by expert, run ``grouped_matmul(rows, (E, a, b) weights, group sizes)``."""
     n, k = experts.shape
     num_experts = w_gate.shape[0]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rows = jnp.take(x, order // k, axis=0)  # (N*k, d), grouped by expert
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    gate = jax.lax.ragged_dot(rows, w_gate.astype(x.dtype), sizes)
-    up = jax.lax.ragged_dot(rows, w_up.astype(x.dtype), sizes)
-    out = jax.lax.ragged_dot(activation(gate) * up, w_down.astype(x.dtype), sizes)  # (N*k, d)
+    gate = grouped_matmul(rows, w_gate.astype(x.dtype), sizes)
+    up = grouped_matmul(rows, w_up.astype(x.dtype), sizes)
+    out = grouped_matmul(activation(gate) * up, w_down.astype(x.dtype), sizes)  # (N*k, d)
     out = jnp.take(out, jnp.argsort(order), axis=0).reshape(n, k, -1)
     return jnp.einsum("nkd,nk->nd", out.astype(jnp.float32), weights).astype(x.dtype)
+
+
+MEGABLOX_TILE = 128
+
+
+def megablox_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array, interpret: bool = False) -> jax.Array:
+    """Pallas TPU grouped matmul; rows padded to whole tiles (the padding belongs to no group)."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops
+
+    m = rows.shape[0]
+    padded = -(-m // MEGABLOX_TILE) * MEGABLOX_TILE
+    rows = jnp.pad(rows, ((0, padded - m), (0, 0)))
+    tiling = (MEGABLOX_TILE, min(MEGABLOX_TILE, w.shape[1]), min(MEGABLOX_TILE, w.shape[2]))
+    out = ops.gmm(rows, w, sizes, rows.dtype, tiling, None, None, False, interpret)
+    return out[:m]
+
+
+def megablox_experts(x, weights, experts, w_gate, w_up, w_down, activation, interpret: bool = False) -> jax.Array:
+    """:func:`ragged_experts` with the Megablox kernel (``interpret``: on CPU, for tests)."""
+    matmul = functools.partial(megablox_matmul, interpret=interpret)
+    return _sorted_experts(x, weights, experts, w_gate, w_up, w_down, activation, matmul)
 
 
 def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -93,11 +124,24 @@ def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: 
     return jnp.einsum("ned,ne->nd", out.astype(jnp.float32), combine).astype(x.dtype)
 
 
-DISPATCH = {"ragged": ragged_experts, "dense": dense_experts}
+DISPATCH = {"ragged": ragged_experts, "megablox": megablox_experts, "dense": dense_experts}
 
 
-def dispatch_fn(cfg: ModelConfig) -> Callable:
-    return DISPATCH["ragged" if cfg.moe_dispatch == "auto" else cfg.moe_dispatch]
+def dispatch_fn(cfg: ModelConfig, platform: str) -> Callable:
+    """The dispatch for ``cfg.moe_dispatch`` on ``platform`` (``auto``: megablox on TPU, else ragged).
+    Megablox off TPU runs interpreted, but only inside :func:`solarjax.attention.kernels_interpreted`
+    (tests); otherwise asking for it is a ConfigError."""
+    from solarjax.attention import interpreting
+
+    name = cfg.moe_dispatch
+    if name == "auto":
+        name = "megablox" if platform == "tpu" else "ragged"
+    if name == "megablox" and platform != "tpu":
+        if not interpreting():
+            raise ConfigError(f"moe_dispatch='megablox' is a TPU kernel and the backend is {platform!r}; "
+                              "use moe_dispatch='auto' (or 'ragged')")
+        return functools.partial(megablox_experts, interpret=True)
+    return DISPATCH[name]
 
 
 # ----------------------------------------------------------------------------- the block
@@ -131,7 +175,9 @@ def moe_block(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig, activation:
     stats = router_stats(routing, valid, cfg.n_experts)
     weights = routing.weights.reshape(batch, seq, -1)
     experts = routing.experts.reshape(batch, seq, -1)
-    dispatch = dispatch_fn(cfg)
+    from solarjax.attention import platform_of
+
+    dispatch = dispatch_fn(cfg, platform_of(batch_sharding))
 
     def local(h, weights, experts, w_gate, w_up, w_down):
         b, t, _ = h.shape
@@ -144,7 +190,7 @@ def moe_block(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig, activation:
         return local(*args), stats
     rows = P(batch_sharding.spec[0], None, None)
     out = jax.shard_map(local, mesh=batch_sharding.mesh, in_specs=(rows, rows, rows, P(), P(), P()),
-                        out_specs=rows)(*args)
+                        out_specs=rows, check_vma=False)(*args)  # Pallas outputs carry no varying-axes type
     return out, stats
 
 

@@ -47,10 +47,12 @@ class Operator:
     what: str
 
 
-# Growth operators that do not exist in solarjax yet. MoE upcycling (sparse upcycling: copy each
-# MLP into E experts, add a router) needs an MoE model family in config.py/model.py; once it
-# exists, add its Operator to growth_operators() and remove it here.
-NOT_YET_AVAILABLE = {"moe_upcycle": "MoE upcycling needs an MoE model family, which solarjax does not have yet"}
+# Operators asked for by name that this study does not run, each with where to run it instead.
+# Sparse upcycling (solarjax.upcycle) keeps the depth and raises the FLOPs per step, so it is not a
+# way to reach the target depth from a smaller model; it is compared at equal training FLOPs by ablate.
+NOT_YET_AVAILABLE = {"moe_upcycle": "MoE upcycling keeps the depth, so it is not a growth operator of this study; "
+                                    "compare it at equal compute with: solarjax ablate --plans "
+                                    "'upcycle:experts=8,k=2' --equal-flops"}
 
 
 def growth_operators(target: int) -> list[Operator]:

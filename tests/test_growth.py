@@ -193,7 +193,7 @@ def test_tiny_study_end_to_end_through_the_cli(corpus, tmp_path, capsys):
 
 def test_bad_operator_names_fail_with_one_line(tmp_path, capsys):
     assert main(["study", "growth", "--out", str(tmp_path / "x"), "--operators", "moe_upcycle"]) == 1
-    assert "MoE upcycling needs an MoE model family" in capsys.readouterr().err
+    assert "solarjax ablate --plans 'upcycle:experts=8,k=2' --equal-flops" in capsys.readouterr().err
     assert main(["study", "seam", "--out", str(tmp_path / "x"), "--target-layers", "6"]) == 1
     assert "multiple of 4" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -37,6 +37,19 @@ CONTRACTION_AXES: dict[str, tuple[int, ...]] = {
     "embed": (1,),  # (vocab, d): one scale per row, which is the head's output channel when tied
     "lm_head": (0,),  # (d, vocab)
 }
+# Mixture-of-Experts leaves (solarjax.moe) carry an experts axis after the layer axis: one scale per
+# expert and output channel. The router (w_router) is not quantized: routing stays float32.
+EXPERT_CONTRACTION_AXES: dict[str, tuple[int, ...]] = {
+    "w_gate": (2,), "w_up": (2,),  # (L, E, d, f)
+    "w_down": (2,),  # (L, E, f, d)
+}
+
+
+def contraction_axes(name: str, w: jax.Array) -> tuple[int, ...] | None:
+    """The axes leaf ``name`` is contracted over (its scale is shared along them); None: not quantized."""
+    if name in EXPERT_CONTRACTION_AXES and w.ndim == 4:
+        return EXPERT_CONTRACTION_AXES[name]
+    return CONTRACTION_AXES.get(name)
 
 
 @jax.tree_util.register_dataclass
@@ -71,13 +84,15 @@ _quantize_jit = jax.jit(quantize, static_argnames=("axes", "bits"))
 
 
 def quantize_params(params: Params, bits: int = 8) -> Params:
-    """Every matrix (attention, MLP, embedding, head) as a :class:`Quantized` leaf; norms untouched.
+    """Every matrix (attention, MLP or experts, embedding, head) as a :class:`Quantized` leaf; norms
+    and a Mixture-of-Experts router untouched.
 
     Leaves are converted one at a time, so peak memory is the model plus one float matrix.
     """
     if is_quantized(params):
         raise ValueError("params are already quantized")
-    layers = {name: _quantize_jit(w, axes=CONTRACTION_AXES[name], bits=bits) if name in CONTRACTION_AXES else w
+    layers = {name: w if contraction_axes(name, w) is None else _quantize_jit(w, axes=contraction_axes(name, w),
+                                                                                 bits=bits)
               for name, w in params["layers"].items()}
     out = {**params, "layers": layers}
     for name in ("embed", "lm_head"):

@@ -50,3 +50,33 @@ def test_quantize_params_covers_every_matrix(tmp_path):
     assert param_bytes(q) < 0.3 * param_bytes(params)  # int8 + one fp32 scale per channel vs fp32
     with pytest.raises(ValueError, match="already quantized"):
         quantize_params(q)
+
+
+def test_moe_experts_quantize_per_expert_and_output_channel():
+    """Mixtral-style leaves (L, E, d, f) / (L, E, f, d): a NumPy scale per layer, expert and output
+    channel; the router stays float32; the quantized model computes with exactly the dequantized
+    weights (model.forward on them as the oracle), close to the float model."""
+    import jax
+    import jax.numpy as jnp
+
+    from solarjax import model as M
+    from solarjax.config import ModelConfig
+    from solarjax.quant import Quantized, dequantize_params, hidden_states, lm_head, quantize_params
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=24, arch="mixtral",
+                      n_experts=3, experts_per_token=2)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s)).astype(np.float32), M.param_shapes(cfg),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    q = quantize_params(params)
+    assert not isinstance(q["layers"]["w_router"], Quantized) and q["layers"]["w_router"].dtype == np.float32
+    for name, (contracted, out) in {"w_gate": (32, 24), "w_up": (32, 24), "w_down": (24, 32)}.items():
+        leaf, w = q["layers"][name], params["layers"][name]
+        assert isinstance(leaf, Quantized) and leaf.scale.shape == (2, 3, 1, out), name
+        np.testing.assert_allclose(np.asarray(leaf.scale), np.abs(w).max(axis=2, keepdims=True) / 127, rtol=1e-6)
+        assert np.all(np.abs(np.asarray(leaf.dense(jnp.float32)) - w) <= np.asarray(leaf.scale) / 2 + 1e-7), name
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 9)))
+    quantized = jax.jit(lambda p, t: lm_head(p, hidden_states(p, t, cfg), cfg))(q, tokens)
+    oracle = M.forward_jit(dequantize_params(q), tokens, cfg)
+    np.testing.assert_allclose(quantized, oracle, atol=1e-5)
+    np.testing.assert_allclose(quantized, M.forward_jit(params, tokens, cfg), atol=2e-2)

@@ -6,7 +6,8 @@ which the tests check against mergekit itself), but runs in JAX and works at two
 
 * ``merge_params``: params pytrees in memory. Every per-layer leaf is stacked on axis 0, and
   mergekit's statistics (SLERP norms, TIES top-k) are per HF tensor, i.e. per layer, so the
-  kernels are ``vmap``-ed over the layer axis with one parameter value per layer.
+  kernels are ``vmap``-ed over the layer axis with one parameter value per layer (over layers x
+  experts for a Mixture-of-Experts leaf, whose experts are separate HF tensors).
 * ``merge_checkpoints``: models on disk (HF safetensors streamed one tensor name at a time, so
   peak memory is one tensor per input model; anything else :mod:`solarjax.loading` reads, i.e.
   Orbax checkpoints, training runs and GGUF files, loaded once), written by
@@ -361,6 +362,11 @@ def hf_names(arch: str) -> tuple[dict[str, str], dict[str, str]]:
     return ({p.name: p.hf for p in family.layer_params}, {p.name: p.hf for p in family.global_params})
 
 
+def _fold_experts(leaf: jax.Array) -> jax.Array:
+    """(layers, experts, ...) -> (layers * experts, ...), layer-major like the HF tensor names."""
+    return jnp.reshape(leaf, (leaf.shape[0] * leaf.shape[1], *leaf.shape[2:]))
+
+
 def _check_inputs(spec: MethodSpec, n_models: int, has_base: bool) -> None:
     if spec.base == "required" and not has_base:
         raise MergeError(f"merge_method {spec.name!r} needs a base model (base_model)")
@@ -424,9 +430,18 @@ def merge_params(
                 raise MergeError(f"param {name}: models[{i}] has shape {tuple(leaf.shape)}, expected {tuple(ref.shape)}")
         inputs = leaves[1:] if base is not None else leaves
         base_leaf = leaves[0] if base is not None else None
-        if keys[0] == "layers":
+        suffix = layer_names.get(keys[-1], keys[-1])
+        if keys[0] == "layers" and "{e}" in suffix:
+            # Mixture-of-Experts leaf (L, E, ...): one HF tensor per layer and expert, and mergekit's
+            # statistics (SLERP norms, TIES top-k) are per tensor, so layers x experts is the stacked axis
+            n_layers, n_experts = ref.shape[:2]
+            hf_names = [f"model.layers.{i}.{suffix.format(e=e)}" for i in range(n_layers) for e in range(n_experts)]
+            base_leaf, inputs = (None if base_leaf is None else _fold_experts(base_leaf),
+                                 [_fold_experts(x) for x in inputs])
+            layered = True
+        elif keys[0] == "layers":
             n_layers = ref.shape[0]
-            hf_names = [f"model.layers.{i}.{layer_names.get(keys[-1], keys[-1])}" for i in range(n_layers)]
+            hf_names = [f"model.layers.{i}.{suffix}" for i in range(n_layers)]
             layered = True
         else:
             hf_names = [global_names.get(keys[-1], keys[-1])]
@@ -434,7 +449,7 @@ def merge_params(
         plans = [plan_tensor(spec, n, layer_fraction(n, n_layers), [parameters], model_sources, names) for n in hf_names]
         tkeys = [tensor_key(seed, n) for n in hf_names]
         out = merge_group(spec, base_leaf, inputs, plans, tkeys, name, layered)
-        return out.astype(ref.dtype)
+        return out.reshape(ref.shape).astype(ref.dtype)
 
     trees = ([base] if base is not None else []) + list(models)
     return jax.tree_util.tree_map_with_path(merge_leaf, reference, *trees)

@@ -356,3 +356,139 @@ def test_params_mismatch(loaded):
         merge_params("linear", [p["ft2"], bad])
     with pytest.raises(MergeError, match="needs a base"):
         merge_params("ties", [p["ft1"]])
+
+
+MOE_RECIPES = {
+    "linear": """
+models:
+  - model: {ft1}
+    parameters: {{weight: [0.1, 0.9]}}
+  - model: {ft2}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+dtype: float32
+""",
+    "slerp": """
+models:
+  - model: {base}
+  - model: {ft1}
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0.2, 0.7]
+    - filter: experts
+      value: [0.9, 0.4]
+    - value: 0.35
+dtype: float32
+""",
+    "ties": """
+models:
+  - model: {ft1}
+    parameters: {{density: 0.5, weight: 1.0}}
+  - model: {ft2}
+    parameters: {{density: [0.3, 0.8], weight: 0.5}}
+merge_method: ties
+base_model: {base}
+parameters: {{normalize: true}}
+dtype: float32
+""",
+}
+
+
+def _mergekit_expert_tensors(out_dir, n_layers: int, n_experts: int) -> dict[str, np.ndarray]:
+    """mergekit writes Mixtral's experts fused as transformers 5 holds them in memory
+    (``mlp.experts.gate_up_proj`` (E, 2f, d) = [w1; w3], ``down_proj`` (E, d, f) = w2): unfused
+    to the per-expert names of the checkpoints (and of solarjax's export)."""
+    fused, out = _tensors(out_dir), {}
+    for i in range(n_layers):
+        gate_up, down = fused[f"model.layers.{i}.mlp.experts.gate_up_proj"], fused[f"model.layers.{i}.mlp.experts.down_proj"]
+        for e in range(n_experts):
+            prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+            w1, w3 = np.split(gate_up[e], 2)
+            out.update({f"{prefix}.w1.weight": w1, f"{prefix}.w3.weight": w3, f"{prefix}.w2.weight": down[e]})
+        out[f"model.layers.{i}.block_sparse_moe.gate.weight"] = fused[f"model.layers.{i}.mlp.gate.weight"]
+    return out
+
+
+def _mergekit_per_tensor(name: str, recipe: dict, tensors: dict[str, np.ndarray], n_layers: int) -> np.ndarray:
+    """mergekit's own SLERP / TIES functions on one HF tensor (sparsify, sign consensus, normalise)."""
+    import torch
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.merge_methods.slerp import slerp
+    from mergekit.sparsify import SparsificationMethod, sparsify
+
+    from solarjax.merge import layer_fraction, resolve
+
+    t_layer = layer_fraction(name, n_layers)
+    base = torch.tensor(tensors["base"])
+    if recipe["merge_method"] == "slerp":
+        t = resolve("t", None, [recipe["parameters"]], name, t_layer)
+        return slerp(torch.tensor([t]), base[None], torch.tensor(tensors["ft1"])[None])[0].numpy()
+    deltas, weights = [], []
+    for entry, key in zip(recipe["models"], ("ft1", "ft2")):
+        params = entry["parameters"]
+        density = resolve("density", None, [params], name, t_layer)
+        weights.append(resolve("weight", None, [params], name, t_layer))
+        deltas.append(sparsify(torch.tensor(tensors[key]) - base, density, SparsificationMethod.magnitude))
+    w = torch.tensor(weights).reshape(-1, *[1] * base.ndim)
+    deltas = torch.stack(deltas) * w
+    mask = get_mask(deltas, "sum")
+    divisor = (w * mask).sum(0)
+    divisor[divisor == 0] = 1
+    return (base + (deltas * mask).sum(0) / divisor).numpy()
+
+
+@pytest.mark.parametrize("name", list(MOE_RECIPES))
+def test_mixture_of_experts_merges_per_expert_tensor(name, tmp_path):
+    """Two Mixtral fine-tunes of one base, on disk and in memory (each expert of a stacked
+    (L, E, ...) leaf is its own tensor, as in the checkpoint). Oracles: mergekit's own merge for
+    linear; for SLERP and TIES mergekit's functions on each per-expert tensor (mergekit's Mixtral
+    architecture merges transformers 5's fused expert stacks, so its SLERP norms and TIES top-k
+    span all experts of a layer, gate and up together: a different merge)."""
+    import jax
+    import torch
+    import transformers
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from solarjax.hf import load_hf
+
+    torch.manual_seed(5)
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=3,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    base = transformers.MixtralForCausalLM(config).eval()
+    dirs = {"base": save_hf_model(base, tmp_path / "base")}
+    for i, seed in ((1, 201), (2, 202)):
+        dirs[f"ft{i}"] = save_hf_model(_finetune(base, seed), tmp_path / f"ft{i}")
+    recipe_path = tmp_path / "recipe.yml"
+    recipe_path.write_text(MOE_RECIPES[name].format(**dirs))
+    recipe = yaml.safe_load(recipe_path.read_text())
+    ours = _tensors(merge_checkpoints(recipe_path, tmp_path / "ours"))
+    inputs = {k: _tensors(d) for k, d in dirs.items()}
+    assert sorted(ours) == sorted(inputs["base"])
+    if name == "linear":
+        run_merge(MergeConfiguration.model_validate(recipe), str(tmp_path / "mergekit"),
+                  MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False, random_seed=0))
+        theirs = {**_tensors(tmp_path / "mergekit"), **_mergekit_expert_tensors(tmp_path / "mergekit", 2, 3)}
+        for key in ours:
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=0, atol=ATOL, err_msg=key)
+    else:
+        for key in (k for k in ours if ".experts." in k or "self_attn.q" in k):
+            expected = _mergekit_per_tensor(key, recipe, {k: v[key] for k, v in inputs.items()}, n_layers=2)
+            np.testing.assert_allclose(ours[key], expected, rtol=0, atol=ATOL, err_msg=key)
+
+    p = {k: load_hf(d)[1] for k, d in dirs.items()}
+    models = [p["ft1"], p["ft2"]] if name != "slerp" else [p["ft1"]]
+    base_params = None if name == "linear" else p["base"]
+    kwargs = recipe.get("parameters", {})
+    merged = merge_params(name, models, base=base_params, arch="mixtral",
+                          model_parameters=[m["parameters"] for m in recipe["models"] if "parameters" in m]
+                          if name != "slerp" else None, **kwargs)
+    cfg, expected = load_hf(tmp_path / "ours")
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=ATOL,
+                                   err_msg=jax.tree_util.keystr(path))

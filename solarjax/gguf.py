@@ -104,6 +104,12 @@ def config_from_gguf(reader, **overrides: Any) -> ModelConfig:
     if rot_dim != head_dim:
         raise GGUFError(f"{p}rope.dimension_count={rot_dim} != head_dim={head_dim}: partial RoPE is not supported")
     names = {t.name for t in reader.tensors}
+    experts = _meta(reader, p + "expert_count", 0)
+    stacked = sorted(n for n in names if "_exps." in n)
+    if experts or stacked:  # llama.cpp's Mixtral/OLMoE: every layer's experts in one 3-D tensor
+        raise GGUFError(f"{reader.data.filename} is a Mixture-of-Experts GGUF ({p}expert_count={experts}, stacked "
+                        f"expert tensors such as {(stacked or ['blk.0.ffn_gate_exps.weight'])[0]!r}), which solarjax "
+                        "does not read; use the Hugging Face checkpoint (MixtralForCausalLM, OlmoeForCausalLM)")
     scaling_type = _meta(reader, p + "rope.scaling.type", "none")
     rope_scaling = None
     if scaling_type == "linear":

@@ -317,3 +317,28 @@ def test_sentencepiece_vocabulary_matches_transformers_gguf_loader(tmp_path, arc
         if "</s>" not in text:  # transformers' decode of special tokens varies with its global state
             assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=False), text
     assert ours.add_bos_token and ours.encode("hi")[0] == 1 and ours.bos_token == "<s>"
+
+
+def test_mixture_of_experts_gguf_is_refused_in_one_line(tmp_path):
+    """llama.cpp writes Mixtral as general.architecture 'llama' with expert_count and stacked
+    blk.N.ffn_*_exps tensors: one line naming them, before any tensor is read."""
+    import gguf
+
+    path = tmp_path / "mixtral.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((32, 8), np.float32))
+    writer.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 16, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(sg.GGUFError, match="ffn_gate_exps") as err:
+        sg.load_gguf(path)
+    assert "\n" not in str(err.value) and "expert_count=4" in str(err.value)

@@ -371,3 +371,41 @@ def test_solarjax_train_on_the_tiny_moe_preset_logs_the_router_figures(tmp_path)
     assert type(net).__name__ == "MixtralForCausalLM" and net.config.num_local_experts == 4
     cfg, params = hf.load_hf(export)
     np.testing.assert_allclose(model.forward_jit(params, jnp.asarray(TOKENS), cfg), logits_of(net, TOKENS), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- depth up-scaling
+
+
+def test_depth_upscaling_copies_whole_moe_layers(case, tmp_path):
+    """DUS on a Mixtral (layers 0, 1, 1: the experts and router move with their layer): on disk
+    (``dus.upscale_hf``) every tensor of new layer j is the source's planned layer's, byte for
+    byte; in memory (``upscale_params``) the export is the same checkpoint, and transformers
+    computes the grown model's logits as solarjax does."""
+    from safetensors.numpy import load_file
+
+    from solarjax import dus
+
+    if case.name != "mixtral_e5_k3":
+        pytest.skip("checked once")
+    plan = dus.make_plan([(0, 2), (1, 2)], case.cfg.n_layers)
+    source = {k: v for f in hf.safetensors_files(case.path) for k, v in load_file(f).items()}
+    on_disk = dus.upscale_hf(case.path, tmp_path / "disk", plan)
+    grown_t = {k: v for f in hf.safetensors_files(on_disk) for k, v in load_file(f).items()}
+    prefix = "model.layers."
+    for name, value in grown_t.items():
+        if name.startswith(prefix):
+            new_i, rest = name[len(prefix):].split(".", 1)
+            src_name = f"{prefix}{dus.plan_layers(plan)[int(new_i)]}.{rest}"
+        else:
+            src_name = name
+        np.testing.assert_array_equal(value, source[src_name], err_msg=name)
+    assert sum(".experts.4.w2." in k for k in grown_t) == 3
+
+    grown, cfg = dus.upscale_params(case.params, case.cfg, plan)
+    assert cfg.n_layers == 3 and grown["layers"]["w_gate"].shape == (3, 5, 48, 40)
+    in_memory = hf.save_hf(grown, cfg, tmp_path / "memory", source_dir=case.path)
+    exported = {k: v for f in hf.safetensors_files(in_memory) for k, v in load_file(f).items()}
+    assert sorted(exported) == sorted(grown_t)
+    assert all(np.array_equal(exported[k], grown_t[k]) for k in grown_t)
+    net = transformers.AutoModelForCausalLM.from_pretrained(on_disk, dtype=torch.float32).eval()
+    np.testing.assert_allclose(model.forward_jit(grown, jnp.asarray(TOKENS), cfg), logits_of(net, TOKENS), atol=1e-5)

@@ -102,7 +102,7 @@ def megablox_matmul(rows: jax.Array, w: jax.Array, sizes: jax.Array, interpret: 
     m = rows.shape[0]
     padded = -(-m // MEGABLOX_TILE) * MEGABLOX_TILE
     rows = jnp.pad(rows, ((0, padded - m), (0, 0)))
-    tiling = (MEGABLOX_TILE, min(MEGABLOX_TILE, w.shape[1]), min(MEGABLOX_TILE, w.shape[2]))
+    tiling = (MEGABLOX_TILE,) * 3  # the backward reuses it with k and n swapped
     out = ops.gmm(rows, w, sizes, rows.dtype, tiling, None, None, False, interpret)
     return out[:m]
 
@@ -136,6 +136,10 @@ def dispatch_fn(cfg: ModelConfig, platform: str) -> Callable:
     name = cfg.moe_dispatch
     if name == "auto":
         name = "megablox" if platform == "tpu" else "ragged"
+    if name == "megablox" and (cfg.d_model % MEGABLOX_TILE or cfg.expert_ffn_dim % MEGABLOX_TILE):
+        raise ConfigError(f"moe_dispatch={cfg.moe_dispatch!r} uses Megablox on TPU, whose tiles need d_model "
+                          f"({cfg.d_model}) and the experts' hidden size ({cfg.expert_ffn_dim}) to be multiples of "
+                          f"{MEGABLOX_TILE}")
     if name == "megablox" and platform != "tpu":
         if not interpreting():
             raise ConfigError(f"moe_dispatch='megablox' is a TPU kernel and the backend is {platform!r}; "

@@ -7,6 +7,6 @@ def get_config():
     return base_config(
         arch="mixtral", vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
         ffn_dim=96, n_experts=4, experts_per_token=2, norm_topk_prob=True, router_aux_loss_coef=0.01,
-        router_z_loss_coef=0.001, rope_theta=10000.0, rms_eps=1e-5, sliding_window=None, tie_embeddings=False,
+        router_z_loss_coef=0.001, moe_dispatch="auto", rope_theta=10000.0, rms_eps=1e-5, sliding_window=None, tie_embeddings=False,
         max_seq_len=256, dtype="float32", param_dtype="float32", remat="none",
     )

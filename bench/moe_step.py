@@ -1,0 +1,161 @@
+"""Mixture-of-Experts training step: solarjax (dropless ragged_dot dispatch) vs transformers' Mixtral.
+
+Same shape (``tiny_moe``'s Mixtral family resized by the flags, random weights), same batch, same
+optimizer (AdamW with global-norm clipping, the preset's optim section), same loss: cross-entropy
+plus the load-balancing loss at ``router_aux_loss_coef`` (transformers adds it when asked for
+router logits; the z-loss is off on both sides, transformers' Mixtral has none). Peers:
+``MixtralForCausalLM`` eager and under ``torch.compile``. Each side runs in its own subprocess
+(own peak memory, own timeout); one JSON line per figure, with ratios ours / peer. Our side is
+``bench/train_step.py``'s (the trainer's jitted step, 1 device); tokens/s count all tokens, MFU uses
+the active parameters (:meth:`solarjax.config.ModelConfig.flops_per_token`).
+
+    python bench/moe_step.py --d-model 256 --layers 4 --experts 8 --top-k 2 --seq 256 --batch 4   # the issue's shape
+    python bench/moe_step.py --d-model 128 --layers 2 --seq 128 --batch 2 --steps 3 --threads 1   # quick CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step  # noqa: E402  (bench/train_step.py: our side's timed step)
+
+
+def _model_config(args):
+    """``tiny_moe`` resized by the flags; the z-loss off (transformers' Mixtral has none)."""
+    from solarjax.config import load_config, model_config_from_dict
+
+    config = load_config("tiny_moe")
+    values = dict(config.model, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                  n_kv_heads=args.kv_heads, ffn_dim=args.ffn, n_experts=args.experts, experts_per_token=args.top_k,
+                  vocab_size=args.vocab, max_seq_len=max(args.seq, 256), remat=args.remat,
+                  moe_dispatch=args.dispatch, router_z_loss_coef=0.0)
+    return config, model_config_from_dict(values)
+
+
+def run_ours(args) -> dict:
+    train_step._model_config = lambda a: _model_config(a)  # the shared timed step, on this shape
+    return train_step.run_ours(args)
+
+
+def run_peer(args, mode: str) -> dict:
+    import torch
+    import transformers
+
+    from solarjax.hf import config_to_hf
+
+    config, cfg = _model_config(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf_config = transformers.MixtralConfig(**config_to_hf(cfg))
+    model = transformers.MixtralForCausalLM._from_config(hf_config, attn_implementation="sdpa").to(device)
+    if args.remat != "none":
+        model.gradient_checkpointing_enable()
+    optim = config.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
+                            weight_decay=optim.weight_decay, fused=(mode == "compile" and device == "cuda"))
+    forward = torch.compile(model) if mode == "compile" else model
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+            out = forward(inputs, output_router_logits=True)
+        loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten())
+        loss = loss + cfg.router_aux_loss_coef * out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step()
+    sync()
+    compile_s = time.perf_counter() - start
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    float(loss)
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return {"step_ms": seconds * 1e3, "tokens_per_s": args.batch * args.seq / seconds, "loss": float(loss),
+            "compile_s": compile_s, "device": device, "peak_device_mb": peak, "torch": torch.__version__,
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+            "experts_impl": getattr(hf_config, "_experts_implementation", None)}
+
+
+def _side(args, side: str) -> dict:
+    """One side in its own process (own peak RSS; a hang or crash costs only that side's figure)."""
+    cmd = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                                       if k not in ("side", "timeout") and v is not None]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s"}
+    if done.returncode:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return {"error": (lines[-1] if lines else f"exit {done.returncode}")[:400]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=512, help="each expert's hidden size")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--dispatch", default="ragged", choices=["ragged", "dense"], help="our expert dispatch")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--segments", choices=["packed", "none"], default="packed")
+    parser.add_argument("--peers", default="eager,compile", help="comma-separated: eager, compile (or '' for none)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per side")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="pin each side to this many cores (torch threads too); 0: all. On a shared CPU, "
+                             "torch's OpenMP threads spin against other work (1 thread can be 50x faster than 2)")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        if args.threads:  # both sides on the same cores (XLA sizes its pool from the affinity mask)
+            import os
+
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        result = run_ours(args) if args.side == "ours" else run_peer(args, args.side.removeprefix("peer-"))
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    shape = dict(d_model=args.d_model, layers=args.layers, experts=args.experts, top_k=args.top_k, ffn=args.ffn,
+                 batch=args.batch, seq=args.seq, dispatch=args.dispatch, remat=args.remat, threads=args.threads or None)
+    ours = _side(args, "ours")
+    print(json.dumps({"figure": "moe_train_ours", **shape, **ours}), flush=True)
+    for peer in [p for p in args.peers.split(",") if p]:
+        theirs = _side(args, f"peer-{peer}")
+        line = {"figure": f"moe_train_peer_{peer}", **shape, **theirs}
+        if "error" not in ours and "error" not in theirs:
+            line["ratio_tokens_per_s_ours_over_peer"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -403,7 +403,8 @@ def _mergekit_expert_tensors(out_dir, n_layers: int, n_experts: int) -> dict[str
     to the per-expert names of the checkpoints (and of solarjax's export)."""
     fused, out = _tensors(out_dir), {}
     for i in range(n_layers):
-        gate_up, down = fused[f"model.layers.{i}.mlp.experts.gate_up_proj"], fused[f"model.layers.{i}.mlp.experts.down_proj"]
+        experts = f"model.layers.{i}.mlp.experts"
+        gate_up, down = fused[f"{experts}.gate_up_proj"], fused[f"{experts}.down_proj"]
         for e in range(n_experts):
             prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}"
             w1, w3 = np.split(gate_up[e], 2)

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts training step: solarjax (dropless ragged_dot dispatch) vs transformers' Mixtral.
+"""Mixture-of-Experts training step: solarjax (dropless dispatch, `auto` by backend) vs transformers' Mixtral.
 
 Same shape (``tiny_moe``'s Mixtral family resized by the flags, random weights), same batch, same
 optimizer (AdamW with global-norm clipping, the preset's optim section), same loss: cross-entropy
@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402  (bench/train_step.py: our side's timed step)
+from solarjax.config import MOE_DISPATCH  # noqa: E402
 
 
 def _model_config(args):
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--remat", default="none")
-    parser.add_argument("--dispatch", default="ragged", choices=["ragged", "dense"], help="our expert dispatch")
+    parser.add_argument("--dispatch", default="auto", choices=list(MOE_DISPATCH), help="our expert dispatch")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--segments", choices=["packed", "none"], default="packed")
     parser.add_argument("--peers", default="eager,compile", help="comma-separated: eager, compile (or '' for none)")

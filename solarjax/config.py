@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-MOE_DISPATCH = ("auto", "ragged", "megablox", "dense")
+MOE_DISPATCH = ("auto", "ragged", "blocked", "megablox", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attn_out", "save_qkv_attn")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "reference")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -63,8 +63,9 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (Mixtral yes, OLMoE no)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in the training loss
     router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE; OLMoE trains with 0.001)
-    # "auto": megablox on TPU, ragged elsewhere; "ragged" (lax.ragged_dot), "megablox" (Pallas TPU
-    # grouped matmul), "dense" (every expert on every token: the reference)
+    # "auto": megablox on TPU, blocked on CPU, ragged on GPU; "ragged" (lax.ragged_dot), "blocked"
+    # (one GEMM per padded row block), "megablox" (Pallas TPU grouped matmul), "dense" (every expert
+    # on every token: the reference)
     moe_dispatch: str = "auto"
 
     def __post_init__(self) -> None:

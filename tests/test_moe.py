@@ -3,9 +3,9 @@
 Random tiny ``MixtralForCausalLM`` / ``OlmoeForCausalLM`` with odd expert counts and k (and OLMoE
 with and without renormalised top-k weights): import logits, packed segments, export round
 trip, greedy generation; the router's losses from transformers' router logits in NumPy (and
-transformers' own ``load_balancing_loss_func`` per layer); ragged dispatch against a per-token
-NumPy loop and the dense reference, forward and gradients (an idle expert included); 1 device
-against an 8-device mesh with the experts sharded; config and mesh errors; parameter and FLOP
+transformers' own ``load_balancing_loss_func`` per layer); every dispatch (ragged, blocked,
+Megablox interpreted) against a per-token NumPy loop and the dense reference, forward and
+gradients (an idle expert included); 1 device against an 8-device mesh with the experts sharded; config and mesh errors; parameter and FLOP
 counts from the torch model's own parameters; ``solarjax train`` on the ``tiny_moe`` preset;
 depth up-scaling of a Mixtral on disk and in memory.
 """
@@ -219,9 +219,14 @@ def numpy_experts(x, weights, experts, w_gate, w_up, w_down) -> np.ndarray:
     return out
 
 
-def test_ragged_and_dense_dispatch_equal_a_numpy_loop_and_each_other():
-    """Outputs and the gradients of every input (router included), with every expert used and
-    with one expert that no token chooses (an empty group)."""
+def test_every_dispatch_equals_a_numpy_loop_and_the_dense_reference():
+    """ragged, blocked (two block sizes: several blocks per expert, and one row per block) and
+    Megablox (the Pallas TPU kernel, interpreted): outputs and the gradients of every input
+    (router included), with every expert used and with one expert no token chooses (an empty group)."""
+    import functools
+
+    from solarjax.attention import kernels_interpreted
+
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=12, arch="mixtral",
                       n_experts=5, experts_per_token=3, norm_topk_prob=False)
     rng = np.random.default_rng(0)
@@ -239,7 +244,11 @@ def test_ragged_and_dense_dispatch_equal_a_numpy_loop_and_each_other():
             return jnp.sum(jnp.sin(out)), out
         return jax.jit(jax.value_and_grad(out_and_loss, argnums=range(5), has_aux=True))
 
-    ragged_fn, dense_fn = compiled(moe.ragged_experts), compiled(moe.dense_experts)
+    dense_fn = compiled(moe.dense_experts)
+    with kernels_interpreted():
+        others = {"ragged": compiled(moe.ragged_experts), "blocked4": compiled(functools.partial(moe.blocked_experts, block=4)),
+                  "blocked1": compiled(functools.partial(moe.blocked_experts, block=1)),
+                  "megablox": compiled(functools.partial(moe.megablox_experts, interpret=True))}
     unused = w_router.copy()
     unused[:, 4] = 0
     unused[0, 4] = -50  # expert 4's logit is -50 for every token
@@ -248,13 +257,14 @@ def test_ragged_and_dense_dispatch_equal_a_numpy_loop_and_each_other():
         assert (np.bincount(np.asarray(routing.experts).reshape(-1), minlength=5) == 0).sum() == idle
         expected = numpy_experts(x, routing.weights, routing.experts, w_gate, w_up, w_down)
         args = (x, jnp.asarray(router), w_gate, w_up, w_down)
-        (_, ragged), g_ragged = ragged_fn(*args)
         (_, dense), g_dense = dense_fn(*args)
-        np.testing.assert_allclose(ragged, expected, atol=1e-5)
         np.testing.assert_allclose(dense, expected, atol=1e-5)
-        for name, a, b in zip(("x", "w_router", "w_gate", "w_up", "w_down"), g_ragged, g_dense):
-            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
-        assert float(jnp.abs(g_ragged[1]).max()) > 0  # the router is trained through the weights
+        assert float(jnp.abs(g_dense[1]).max()) > 0  # the router is trained through the weights
+        for dispatch, fn in others.items():
+            (_, out), grads = fn(*args)
+            np.testing.assert_allclose(out, expected, atol=1e-5, err_msg=dispatch)
+            for name, a, b in zip(("x", "w_router", "w_gate", "w_up", "w_down"), grads, g_dense):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{dispatch}: {name}")
 
 
 # ----------------------------------------------------------------------------- sharding

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,17 +99,7 @@ def run_peer(args, mode: str) -> dict:
 
 
 def _side(args, side: str) -> dict:
-    """One side in its own process (own peak RSS; a hang or crash costs only that side's figure)."""
-    cmd = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                       if k not in ("side", "timeout") and v is not None]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
-    if done.returncode:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        return {"error": (lines[-1] if lines else f"exit {done.returncode}")[:400]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return train_step._side(args, side, script=__file__, dashes=True)
 
 
 def main() -> None:

@@ -135,9 +135,12 @@ def run_peer(args, mode: str) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def _side(args, side: str) -> dict:
-    cmd = [sys.executable, __file__, "--side", side] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                       if k not in ("side", "timeout") and v is not None]
+def _side(args, side: str, script: str = __file__, dashes: bool = False) -> dict:
+    """One side of ``script`` in its own process (own peak RSS; a hang or crash costs only that
+    side's figure), its flags from ``args`` (``dashes``: the script spells them with dashes)."""
+    flag = (lambda k: k.replace("_", "-")) if dashes else (lambda k: k)  # noqa: E731
+    cmd = [sys.executable, script, "--side", side] + [f"--{flag(k)}={v}" for k, v in vars(args).items()
+                                                     if k not in ("side", "timeout") and v is not None]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:

@@ -103,6 +103,77 @@ def tensor_index(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return index
 
 
+# ----------------------------------------------------------------------------- fused experts
+# transformers 5 holds a Mixture-of-Experts layer's experts fused (``MixtralExperts``,
+# ``OlmoeExperts``; transformers/conversion_mapping.py, "mixtral" and "qwen2_moe") and some writers
+# save that layout (mergekit, ``model.state_dict()``): per layer ``mlp.experts.gate_up_proj``
+# (E, 2f, d), each expert's gate rows then its up rows; ``mlp.experts.down_proj`` (E, d, f); the
+# router at ``mlp.gate.weight`` (Mixtral's ``block_sparse_moe.`` becomes ``mlp.``). Readers turn it
+# into the per-expert names the Hub and ``save_pretrained`` use, so one name table serves both.
+
+FUSED_EXPERTS = {"mlp.experts.gate_up_proj": ("w_gate", "w_up"), "mlp.experts.down_proj": ("w_down",)}
+FUSED_ROUTER = "mlp.gate.weight"
+
+
+def fused_layout(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[tuple[str, tuple]]]]:
+    """Fused layer-tensor suffix -> (its shape, [(per-expert suffix, index into the fused tensor)]);
+    empty for a dense ``cfg``."""
+    if not cfg.n_experts:
+        return {}
+    family = families.get(cfg.arch)
+    e, f, d = cfg.n_experts, cfg.expert_ffn_dim, cfg.d_model
+    out = {FUSED_ROUTER: ((e, d), [(family.param("w_router").hf, ())])}
+    for fused, leaves in FUSED_EXPERTS.items():
+        parts = [(family.param(leaf).hf.format(e=i), (i, slice(k * f, (k + 1) * f)) if len(leaves) > 1 else (i,))
+                 for k, leaf in enumerate(leaves) for i in range(e)]
+        out[fused] = ((e, len(leaves) * f, d) if len(leaves) > 1 else (e, d, f), parts)
+    return out
+
+
+def unfused(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig,
+            source: str = "", error: type[CheckpointError] = CheckpointError) -> Iterator[tuple[str, np.ndarray]]:
+    """``tensors`` with fused expert tensors split into per-expert views under the canonical names
+    and the fused router renamed; everything else passes through. A fused tensor whose shape the
+    config does not imply raises ``error`` naming it (before any slicing could hide a mismatch)."""
+    layout = fused_layout(cfg)
+    for name, array in tensors:
+        parts = _split(name, tuple(array.shape), layout, source, error)
+        if parts is None:
+            yield name, array
+        else:
+            for part, index in parts:
+                yield part, array[index]
+
+
+def unfused_index(shapes: dict[str, tuple[int, ...]], hf: dict[str, Any]) -> dict[str, tuple[str, tuple | None, tuple]]:
+    """For readers by name (merge): every per-expert or plain name -> (stored name, index into it or
+    None, shape), in stored order, given the stored ``shapes`` of a checkpoint with config ``hf``."""
+    try:
+        layout = fused_layout(config_from_hf(hf))
+    except Exception:  # noqa: BLE001 - a config solarjax does not model has no fused layout it knows
+        layout = {}
+    out: dict[str, tuple[str, tuple | None, tuple]] = {}
+    for name, shape in shapes.items():
+        parts = _split(name, tuple(shape), layout, "config.json", CheckpointError)
+        if parts is None:
+            out[name] = (name, None, tuple(shape))
+        for part, index in parts or ():
+            out[part] = (name, index, np.broadcast_to(np.int8(0), shape)[index].shape)
+    return out
+
+
+def _split(name: str, shape: tuple, layout: dict, source: str, error: type[CheckpointError]) -> list | None:
+    """[(per-expert name, index)] of one fused tensor; None for any other name."""
+    match = HF_LAYER_RE.match(name) if layout else None
+    fused = layout.get(match.group(2)) if match else None
+    if fused is None:
+        return None
+    if shape != fused[0]:
+        raise error(f"tensor {name!r} has shape {shape}, but the config of {source or 'the model'} implies "
+                    f"{fused[0]} (transformers' fused experts layout)")
+    return [(f"model.layers.{match.group(1)}.{suffix}", index) for suffix, index in fused[1]]
+
+
 # ----------------------------------------------------------------------------- config.json
 
 def family_of(hf: dict[str, Any]):
@@ -166,6 +237,7 @@ def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             if spec.layer in (None, 0):
                 match = HF_LAYER_RE.match(name)
                 shapes[match.group(2) if match else name] = hf_shape(spec, cfg)
+        shapes.update({suffix: shape for suffix, (shape, _) in fused_layout(cfg).items()})  # the fused layout too
         return shapes
     try:
         d, vocab, ffn, n_heads = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"], hf["num_attention_heads"]
@@ -223,7 +295,7 @@ def load_hf(
     hf = read_hf_config(path)
     src_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     cfg = config_from_hf(hf, param_dtype=dtype or src_dtype, **config_overrides)
-    tensors = iter(st.Reader(path))
+    tensors = unfused(st.Reader(path), cfg, str(path))
     if progress:
         from tqdm import tqdm
 

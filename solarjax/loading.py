@@ -183,19 +183,26 @@ class HFTensors:
     checked against ``config.json`` when opened, before anything is written."""
 
     def __init__(self, path: Path):
-        from solarjax.hf import header_checker, read_hf_config
+        from solarjax.hf import header_checker, read_hf_config, unfused_index
         from solarjax.safetensors_io import Reader
 
         self.path = path
         self.hf_config = read_hf_config(path)
         self._reader = Reader(path, header_checker(self.hf_config))
-        self.shapes = self._reader.shapes
+        self._where = unfused_index(self._reader.shapes, self.hf_config)  # fused experts seen per expert
+        self.shapes = {name: shape for name, (_, _, shape) in self._where.items()}
+        self._fused: tuple[str, np.ndarray] | None = None  # the last fused tensor read (its experts come in a row)
 
     def dtype(self, name: str) -> np.dtype:
-        return self._reader.dtype(name)
+        return self._reader.dtype(self._where[name][0])
 
     def get(self, name: str) -> np.ndarray:
-        return self._reader.get(name)
+        stored, index, _ = self._where[name]
+        if index is None:
+            return self._reader.get(stored)
+        if self._fused is None or self._fused[0] != stored:
+            self._fused = (stored, self._reader.get(stored))
+        return np.ascontiguousarray(self._fused[1][index])
 
 
 class ParamsTensors:

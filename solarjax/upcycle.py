@@ -275,8 +275,8 @@ def grow(params: Params, cfg: ModelConfig, spec: str, key: Any = None) -> tuple[
 def grow_loaded(src: Any, dst: Any, spec: str, *, dtype: str | None = None, out_format: str | None = None,
                 max_shard_size: int | str = "5GB", overwrite: bool = False,
                 progress: bool = False) -> tuple[ModelConfig, ModelConfig]:
-    """Grow any model :mod:`solarjax.loading` reads by a growth spec in memory and save it, as
-    :func:`solarjax.dus.upscale_loaded` does for plans: an HF directory with the source's tokenizer
+    """Grow any model :mod:`solarjax.loading` reads by a growth spec in memory and save it (``solarjax
+    upscale`` for every source it does not stream): an HF directory with the source's tokenizer
     (default for HF and GGUF sources; an upcycled model is a ``MixtralForCausalLM``) or an Orbax
     checkpoint. The spec, the output's format and ``dst`` are checked before any array is read.
     Returns ``(source cfg, grown cfg)``."""

@@ -103,19 +103,14 @@ def run(args: argparse.Namespace) -> int:
     spec = plan_spec(args)
     from solarjax import upcycle
 
-    if len(upcycle.growth_steps(spec)) > 1 or upcycle.is_upcycle(spec):
+    if source.kind != "hf" or len(upcycle.growth_steps(spec)) > 1 or upcycle.is_upcycle(spec):
         return _grow_in_memory(args, spec)
     # an HF source is streamed without being modelled, so any Llama-family config.json is fine
-    n_src = (read_hf_config(source.weights).get("num_hidden_layers") if source.kind == "hf"
-             else loading.read_config(source).n_layers)
+    n_src = read_hf_config(source.weights).get("num_hidden_layers")
     plan = dus.parse_plan_spec(spec, n_src)
     start = time.perf_counter()
-    if source.kind == "hf":
-        dus.upscale_hf(args.src, args.dst, plan, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                       overwrite=args.overwrite, progress=not args.no_progress)
-    else:
-        dus.upscale_loaded(args.src, args.dst, plan, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                           overwrite=args.overwrite, progress=not args.no_progress)
+    dus.upscale_hf(args.src, args.dst, plan, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   overwrite=args.overwrite, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
     n_out = len(dus.plan_layers(plan))
@@ -127,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _grow_in_memory(args: argparse.Namespace, spec: str) -> int:
-    """A growth spec with sparse upcycling (or several steps): load, grow, save (an HF Mixtral by default)."""
+    """Grow in memory: GGUF, Orbax and run sources, and growth specs with sparse upcycling or several
+    steps (load, grow, save: HF for HF/GGUF sources, an upcycled model as a Mixtral; else Orbax)."""
     import time
 
     from solarjax import upcycle

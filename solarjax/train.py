@@ -232,7 +232,8 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
     """Params placed on the mesh: random (``init.source`` None) or from any model ``solarjax.loading``
     reads (HF dir, GGUF, Orbax checkpoint, training run).
 
-    ``init.upscale`` (e.g. ``"solar:m=8"``) applies a depth up-scaling plan after loading. Compute
+    ``init.upscale`` applies a growth spec after loading: a depth up-scaling plan (``"solar:m=8"``),
+    sparse upcycling (``"upcycle:experts=8,k=2"``) or both chained with ``+``. Compute
     settings (dtype, remat, attention) come from ``config.model``; shapes from the checkpoint.
     """
     compute = {k: config.model[k] for k in ("dtype", "remat", "attention") if k in config.model}
@@ -246,12 +247,11 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
         cfg, params, _ = loading.load(init_source(config), dtype="float32")
         cfg = cfg.replace(**compute)
     if upscale:
-        from solarjax.dus import parse_plan_spec, upscale_params
+        from solarjax.upcycle import grow
 
         if params is None:
             params = init_params(jax.random.key(config.init.seed), cfg)
-        plan = parse_plan_spec(upscale, cfg.n_layers)
-        params, cfg = upscale_params(params, cfg, plan)
+        params, cfg = grow(params, cfg, upscale, key=jax.random.key(config.init.seed))
         cfg = cfg.replace(param_dtype="float32")
     shardings = shd.param_shardings(cfg, mesh, rules)
     if params is None:

@@ -152,3 +152,26 @@ def test_families_mixtral_cannot_express_are_refused_in_one_line(arch, extra, me
 def test_bad_growth_specs_are_one_line(dense, spec, message):
     with pytest.raises(ConfigError, match=message):
         upcycle.grown_config(dense[0], spec)
+
+
+def test_training_init_takes_a_growth_spec():
+    """``init.upscale`` grows the initial model by DUS then upcycling before training: at step 0 the
+    Mixtral computes what the DUS-only dense model computes (the identity the tests above check
+    against transformers)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from solarjax import model, sharding, train
+    from solarjax.config import load_config
+
+    config = load_config("tiny")
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    config.init.upscale = "solar:m=1"
+    dense_cfg, dense = train.init_model(config, mesh, None)
+    config.init.upscale = "solar:m=1+upcycle:experts=3,k=2"
+    cfg, params = train.init_model(config, mesh, None)
+    assert (cfg.arch, cfg.n_layers, cfg.n_experts, cfg.experts_per_token) == ("mixtral", dense_cfg.n_layers, 3, 2)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)))
+    np.testing.assert_allclose(model.forward_jit(params, tokens, cfg), model.forward_jit(dense, tokens, dense_cfg),
+                               atol=1e-5)

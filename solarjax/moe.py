@@ -263,9 +263,10 @@ def weighted_aux_loss(aux: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
 
 
 def scalar_metrics(aux: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, jax.Array]:
-    """The training log's MoE figures: both losses, router entropy, and the busiest and idlest
-    expert's load relative to perfect balance (1.0 = each expert gets 1/E of the assignments)."""
+    """The training log's MoE figures: both losses, router entropy, each expert's load relative to
+    perfect balance averaged over layers (``expert_load``, 1.0 = 1/E of the assignments) and the
+    busiest and idlest expert of any layer."""
     load = aux["expert_load"] * cfg.n_experts
     return {"moe_balance_loss": aux["moe_balance_loss"], "moe_z_loss": aux["moe_z_loss"],
-            "router_entropy": aux["router_entropy"], "expert_load_max": jnp.max(load),
-            "expert_load_min": jnp.min(load)}
+            "router_entropy": aux["router_entropy"], "expert_load": jnp.mean(load, axis=0),
+            "expert_load_max": jnp.max(load), "expert_load_min": jnp.min(load)}

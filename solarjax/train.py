@@ -449,8 +449,8 @@ class Task:
             self.tokens_per_s = steps_per_s * tc.batch_size * tc.seq_len
             self.mfu = mfu(self.tokens_per_s, self.cfg, tc.seq_len, self.mesh.size)
         last = fetched[-1]
-        moe_figures = {k: float(np.mean([m[k] for m in fetched])) for k in last if k.startswith(("moe_", "router_",
-                                                                                                  "expert_"))}
+        moe_figures = {k: np.mean([m[k] for m in fetched], axis=0).round(6).tolist() for k in last
+                       if k.startswith(("moe_", "router_", "expert_"))}  # expert_load: a list, one per expert
         return {"loss": float(np.mean([m["loss"] for m in fetched])), "grad_norm": last["grad_norm"],
                 "lr": last.get("lr"), "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, **moe_figures}
 
@@ -729,7 +729,8 @@ def train(
         nonlocal pending
         if not pending:
             return
-        fetched = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+        fetched = [{k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64) for k, v in m.items()}
+                   for m in jax.device_get(pending)]
         first = done - len(fetched) + 1
         skipped = sum(int(m.pop("nonfinite", 0)) for m in fetched)
         history.extend({"step": first + i, **m} for i, m in enumerate(fetched))

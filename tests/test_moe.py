@@ -380,6 +380,7 @@ def test_solarjax_train_on_the_tiny_moe_preset_logs_the_router_figures(tmp_path)
         assert r["moe_balance_loss"] >= 1.0 - 1e-6  # E * sum f P >= 1 (equality at uniform routing)
         assert 0 < r["router_entropy"] <= math.log(4) + 1e-6
         assert r["expert_load_min"] <= 1.0 <= r["expert_load_max"]
+        assert len(r["expert_load"]) == 4 and np.mean(r["expert_load"]) == pytest.approx(1.0, abs=1e-4)
     net = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     assert type(net).__name__ == "MixtralForCausalLM" and net.config.num_local_experts == 4
     cfg, params = hf.load_hf(export)

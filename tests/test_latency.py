@@ -25,6 +25,10 @@ def test_bench_latency_tiny(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"latency.md", "latency.jsonl", "latency.png"}
     assert len((out / "latency.jsonl").read_text().splitlines()) == 2
 
+    assert main([*argv[:-2], "--no-upscale", "--json"]) == 0  # one JSON object, nothing else
+    (only,) = capsys.readouterr().out.strip().splitlines()
+    assert [r["model"] for r in json.loads(only)["rows"]] == ["smollm2_135m"]
+
     for bad, message in ((["--formats", "fp8"], "unknown weight format 'fp8'"),
                          (["--lengths", "9000"], "prompt length 9000 exceeds smollm2_135m's context of 8192 tokens")):
         assert main(["bench", "latency", "--tiny", "--presets", "smollm2_135m", *bad]) == 1

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from solarjax.commands._flags import add_progress
+from solarjax.commands._flags import add_json, add_progress
 
 
 def _ints(text: str) -> list[int]:
@@ -54,6 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "pass --overwrite for one solarjax wrote)")
     p.add_argument("--overwrite", action="store_true")
     add_progress(p)
+    add_json(p)
     p.set_defaults(func=run_latency)
 
 
@@ -77,14 +78,15 @@ def run_latency(args: argparse.Namespace) -> int:
 
         check = check_destination(args.out, overwrite=args.overwrite)
 
-    def show(row) -> None:
-        print(json.dumps(row.as_dict()), flush=True)
+    def show(row) -> None:  # each row as it is measured (with --json: only the final object)
+        if not args.json:
+            print(json.dumps(row.as_dict()), flush=True)
 
     rows = latency.latency_table(args.presets, args.formats, args.lengths, args.new_tokens,
                                  upscale=not args.no_upscale, repeats=args.repeats, configs=configs, on_row=show,
                                  progress=sys.stderr.isatty() and not args.no_progress)
     table = latency.markdown(rows)
-    print(table)
+    print(json.dumps({"rows": [row.as_dict() for row in rows], "out": args.out}) if args.json else table)
     if check is not None:
         from solarjax.outputs import atomic_output_dir
 

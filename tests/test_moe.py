@@ -300,7 +300,7 @@ def test_one_device_equals_eight_with_the_experts_sharded():
     assert params8["layers"]["w_up"].addressable_shards[0].data.shape[1] == 1  # 4 experts / fsdp 4
     np.testing.assert_allclose(float(l8), float(l1), rtol=1e-6)
     for name in m1:
-        np.testing.assert_allclose(float(m8[name]), float(m1[name]), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.asarray(m8[name]), np.asarray(m1[name]), rtol=1e-5, err_msg=name)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g8)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6, rtol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))

@@ -19,7 +19,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,50 +50,17 @@ def run_peer(args, mode: str) -> dict:
     from solarjax.hf import config_to_hf
 
     config, cfg = _model_config(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     hf_config = transformers.MixtralConfig(**config_to_hf(cfg))
-    model = transformers.MixtralForCausalLM._from_config(hf_config, attn_implementation="sdpa").to(device)
-    if args.remat != "none":
-        model.gradient_checkpointing_enable()
-    optim = config.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
-                            weight_decay=optim.weight_decay, fused=(mode == "compile" and device == "cuda"))
-    forward = torch.compile(model) if mode == "compile" else model
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    model = transformers.MixtralForCausalLM._from_config(hf_config, attn_implementation="sdpa")
 
-    def step():
-        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            out = forward(inputs, output_router_logits=True)
-        loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten())
-        loss = loss + cfg.router_aux_loss_coef * out.aux_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def loss_of(forward, inputs, labels):  # the balance loss included, as our step includes it
+        out = forward(inputs, output_router_logits=True)
+        ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten())
+        return ce + cfg.router_aux_loss_coef * out.aux_loss
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    step()
-    sync()
-    compile_s = time.perf_counter() - start
-    step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    float(loss)
-    seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return {"step_ms": seconds * 1e3, "tokens_per_s": args.batch * args.seq / seconds, "loss": float(loss),
-            "compile_s": compile_s, "device": device, "peak_device_mb": peak, "torch": torch.__version__,
-            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+    return {**train_step.time_peer(model, config, cfg, args, mode, loss_of), "transformers": transformers.__version__,
             "experts_impl": getattr(hf_config, "_experts_implementation", None)}
 
 

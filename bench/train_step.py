@@ -92,10 +92,23 @@ def run_peer(args, mode: str) -> dict:
     from solarjax.hf import config_to_hf
 
     config, cfg = _model_config(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cls = transformers.MistralConfig if cfg.arch == "mistral" else transformers.LlamaConfig
     model = transformers.AutoModelForCausalLM.from_config(cls(**config_to_hf(cfg)), attn_implementation="sdpa")
+
+    def loss_of(forward, inputs, labels):
+        logits = forward(inputs).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    return time_peer(model, config, cfg, args, mode, loss_of)
+
+
+def time_peer(model, config, cfg, args, mode: str, loss_of) -> dict:
+    """The transformers side of a benchmark, timed: bf16 autocast on CUDA, AdamW (fused under
+    ``torch.compile`` on CUDA), gradient clipping, ``loss_of(forward, inputs, labels)`` as the loss."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = model.to(device)
     if args.remat != "none":
         model.gradient_checkpointing_enable()
@@ -108,22 +121,22 @@ def run_peer(args, mode: str) -> dict:
 
     def step():
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            logits = forward(inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            loss = loss_of(forward, inputs, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     step()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync()
     compile_s = time.perf_counter() - start
     step()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = step()

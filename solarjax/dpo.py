@@ -40,7 +40,8 @@ import optax
 
 from solarjax.config import ConfigError, ModelConfig
 from solarjax.data import DataError
-from solarjax.model import Params, forward
+from solarjax import moe
+from solarjax.model import Params, hidden_states_and_aux, lm_head
 from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, make_encoder,
                           read_records, resolve_tokenizer)
 from solarjax.train import Task
@@ -200,13 +201,16 @@ def make_dpo_dataset(
 
 
 def sequence_logps(params: Params, batch: Mapping[str, jax.Array], cfg: ModelConfig,
-                   average: bool = False) -> jax.Array:
-    """Per row: the sum (or mean) of ``log p(target)`` over ``loss_mask`` tokens, fp32."""
-    logits = forward(params, batch["tokens"], cfg, positions=batch["positions"], segment_ids=batch["segment_ids"])
-    logp = -optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+                   average: bool = False, with_aux: bool = False):
+    """Per row: the sum (or mean) of ``log p(target)`` over ``loss_mask`` tokens, fp32; with
+    ``with_aux`` also the Mixture-of-Experts router losses of the same forward (``{}`` if dense)."""
+    x, aux = hidden_states_and_aux(params, batch["tokens"], cfg, positions=batch["positions"],
+                                   segment_ids=batch["segment_ids"])
+    logp = -optax.softmax_cross_entropy_with_integer_labels(lm_head(params, x, cfg), batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     total = jnp.sum(logp * mask, axis=-1)
-    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0) if average else total
+    total = total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0) if average else total
+    return (total, aux) if with_aux else total
 
 
 def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, pair: jax.Array, *, beta: float,
@@ -236,9 +240,13 @@ def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, pair: jax.Array, *, 
 def make_dpo_loss_fn(beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
     """A trainer ``loss_fn(params, batch, cfg)``; the batch carries ``pair`` and ``ref_logps``."""
     def loss_fn(params, batch, cfg):
-        logps = sequence_logps(params, batch, cfg, average=loss_type == "ipo")
-        return dpo_loss(logps, batch["ref_logps"], batch["pair"], beta=beta,
-                        label_smoothing=label_smoothing, loss_type=loss_type)
+        logps, aux = sequence_logps(params, batch, cfg, average=loss_type == "ipo", with_aux=True)
+        loss, metrics = dpo_loss(logps, batch["ref_logps"], batch["pair"], beta=beta,
+                                 label_smoothing=label_smoothing, loss_type=loss_type)
+        if not aux:
+            return loss, metrics
+        # an MoE policy keeps its router balanced while it is tuned, as in pretraining
+        return loss + moe.weighted_aux_loss(aux, cfg), {**metrics, **moe.scalar_metrics(aux, cfg)}
 
     return loss_fn
 
@@ -311,7 +319,7 @@ def load_reference(source: str | None, policy_cfg: ModelConfig, params: Params, 
 
 
 def _mean_metrics(fetched: list[dict[str, Any]]) -> dict[str, float]:
-    return {k: float(np.mean([float(m[k]) for m in fetched])) for k in fetched[0]}
+    return {k: np.mean([m[k] for m in fetched], axis=0).tolist() for k in fetched[0]}  # expert_load: a list
 
 
 class DPOTask(Task):

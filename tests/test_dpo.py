@@ -209,3 +209,28 @@ def test_bad_pairs_name_file_and_line(tmp_path, policy_dir, capsys):
     config.dpo.loss_type = "hinge"
     with pytest.raises(ConfigError, match="loss_type"):
         dpo.run_dpo(config)
+
+
+def test_moe_policy_adds_its_router_losses():
+    """A Mixture-of-Experts policy is tuned with its balance and z losses (weighted as in
+    pretraining) on top of the DPO loss, and logs the router figures; a dense one is unchanged."""
+    import jax
+    import jax.numpy as jnp
+
+    from solarjax import model
+    from solarjax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24, arch="mixtral",
+                      n_experts=3, experts_per_token=2, router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    params = model.init_params(jax.random.key(0), cfg)
+    tokens = np.random.default_rng(0).integers(0, 32, (4, 8))
+    batch = {"tokens": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+             "loss_mask": jnp.ones((4, 8)), "segment_ids": jnp.ones((4, 8), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(8), (4, 8)), "pair": jnp.asarray([1, -1, 2, -2]),
+             "ref_logps": jnp.asarray([-30.0, -31.0, -29.0, -30.5])}
+    loss_fn = dpo.make_dpo_loss_fn(beta=0.1)
+    loss, metrics = loss_fn(params, batch, cfg)
+    plain, _ = loss_fn(params, batch, cfg.replace(router_aux_loss_coef=0.0, router_z_loss_coef=0.0))
+    assert float(loss - plain) == pytest.approx(0.5 * float(metrics["moe_balance_loss"])
+                                                + 0.25 * float(metrics["moe_z_loss"]), rel=1e-5)
+    assert float(metrics["moe_balance_loss"]) >= 1.0 - 1e-6 and len(metrics["expert_load"]) == 3

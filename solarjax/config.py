@@ -113,9 +113,10 @@ class ModelConfig:
 
         family = families.get(self.arch)
         if family.moe != (self.n_experts > 0):
+            moe_families = ", ".join(sorted(f.name for f in families.FAMILIES.values() if f.moe))
             raise ConfigError(f"arch={self.arch!r} is a {'Mixture-of-Experts' if family.moe else 'dense'} family but "
                               f"n_experts={self.n_experts}" + (" (set n_experts)" if family.moe else
-                                                               " (MoE families: mixtral, olmoe)"))
+                                                               f" (MoE families: {moe_families})"))
         self._validate_rope_and_layers()
         for name in ("dtype", "param_dtype"):
             try:

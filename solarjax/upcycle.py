@@ -46,6 +46,7 @@ WHY_NOT = {
     "gemma3": "its layers have GeGLU, sandwich norms and (1 + w) norm weights",
     "mixtral": "it is already a Mixture of Experts",
     "olmoe": "it is already a Mixture of Experts",
+    "qwen3_moe": "it is already a Mixture of Experts",
 }
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 NOISE_KINDS = ("mult", "add")

@@ -1,7 +1,7 @@
-"""Mixture-of-Experts (solarjax.moe, the mixtral and olmoe families) against transformers and NumPy.
+"""Mixture-of-Experts (solarjax.moe; the mixtral, olmoe and qwen3_moe families) against transformers and NumPy.
 
-Random tiny ``MixtralForCausalLM`` / ``OlmoeForCausalLM`` with odd expert counts and k (and OLMoE
-with and without renormalised top-k weights): import logits, packed segments, export round
+Random tiny ``MixtralForCausalLM``, ``OlmoeForCausalLM`` and ``Qwen3MoeForCausalLM`` with odd
+expert counts and k (and OLMoE with and without renormalised top-k weights): import logits, packed segments, export round
 trip, greedy generation; the router's losses from transformers' router logits in NumPy (and
 transformers' own ``load_balancing_loss_func`` per layer); every dispatch (ragged, blocked,
 Megablox interpreted) against a per-token NumPy loop and the dense reference, forward and
@@ -34,6 +34,9 @@ CASES = {  # name: (config class, model class, extra config)
                                                               norm_topk_prob=False)),
     "olmoe_e3_k2_norm": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=3, num_experts_per_tok=2,
                                                                    norm_topk_prob=True)),
+    "qwen3_moe_e4_k2": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                       moe_intermediate_size=24, head_dim=10,
+                                                                       norm_topk_prob=True)),
 }
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 13))
 PROMPTS = [[5, 17, 60, 3, 20], [7, 8, 9, 10, 11, 12, 13, 14], [42, 43]]

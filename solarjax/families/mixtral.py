@@ -15,7 +15,11 @@ def moe_from_hf(hf: dict[str, Any], experts_key: str) -> dict[str, Any]:
     if hf.get("router_jitter_noise"):
         raise common._error(f"router_jitter_noise={hf['router_jitter_noise']} is not supported (solarjax's router "
                             "has no input jitter)")
-    return dict(n_experts=hf[experts_key], experts_per_token=hf["num_experts_per_tok"],
+    # transformers 5 may save a family's expert count under Mixtral's key (its attribute_map)
+    count = next((hf[k] for k in (experts_key, "num_local_experts", "num_experts") if hf.get(k) is not None), None)
+    if count is None:
+        raise common._error(f"config.json has no expert count ({experts_key})")
+    return dict(n_experts=count, experts_per_token=hf["num_experts_per_tok"],
                 router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.01)))
 
 

@@ -60,6 +60,7 @@ class ModelConfig:
     n_experts: int = 0
     experts_per_token: int = 2  # top-k
     moe_ffn_dim: int | None = None  # each expert's hidden size; None: ffn_dim
+    shared_expert_ffn_dim: int | None = None  # a sigmoid-gated shared expert every token uses (Qwen2-MoE); None: none
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (Mixtral yes, OLMoE no)
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in the training loss
     router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE; OLMoE trains with 0.001)
@@ -153,12 +154,15 @@ class ModelConfig:
         if self.moe_dispatch not in MOE_DISPATCH:
             raise ConfigError(f"moe_dispatch={self.moe_dispatch!r} is not one of {MOE_DISPATCH}")
         if not self.n_experts:
+            if self.shared_expert_ffn_dim is not None:
+                raise ConfigError("shared_expert_ffn_dim is set but n_experts=0 (a shared expert belongs to an MoE)")
             return
         if not 1 <= self.experts_per_token <= self.n_experts:
             raise ConfigError(f"experts_per_token={self.experts_per_token} must be between 1 and "
                               f"n_experts={self.n_experts}")
-        if self.moe_ffn_dim is not None and self.moe_ffn_dim <= 0:
-            raise ConfigError(f"moe_ffn_dim must be None or positive, got {self.moe_ffn_dim}")
+        for name in ("moe_ffn_dim", "shared_expert_ffn_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be None or positive, got {getattr(self, name)}")
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             raise ConfigError("router_aux_loss_coef and router_z_loss_coef must be >= 0")
 

@@ -235,12 +235,22 @@ def moe_block(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig, activation:
         return out.reshape(b, t, d)
 
     args = (h, weights, experts, layer["w_gate"], layer["w_up"], layer["w_down"])
+    shared = shared_expert(h, layer, activation) if "w_shared_gate" in layer else 0
     if batch_sharding is None or batch_sharding.spec[0] is None:
-        return local(*args), stats
+        return local(*args) + shared, stats
     rows = P(batch_sharding.spec[0], None, None)
     out = jax.shard_map(local, mesh=batch_sharding.mesh, in_specs=(rows, rows, rows, P(), P(), P()),
                         out_specs=rows, check_vma=False)(*args)  # Pallas outputs carry no varying-axes type
-    return out, stats
+    return out + shared, stats
+
+
+def shared_expert(h: jax.Array, layer: dict[str, Any], activation: Callable) -> jax.Array:
+    """Qwen2-MoE's shared expert: a gated MLP on every token, scaled by ``sigmoid(h @ w_shared_router)``."""
+    gate = jnp.einsum("btd,df->btf", h, layer["w_shared_gate"].astype(h.dtype))
+    up = jnp.einsum("btd,df->btf", h, layer["w_shared_up"].astype(h.dtype))
+    out = jnp.einsum("btf,fd->btd", activation(gate) * up, layer["w_shared_down"].astype(h.dtype))
+    scale = jax.nn.sigmoid(jnp.einsum("btd,do->bto", h.astype(jnp.float32), layer["w_shared_router"].astype(jnp.float32)))
+    return (out.astype(jnp.float32) * scale).astype(h.dtype)
 
 
 def aux_losses(stats: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, jax.Array]:

@@ -47,6 +47,7 @@ WHY_NOT = {
     "mixtral": "it is already a Mixture of Experts",
     "olmoe": "it is already a Mixture of Experts",
     "qwen3_moe": "it is already a Mixture of Experts",
+    "qwen2_moe": "it is already a Mixture of Experts",
 }
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 NOISE_KINDS = ("mult", "add")

@@ -1,7 +1,7 @@
-"""Mixture-of-Experts (solarjax.moe; the mixtral, olmoe and qwen3_moe families) against transformers and NumPy.
+"""Mixture-of-Experts (solarjax.moe; the MoE families) against transformers and NumPy.
 
-Random tiny ``MixtralForCausalLM``, ``OlmoeForCausalLM`` and ``Qwen3MoeForCausalLM`` with odd
-expert counts and k (and OLMoE with and without renormalised top-k weights): import logits, packed segments, export round
+Random tiny ``MixtralForCausalLM``, ``OlmoeForCausalLM``, ``Qwen3MoeForCausalLM`` and
+``Qwen2MoeForCausalLM`` (its shared expert) with odd expert counts and k (and OLMoE with and without renormalised top-k weights): import logits, packed segments, export round
 trip, greedy generation; the router's losses from transformers' router logits in NumPy (and
 transformers' own ``load_balancing_loss_func`` per layer); every dispatch (ragged, blocked,
 Megablox interpreted) against a per-token NumPy loop and the dense reference, forward and
@@ -37,6 +37,8 @@ CASES = {  # name: (config class, model class, extra config)
     "qwen3_moe_e4_k2": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
                                                                        moe_intermediate_size=24, head_dim=10,
                                                                        norm_topk_prob=True)),
+    "qwen2_moe_e3_k2_shared": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=3, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=20)),
 }
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 13))
 PROMPTS = [[5, 17, 60, 3, 20], [7, 8, 9, 10, 11, 12, 13, 14], [42, 43]]
@@ -58,9 +60,9 @@ def case(request, tmp_path_factory):
     config_name, model_name, extra = CASES[request.param]
     torch.manual_seed(0)
     net = getattr(transformers, model_name)(getattr(transformers, config_name)(**SHAPE, **extra)).eval()
-    with torch.no_grad():  # random norms (OLMoE's whole-projection q/k norms included), so each one matters
+    with torch.no_grad():  # random norms (OLMoE's whole-projection q/k norms) and biases, so each one matters
         for name, p in net.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.3 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("moe") / request.param
     net.save_pretrained(path)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from solarjax.families import gemma3, llama, mistral, mixtral, olmoe, qwen2, qwen3, qwen3_moe
+from solarjax.families import gemma3, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
 from solarjax.families.spec import Family, Param
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
                                                    gemma3.FAMILY, mixtral.FAMILY, olmoe.FAMILY,
-                                                   qwen3_moe.FAMILY)}
+                                                   qwen2_moe.FAMILY, qwen3_moe.FAMILY)}
 HF_ARCHITECTURES: dict[str, str] = {a: f.name for f in FAMILIES.values() for a in f.hf_architectures}
 GGUF_ARCHITECTURES: dict[str, str] = {f.gguf_architecture: f.name for f in FAMILIES.values() if f.gguf_architecture}
 

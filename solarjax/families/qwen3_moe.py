@@ -9,16 +9,14 @@ from solarjax.families import common, spec
 from solarjax.families.llama import check_silu
 from solarjax.families.mixtral import moe_from_hf, moe_to_hf
 from solarjax.families.qwen2 import sliding_from_hf, sliding_to_hf
+from solarjax.families.qwen2_moe import all_layers_sparse
 
 
 def _from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     check_silu(hf)
     if hf.get("attention_bias"):
         raise common._error("config.json sets attention_bias=true; solarjax's qwen3_moe family has no biases")
-    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-        raise common._error(f"dense layers among the experts (mlp_only_layers={hf.get('mlp_only_layers')}, "
-                            f"decoder_sparse_step={hf.get('decoder_sparse_step')}) are not supported: every layer "
-                            "must be sparse")
+    all_layers_sparse(hf)
     return {**common.from_hf(hf), **sliding_from_hf(hf), **moe_from_hf(hf, "num_experts"),
             "moe_ffn_dim": hf["moe_intermediate_size"], "norm_topk_prob": bool(hf.get("norm_topk_prob", False))}
 

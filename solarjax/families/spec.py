@@ -174,6 +174,23 @@ def expert_mlp(prefix: str, gate: str, up: str, down: str, router: str) -> tuple
     )
 
 
+def shared_expert() -> tuple[Param, ...]:
+    """Qwen2-MoE's shared expert: a gated MLP every token goes through, scaled by a sigmoid gate;
+    present when ``shared_expert_ffn_dim`` is set."""
+    has = lambda c: c.shared_expert_ffn_dim is not None  # noqa: E731
+    f = lambda c: c.shared_expert_ffn_dim  # noqa: E731
+    return (
+        matrix("w_shared_gate", lambda c: (c.d_model, f(c)), ("embed", "mlp"), "mlp.shared_expert.gate_proj.weight",
+               "transpose", None, when=has),
+        matrix("w_shared_up", lambda c: (c.d_model, f(c)), ("embed", "mlp"), "mlp.shared_expert.up_proj.weight",
+               "transpose", None, when=has),
+        matrix("w_shared_down", lambda c: (f(c), c.d_model), ("mlp", "embed"), "mlp.shared_expert.down_proj.weight",
+               "transpose", None, when=has),
+        Param("w_shared_router", lambda c: (c.d_model, 1), ("embed", None), "normal", True, False,
+              "mlp.shared_expert_gate.weight", "transpose", None, has),
+    )
+
+
 def globals_(norm_init: str = "ones") -> tuple[Param, ...]:
     """Embedding table, final norm and the (untied) head."""
     return (

@@ -235,7 +235,7 @@ def moe_block(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig, activation:
         return out.reshape(b, t, d)
 
     args = (h, weights, experts, layer["w_gate"], layer["w_up"], layer["w_down"])
-    shared = shared_expert(h, layer, activation) if "w_shared_gate" in layer else 0
+    shared = shared_expert(h, layer, cfg) if "w_shared_gate" in layer else 0
     if batch_sharding is None or batch_sharding.spec[0] is None:
         return local(*args) + shared, stats
     rows = P(batch_sharding.spec[0], None, None)
@@ -244,11 +244,12 @@ def moe_block(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig, activation:
     return out + shared, stats
 
 
-def shared_expert(h: jax.Array, layer: dict[str, Any], activation: Callable) -> jax.Array:
-    """Qwen2-MoE's shared expert: a gated MLP on every token, scaled by ``sigmoid(h @ w_shared_router)``."""
-    gate = jnp.einsum("btd,df->btf", h, layer["w_shared_gate"].astype(h.dtype))
-    up = jnp.einsum("btd,df->btf", h, layer["w_shared_up"].astype(h.dtype))
-    out = jnp.einsum("btf,fd->btd", activation(gate) * up, layer["w_shared_down"].astype(h.dtype))
+def shared_expert(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig) -> jax.Array:
+    """Qwen2-MoE's shared expert: the family's gated MLP on every token, scaled by
+    ``sigmoid(h @ w_shared_router)``."""
+    from solarjax.model import family, mlp  # the one gated MLP (model imports this module lazily too)
+
+    out = mlp(h, layer["w_shared_gate"], layer["w_shared_up"], layer["w_shared_down"], family(cfg).activation)
     scale = jax.nn.sigmoid(jnp.einsum("btd,do->bto", h.astype(jnp.float32), layer["w_shared_router"].astype(jnp.float32)))
     return (out.astype(jnp.float32) * scale).astype(h.dtype)
 

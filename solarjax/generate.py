@@ -113,8 +113,62 @@ def _attention_impl(cfg: ModelConfig) -> str:
     return "reference" if cfg.attention == "reference" else "xla"
 
 
-def _layer_index(n_layers: int) -> jax.Array:
-    return jnp.arange(n_layers, dtype=jnp.int32)
+def _layer_index(n_layers: int) -> np.ndarray:
+    return np.arange(n_layers, dtype=np.int32)
+
+
+def unstack_layers(params: Params, *, consume: bool = False) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer dicts: the decode layout.
+
+    A decode step reads every weight once, so on CPU its speed is memory traffic. Scanning over
+    the layer-stacked arrays makes XLA:CPU copy each layer's weights out of the stack on every
+    step (a dynamic slice feeding a matmul is not fused there): a second pass over all weights
+    per token. With each layer in its own arrays, :func:`forward_cached` unrolls the layers in
+    Python and the matmuls read the weights in place (SmolLM2-135M, 2 CPU cores: README,
+    "Inference"). Training keeps the stacked layout (one compiled layer, FSDP over the stack).
+    ``consume=True`` frees each stacked leaf once it is split, so peak memory stays near one
+    copy of the model; the caller's params are unusable afterwards. Quantized leaves split too.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    split: dict[str, list] = {}
+    for name, leaf in layers.items():
+        split[name] = [jax.tree.map(lambda a, i=i: a[i], leaf) for i in range(n_layers)]
+        jax.block_until_ready(split[name])
+        if consume:
+            for array in jax.tree.leaves(leaf):
+                array.delete()
+    return {**params, "layers": tuple({name: split[name][i] for name in layers} for i in range(n_layers))}
+
+
+def _over_layers(body: Callable, carry: Any, layers: Any, per_layer: tuple, unroll: int | bool):
+    """``lax.scan(body, carry, (layers, *per_layer))`` for stacked layers; for the decode layout
+    (:func:`unstack_layers`) the same body called once per layer in Python, outputs stacked."""
+    if not isinstance(layers, (tuple, list)):
+        return jax.lax.scan(body, carry, (layers, *per_layer), unroll=unroll)
+    outs = []
+    for i, layer in enumerate(layers):
+        carry, out = body(carry, (layer, *(xs[i] for xs in per_layer)))
+        outs.append(out)
+    return carry, (None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))
+
+
+def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None) -> jax.Array:
+    """One query column against the cache, grouped-query, in the cache's own (B, S, KV, D) layout.
+
+    The same product as ``jax.nn.dot_product_attention``, written so the query groups ride
+    along each KV head: on CPU that one saves a transposed copy of every layer's cache per step.
+    """
+    batch, _, n_heads, head_dim = q.shape
+    groups = n_heads // k.shape[2]
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    qg = q.reshape(batch, k.shape[2], groups, head_dim)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    scores = jnp.where(mask[:, :, 0, None, :], scores, jnp.finfo(jnp.float32).min)  # mask (B, 1, 1, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgs,bskd->bkgd", probs, v).reshape(q.shape)
 
 
 def forward_cached(
@@ -147,7 +201,7 @@ def forward_cached(
     length, n_tokens = cache.k.shape[2], tokens.shape[1]
     positions, segments = positions.astype(jnp.int32), segments.astype(jnp.int32)
     cos_all, sin_all = M.rope_tables(positions, cfg)  # per attention kind (Gemma 3: sliding / full)
-    kinds, scale = M.layer_kinds(cfg), M.attention_scale(cfg)
+    kinds, scale = np.asarray(cfg.layer_kinds, np.int32), M.attention_scale(cfg)
     impl, dtype = _attention_impl(cfg), cfg.compute_dtype
     x = Q.embed(params, tokens, cfg)
 
@@ -167,11 +221,13 @@ def forward_cached(
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
             k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
             v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
-            out = M.attend(q, k_l, v_l, M.pick(masks, kind), impl, scale)
+            mask = M.pick(masks, kind)
+            out = M.attend(q, k_l, v_l, mask, impl, scale) if impl == "reference" else \
+                _decode_attention(q, k_l, v_l, mask, scale)
             return (M.finish_layer(x, out, layer, cfg), k_all, v_all), None
 
-        (x, k_all, v_all), _ = jax.lax.scan(decode_body, (x, cache.k, cache.v),
-                                            (params["layers"], _layer_index(cfg.n_layers), kinds), unroll=unroll)
+        (x, k_all, v_all), _ = _over_layers(decode_body, (x, cache.k, cache.v), params["layers"],
+                                            (_layer_index(cfg.n_layers), kinds), unroll)
         new_cache = KVCache(k_all, v_all, kv_pos, kv_seg)
     else:
         if fresh:
@@ -191,7 +247,7 @@ def forward_cached(
             out = M.attend(q, k_att, v_att, M.pick(masks, kind), impl, scale)
             return M.finish_layer(x, out, layer, cfg), (k, v)
 
-        x, (k_new, v_new) = jax.lax.scan(chunk_body, x, (params["layers"], cache.k, cache.v, kinds), unroll=unroll)
+        x, (k_new, v_new) = _over_layers(chunk_body, x, params["layers"], (cache.k, cache.v, kinds), unroll)
         columns = (k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype), positions, segments)
         olds = (cache.k, cache.v, cache.positions, cache.segments)
         axes = (2, 2, 1, 1)

@@ -91,7 +91,9 @@ def _best_ms(fn: Callable[[], Any], repeats: int) -> float:
 
 def measure(params: Any, cfg: ModelConfig, prompt_lens: Sequence[int], new_tokens: int,
             repeats: int = 3) -> tuple[dict[int, float], float, float]:
-    """(prefill ms per prompt length, decode ms/token, peak MB) of one model on the default device."""
+    """(prefill ms per prompt length, decode ms/token, peak MB) of one model on the default device,
+    in the decode layout ``solarjax generate`` uses (:func:`solarjax.generate.unstack_layers`)."""
+    params = G.unstack_layers(params)
     rng = np.random.default_rng(0)
     prefill, peak = {}, 0.0
 

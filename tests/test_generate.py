@@ -225,7 +225,7 @@ def test_int8_generate_equals_transformers_on_the_dequantized_weights(models):
 
     import torch
 
-    from solarjax.generate import generate
+    from solarjax.generate import generate, unstack_layers
     from solarjax.hf import hf_tensors
     from solarjax.quant import dequantize_params, is_quantized, quantize_params
 
@@ -236,7 +236,27 @@ def test_int8_generate_equals_transformers_on_the_dequantized_weights(models):
     state = {name: torch.tensor(np.array(w)) for name, w in hf_tensors(dequantize_params(qparams), cfg)}
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in m for m in missing)
-    assert generate(qparams, cfg, PROMPTS, max_new_tokens=20) == hf_greedy(ref, PROMPTS, 20)
+    expected = hf_greedy(ref, PROMPTS, 20)
+    assert generate(qparams, cfg, PROMPTS, max_new_tokens=20) == expected
+    assert generate(unstack_layers(qparams), cfg, PROMPTS, max_new_tokens=20) == expected  # decode layout
+
+
+def test_decode_layout_generates_what_transformers_does(models):
+    """Each layer in its own arrays (``unstack_layers``, the CLI's decode layout): the same greedy
+    ids as transformers for a sliding-window model past its window, in one program and streamed;
+    ``consume`` frees the stacked arrays it split."""
+    import jax
+
+    from solarjax.generate import generate, unstack_layers
+
+    hf, cfg, params = models["mistral"]
+    stacked = jax.tree.map(lambda a: a.copy(), params)
+    layout = unstack_layers(stacked, consume=True)
+    assert len(layout["layers"]) == cfg.n_layers and stacked["layers"]["wq"].is_deleted()
+    np.testing.assert_array_equal(layout["layers"][1]["wq"], params["layers"]["wq"][1])
+    expected = hf_greedy(hf, PROMPTS, 40)
+    assert generate(layout, cfg, PROMPTS, max_new_tokens=40) == expected
+    assert generate(layout, cfg, PROMPTS, max_new_tokens=40, on_token=lambda tokens: None) == expected
 
 
 def test_chat_prompt_of_a_gguf_is_transformers():

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from solarjax.generate import chat_prompt, generate_text, load_model, require_tokenizer
+    from solarjax.generate import chat_prompt, generate_text, load_model, require_tokenizer, unstack_layers
 
     if args.max_new_tokens < 1:  # before loading: nonsensical limits fail in a second, not after a load
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         from solarjax.quant import quantize_params
 
         params = quantize_params(params, bits=int(args.quantize[3:]))
+    params = unstack_layers(params, consume=True)  # the decode layout: each layer's weights read in place
     prompts = [chat_prompt(args.model, p, tokenizer=args.tokenizer) if args.chat else p for p in args.prompt]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_strings=args.stop,

@@ -6,7 +6,9 @@ as a scanned input and its updated slice as a scanned output. Every slot also re
 *position* and *segment* of the token it holds; attention is masked with the model's own
 ``attention_mask`` (causal by position, same segment, sliding window), which makes left-padded
 batches and Mistral's sliding window work without special cases: pads are segment 0, real tokens
-segment 1, and positions count real tokens only.
+segment 1, and positions count real tokens only. Params in the decode layout
+(:func:`unstack_layers`, what ``solarjax generate`` uses) run the same layer body unrolled over
+per-layer arrays instead of the scan.
 
 Shapes are rounded up to buckets so a prompt of 37 tokens and one of 50 share a compiled
 program: prefill is compiled once per (batch, prompt bucket, cache length) and the decode loop

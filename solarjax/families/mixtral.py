@@ -48,7 +48,6 @@ def _to_hf(cfg) -> dict[str, Any]:
 FAMILY = spec.Family(
     name="mixtral", hf_architectures=("MixtralForCausalLM",), model_type="mixtral",
     layer_params=(*spec.attention(), *spec.expert_mlp("block_sparse_moe", "w1", "w3", "w2", "gate"),
-                  spec.norm("attn_norm", "input_layernorm.weight", "attn_norm.weight"),
-                  spec.norm("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight")),
+                  *spec.pre_norms()),
     global_params=spec.globals_(), from_hf=_from_hf, to_hf=_to_hf, moe=True,
 )

@@ -41,7 +41,6 @@ FAMILY = spec.Family(
     name="qwen2_moe", hf_architectures=("Qwen2MoeForCausalLM",), model_type="qwen2_moe",
     layer_params=(*spec.attention(with_bias=True),
                   *spec.expert_mlp("mlp", "gate_proj", "up_proj", "down_proj", "gate"), *spec.shared_expert(),
-                  spec.norm("attn_norm", "input_layernorm.weight", "attn_norm.weight"),
-                  spec.norm("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight")),
+                  *spec.pre_norms()),
     global_params=spec.globals_(), from_hf=_from_hf, to_hf=_to_hf, moe=True,
 )

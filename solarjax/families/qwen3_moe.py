@@ -32,7 +32,6 @@ FAMILY = spec.Family(
     name="qwen3_moe", hf_architectures=("Qwen3MoeForCausalLM",), model_type="qwen3_moe",
     layer_params=(*spec.attention(), *spec.qk_norms(),
                   *spec.expert_mlp("mlp", "gate_proj", "up_proj", "down_proj", "gate"),
-                  spec.norm("attn_norm", "input_layernorm.weight", "attn_norm.weight"),
-                  spec.norm("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight")),
+                  *spec.pre_norms()),
     global_params=spec.globals_(), from_hf=_from_hf, to_hf=_to_hf, moe=True,
 )

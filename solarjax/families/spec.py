@@ -202,8 +202,13 @@ def globals_(norm_init: str = "ones") -> tuple[Param, ...]:
     )
 
 
+def pre_norms() -> tuple[Param, ...]:
+    """The Llama layer's two pre-norms (before attention, before the MLP), as HF and GGUF name them;
+    the dense and the Mixture-of-Experts families share them."""
+    return (norm("attn_norm", "input_layernorm.weight", "attn_norm.weight"),
+            norm("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight"))
+
+
 def llama_layer(with_bias: bool = False, with_qk_norm: bool = False) -> tuple[Param, ...]:
     """The pre-norm Llama layer (Llama, Mistral, Qwen2 with biases, Qwen3 with q/k norms)."""
-    return (*attention(with_bias), *(qk_norms() if with_qk_norm else ()), *gated_mlp(),
-            norm("attn_norm", "input_layernorm.weight", "attn_norm.weight"),
-            norm("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight"))
+    return (*attention(with_bias), *(qk_norms() if with_qk_norm else ()), *gated_mlp(), *pre_norms())

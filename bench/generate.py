@@ -86,12 +86,13 @@ def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats:
 
     from solarjax import generate as G
     from solarjax import quant
+    from solarjax.decode_layout import unstack_layers
 
     cfg, params, _ = G.load_model(path, dtype=dtype)
     cfg = cfg.replace(dtype=dtype)
     if int8:
         params = quant.quantize_params(params)
-    params = G.unstack_layers(params, consume=True)  # the decode layout `solarjax generate` uses
+    params = unstack_layers(params, consume=True)  # the decode layout `solarjax generate` uses
     prompt = [np.random.default_rng(0).integers(3, cfg.vocab_size, prompt_len).tolist()]
     start = time.perf_counter()
     options = {} if unroll == "auto" else {"unroll": True if unroll == "full" else int(unroll)}

@@ -7,7 +7,7 @@ as a scanned input and its updated slice as a scanned output. Every slot also re
 ``attention_mask`` (causal by position, same segment, sliding window), which makes left-padded
 batches and Mistral's sliding window work without special cases: pads are segment 0, real tokens
 segment 1, and positions count real tokens only. Params in the decode layout
-(:func:`unstack_layers`, what ``solarjax generate`` uses) run the same layer body unrolled over
+(:func:`solarjax.decode_layout.unstack_layers`, what ``solarjax generate`` uses) run the same layer body unrolled over
 per-layer arrays instead of the scan.
 
 Shapes are rounded up to buckets so a prompt of 37 tokens and one of 50 share a compiled
@@ -119,35 +119,9 @@ def _layer_index(n_layers: int) -> np.ndarray:
     return np.arange(n_layers, dtype=np.int32)
 
 
-def unstack_layers(params: Params, *, consume: bool = False) -> Params:
-    """``params`` with ``layers`` as a tuple of per-layer dicts: the decode layout.
-
-    A decode step reads every weight once, so on CPU its speed is memory traffic. Scanning over
-    the layer-stacked arrays makes XLA:CPU copy each layer's weights out of the stack on every
-    step (a dynamic slice feeding a matmul is not fused there): a second pass over all weights
-    per token. With each layer in its own arrays, :func:`forward_cached` unrolls the layers in
-    Python and the matmuls read the weights in place (SmolLM2-135M, 2 CPU cores: README,
-    "Inference"). Training keeps the stacked layout (one compiled layer, FSDP over the stack).
-    ``consume=True`` frees each stacked leaf once it is split, so peak memory stays near one
-    copy of the model; the caller's params are unusable afterwards. Quantized leaves split too.
-    """
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):
-        return params
-    n_layers = jax.tree.leaves(layers)[0].shape[0]
-    split: dict[str, list] = {}
-    for name, leaf in layers.items():
-        split[name] = [jax.tree.map(lambda a, i=i: a[i], leaf) for i in range(n_layers)]
-        jax.block_until_ready(split[name])
-        if consume:
-            for array in jax.tree.leaves(leaf):
-                array.delete()
-    return {**params, "layers": tuple({name: split[name][i] for name in layers} for i in range(n_layers))}
-
-
 def _over_layers(body: Callable, carry: Any, layers: Any, per_layer: tuple, unroll: int | bool):
     """``lax.scan(body, carry, (layers, *per_layer))`` for stacked layers; for the decode layout
-    (:func:`unstack_layers`) the same body called once per layer in Python, outputs stacked."""
+    (:func:`solarjax.decode_layout.unstack_layers`) the same body called once per layer in Python, outputs stacked."""
     if not isinstance(layers, (tuple, list)):
         return jax.lax.scan(body, carry, (layers, *per_layer), unroll=unroll)
     outs = []

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax import generate as G
+from solarjax.decode_layout import unstack_layers
 from solarjax import model as M
 from solarjax import quant
 from solarjax.config import ModelConfig
@@ -92,8 +93,8 @@ def _best_ms(fn: Callable[[], Any], repeats: int) -> float:
 def measure(params: Any, cfg: ModelConfig, prompt_lens: Sequence[int], new_tokens: int,
             repeats: int = 3) -> tuple[dict[int, float], float, float]:
     """(prefill ms per prompt length, decode ms/token, peak MB) of one model on the default device,
-    in the decode layout ``solarjax generate`` uses (:func:`solarjax.generate.unstack_layers`)."""
-    params = G.unstack_layers(params)
+    in the decode layout ``solarjax generate`` uses (:func:`solarjax.decode_layout.unstack_layers`)."""
+    params = unstack_layers(params)
     rng = np.random.default_rng(0)
     prefill, peak = {}, 0.0
 

@@ -262,10 +262,14 @@ def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"activation {name!r} is not implemented")
 
 
-def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, activation: str = "silu") -> jax.Array:
-    """Gated feed-forward: SwiGLU (``silu``) or GeGLU (``gelu_tanh``)."""
-    gate = jnp.einsum("btd,df->btf", x, w_gate.astype(x.dtype))
-    up = jnp.einsum("btd,df->btf", x, w_up.astype(x.dtype))
+def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array | None, w_down: jax.Array, activation: str = "silu") -> jax.Array:
+    """Gated feed-forward: SwiGLU (``silu``) or GeGLU (``gelu_tanh``). ``w_up=None``: ``w_gate`` is
+    the decode layout's fused ``(d, 2·ffn)`` gate-and-up matrix (solarjax.decode_layout)."""
+    if w_up is None:
+        gate, up = jnp.split(jnp.einsum("btd,df->btf", x, w_gate.astype(x.dtype)), 2, axis=-1)
+    else:
+        gate = jnp.einsum("btd,df->btf", x, w_gate.astype(x.dtype))
+        up = jnp.einsum("btd,df->btf", x, w_up.astype(x.dtype))
     return jnp.einsum("btf,fd->btd", _activation(activation)(gate) * up, w_down.astype(x.dtype))
 
 
@@ -283,7 +287,12 @@ def project_heads(h: jax.Array, w: jax.Array) -> jax.Array:
 def qkv_projection(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, cfg: ModelConfig):
     """Normed input -> rotated queries and keys, and values (biases and q/k norms where the family has them)."""
     h = norm(x, layer["attn_norm"], cfg)
-    q, k, v = (project_heads(h, layer[name].astype(x.dtype)) for name in ("wq", "wk", "wv"))
+    if "wqkv" in layer:  # the decode layout's fused projection (solarjax.decode_layout)
+        heads = np.cumsum([cfg.n_heads, cfg.n_kv_heads])
+        fused = (h @ layer["wqkv"].astype(x.dtype)).reshape(*h.shape[:-1], -1, cfg.head_dim)
+        q, k, v = jnp.split(fused, heads, axis=-2)
+    else:
+        q, k, v = (project_heads(h, layer[name].astype(x.dtype)) for name in ("wq", "wk", "wv"))
     if "bq" in layer:
         q, k, v = (t + layer[b].astype(t.dtype) for t, b in ((q, "bq"), (k, "bk"), (v, "bv")))
     if "q_norm" in layer:
@@ -319,6 +328,8 @@ def finish_layer_with_stats(x: jax.Array, attn_out: jax.Array, layer: Params, cf
 
         out, stats = moe.moe_block(h, layer, cfg, _activation(family(cfg).activation), valid,
                                    _ACTIVATION_SHARDING.get())
+    elif "w_gate_up" in layer:
+        out = mlp(h, layer["w_gate_up"], None, layer["w_down"], family(cfg).activation)
     else:
         out = mlp(h, layer["w_gate"], layer["w_up"], layer["w_down"], family(cfg).activation)
     if "post_mlp_norm" in layer:

@@ -111,6 +111,9 @@ def test_training_loss_matches_transformers(case):
 
 
 def test_greedy_generation_matches_transformers(case):
+    """Stacked, and in the decode layout (per-layer arrays, fused qkv and gate/up): biases, q/k
+    norms, head_dim != d/heads and experts all go through the fused projections."""
+    from solarjax.decode_layout import unstack_layers
     from solarjax.generate import generate
 
     net = case.net
@@ -125,6 +128,7 @@ def test_greedy_generation_matches_transformers(case):
     with torch.no_grad():
         expected = net.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
     assert generate(case.params, case.cfg, PROMPTS, max_new_tokens=12) == expected[:, length:].tolist()
+    assert generate(unstack_layers(case.params), case.cfg, PROMPTS, max_new_tokens=12) == expected[:, length:].tolist()
 
 
 def test_solar_upscale_equals_mergekit_and_transformers_agrees(case, tmp_path):

@@ -225,7 +225,8 @@ def test_int8_generate_equals_transformers_on_the_dequantized_weights(models):
 
     import torch
 
-    from solarjax.generate import generate, unstack_layers
+    from solarjax.decode_layout import unstack_layers
+    from solarjax.generate import generate
     from solarjax.hf import hf_tensors
     from solarjax.quant import dequantize_params, is_quantized, quantize_params
 
@@ -242,18 +243,19 @@ def test_int8_generate_equals_transformers_on_the_dequantized_weights(models):
 
 
 def test_decode_layout_generates_what_transformers_does(models):
-    """Each layer in its own arrays (``unstack_layers``, the CLI's decode layout): the same greedy
-    ids as transformers for a sliding-window model past its window, in one program and streamed;
-    ``consume`` frees the stacked arrays it split."""
+    """Each layer in its own arrays with fused projections (``unstack_layers``, the CLI's decode
+    layout): the same greedy ids as transformers for a sliding-window model past its window, in
+    one program and streamed; ``consume`` frees the stacked arrays it split."""
     import jax
 
-    from solarjax.generate import generate, unstack_layers
+    from solarjax.decode_layout import unstack_layers
+    from solarjax.generate import generate
 
     hf, cfg, params = models["mistral"]
     stacked = jax.tree.map(lambda a: a.copy(), params)
     layout = unstack_layers(stacked, consume=True)
     assert len(layout["layers"]) == cfg.n_layers and stacked["layers"]["wq"].is_deleted()
-    np.testing.assert_array_equal(layout["layers"][1]["wq"], params["layers"]["wq"][1])
+    assert {"wqkv", "w_gate_up"} <= set(layout["layers"][1]) and not {"wq", "w_up"} & set(layout["layers"][1])
     expected = hf_greedy(hf, PROMPTS, 40)
     assert generate(layout, cfg, PROMPTS, max_new_tokens=40) == expected
     assert generate(layout, cfg, PROMPTS, max_new_tokens=40, on_token=lambda tokens: None) == expected

@@ -105,6 +105,8 @@ def test_export_round_trip(case, tmp_path):
 
 
 def test_greedy_generation_matches_transformers(case):
+    """Stacked, and in the decode layout (per-layer arrays, fused qkv; experts stay apart)."""
+    from solarjax.decode_layout import unstack_layers
     from solarjax.generate import generate
 
     if case.name == "olmoe_e3_k2_norm":
@@ -121,6 +123,7 @@ def test_greedy_generation_matches_transformers(case):
     with torch.no_grad():
         expected = net.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10)
     assert generate(case.params, case.cfg, PROMPTS, max_new_tokens=10) == expected[:, length:].tolist()
+    assert generate(unstack_layers(case.params), case.cfg, PROMPTS, max_new_tokens=10) == expected[:, length:].tolist()
 
 
 # ----------------------------------------------------------------------------- auxiliary losses

@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from solarjax.generate import chat_prompt, generate_text, load_model, require_tokenizer, unstack_layers
+    from solarjax.decode_layout import unstack_layers
+    from solarjax.generate import chat_prompt, generate_text, load_model, require_tokenizer
 
     if args.max_new_tokens < 1:  # before loading: nonsensical limits fail in a second, not after a load
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")

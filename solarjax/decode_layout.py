@@ -1,0 +1,85 @@
+"""The decode layout: each layer's weights in their own arrays, the same-input matmuls fused.
+
+A decode step reads every weight once, so on CPU its speed is memory traffic and the number of
+matmul calls. Two things in the training layout cost a decode step there:
+
+- Scanning over the layer-stacked arrays makes XLA:CPU copy each layer's weights out of the
+  stack on every step (a dynamic slice feeding a matmul is not fused there): a second pass over
+  all weights per token. With each layer in its own arrays, ``generate.forward_cached`` unrolls
+  the layers in Python and the matmuls read the weights in place.
+- ``wq``/``wk``/``wv`` all multiply the same normed input, and so do ``w_gate``/``w_up``: five
+  matrix-vector products per layer become two (``wqkv``, ``w_gate_up``), columns concatenated.
+  Each output column is the same dot product as before, so the numbers do not change; small
+  matvecs on XLA:CPU run well below the memory bandwidth a large one reaches.
+
+The model's layer functions (``model.qkv_projection``, ``model.mlp_block``) accept either form.
+Training keeps the stacked, unfused layout (one compiled layer, FSDP over the stack, per-matrix
+sharding). Measured in README "Inference".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from solarjax.model import Params
+from solarjax.quant import Quantized
+
+QKV = ("wq", "wk", "wv")
+GATE_UP = ("w_gate", "w_up")
+
+
+def unstack_layers(params: Params, *, consume: bool = False) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer dicts, projections fused: the decode layout.
+
+    ``consume=True`` frees each stacked leaf once it is split, so peak memory stays near one copy
+    of the model; the caller's params are unusable afterwards. Quantized leaves split and fuse too
+    (their scales are per output column, so they concatenate with the columns).
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    split: dict[str, list] = {}
+    for name, leaf in layers.items():
+        split[name] = [jax.tree.map(lambda a, i=i: a[i], leaf) for i in range(n_layers)]
+        jax.block_until_ready(split[name])
+        if consume:
+            _delete(leaf)
+    return {**params, "layers": tuple(fuse_layer({name: split[name][i] for name in layers})
+                                      for i in range(n_layers))}
+
+
+def fuse_layer(layer: Params) -> Params:
+    """One layer's ``wq/wk/wv`` as ``wqkv (d, (H + 2·KV)·hd)`` and a dense MLP's ``w_gate/w_up`` as
+    ``w_gate_up (d, 2·ffn)``; other leaves (norms, biases, ``wo``, experts) as they are."""
+    out = dict(layer)
+    if all(name in layer for name in QKV):
+        out["wqkv"] = _concat_columns([out.pop(name) for name in QKV])
+    if all(name in layer for name in GATE_UP) and len(layer["w_gate"].shape) == 2:  # experts stay apart
+        out["w_gate_up"] = _concat_columns([out.pop(name) for name in GATE_UP])
+    return out
+
+
+def _concat_columns(weights: list) -> jax.Array | Quantized:
+    """``(d, *out_axes)`` matrices flattened to ``(d, out)`` and concatenated along the output."""
+    def flat(a: jax.Array) -> jax.Array:
+        return a.reshape(a.shape[0], -1)
+
+    quantized = [isinstance(w, Quantized) for w in weights]
+    if any(quantized) and not all(quantized):
+        raise ValueError("cannot fuse quantized and float projections of one layer: quantize all of them or none")
+    if all(quantized):
+        fused = Quantized(jnp.concatenate([flat(w.values) for w in weights], axis=1),
+                          jnp.concatenate([flat(w.scale) for w in weights], axis=1))
+    else:
+        fused = jnp.concatenate([flat(w) for w in weights], axis=1)
+    jax.block_until_ready(fused)
+    for w in weights:
+        _delete(w)
+    return fused
+
+
+def _delete(leaf) -> None:
+    for array in jax.tree.leaves(leaf):
+        array.delete()

@@ -25,58 +25,63 @@ import jax.numpy as jnp
 from solarjax.model import Params
 from solarjax.quant import Quantized
 
-QKV = ("wq", "wk", "wv")
-GATE_UP = ("w_gate", "w_up")
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}  # fused leaf: the leaves it replaces
 
 
 def unstack_layers(params: Params, *, consume: bool = False) -> Params:
     """``params`` with ``layers`` as a tuple of per-layer dicts, projections fused: the decode layout.
 
-    ``consume=True`` frees each stacked leaf once it is split, so peak memory stays near one copy
-    of the model; the caller's params are unusable afterwards. Quantized leaves split and fuse too
-    (their scales are per output column, so they concatenate with the columns).
+    ``consume=True`` frees each stacked leaf once it is fused or split, so peak memory stays near
+    one copy of the model (plus the largest fused group); the caller's params are unusable
+    afterwards. Quantized leaves fuse and split too (their scales are per output column, so they
+    concatenate with the columns).
     """
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):
         return params
+    layers = fuse_projections(layers, consume=consume)
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     split: dict[str, list] = {}
     for name, leaf in layers.items():
         split[name] = [jax.tree.map(lambda a, i=i: a[i], leaf) for i in range(n_layers)]
         jax.block_until_ready(split[name])
-        if consume:
+        if consume or name in FUSED:  # a fused leaf is ours either way
             _delete(leaf)
-    return {**params, "layers": tuple(fuse_layer({name: split[name][i] for name in layers})
-                                      for i in range(n_layers))}
+    return {**params, "layers": tuple({name: split[name][i] for name in layers} for i in range(n_layers))}
 
 
-def fuse_layer(layer: Params) -> Params:
-    """One layer's ``wq/wk/wv`` as ``wqkv (d, (H + 2·KV)·hd)`` and a dense MLP's ``w_gate/w_up`` as
-    ``w_gate_up (d, 2·ffn)``; other leaves (norms, biases, ``wo``, experts) as they are."""
-    out = dict(layer)
-    if all(name in layer for name in QKV):
-        out["wqkv"] = _concat_columns([out.pop(name) for name in QKV])
-    if all(name in layer for name in GATE_UP) and len(layer["w_gate"].shape) == 2:  # experts stay apart
-        out["w_gate_up"] = _concat_columns([out.pop(name) for name in GATE_UP])
+def fuse_projections(layers: Params, *, consume: bool = False) -> Params:
+    """Stacked ``wq/wk/wv`` as ``wqkv (L, d, (H + 2·KV)·hd)`` and a dense MLP's ``w_gate/w_up`` as
+    ``w_gate_up (L, d, 2·ffn)``; other leaves (norms, biases, ``wo``, experts) as they are.
+
+    Fused on the stacked arrays, before the split into layers: per-layer pieces freed one by one
+    would fragment the host heap (hundreds of MB of resident memory that is never reused).
+    """
+    out = dict(layers)
+    for fused, names in FUSED.items():
+        experts = fused == "w_gate_up" and len(layers.get("w_gate", ()).shape) == 4  # (L, E, d, f): kept apart
+        if all(name in layers for name in names) and not experts:
+            out[fused] = _concat_columns([out.pop(name) for name in names], consume)
     return out
 
 
-def _concat_columns(weights: list) -> jax.Array | Quantized:
-    """``(d, *out_axes)`` matrices flattened to ``(d, out)`` and concatenated along the output."""
+def _concat_columns(weights: list, consume: bool) -> jax.Array | Quantized:
+    """``(L, d, *out_axes)`` matrices flattened to ``(L, d, out)`` and concatenated along the output."""
     def flat(a: jax.Array) -> jax.Array:
-        return a.reshape(a.shape[0], -1)
+        return a.reshape(*a.shape[:2], -1)
 
     quantized = [isinstance(w, Quantized) for w in weights]
     if any(quantized) and not all(quantized):
         raise ValueError("cannot fuse quantized and float projections of one layer: quantize all of them or none")
     if all(quantized):
-        fused = Quantized(jnp.concatenate([flat(w.values) for w in weights], axis=1),
-                          jnp.concatenate([flat(w.scale) for w in weights], axis=1))
+        fused = Quantized(jnp.concatenate([flat(w.values) for w in weights], axis=2),
+                          jnp.concatenate([flat(w.scale) for w in weights], axis=2))
     else:
-        fused = jnp.concatenate([flat(w) for w in weights], axis=1)
+        fused = jnp.concatenate([flat(w) for w in weights], axis=2)
     jax.block_until_ready(fused)
-    for w in weights:
-        _delete(w)
+    if consume:
+        for w in weights:
+            _delete(w)
     return fused
 
 

@@ -1,7 +1,7 @@
 """The decode layout: each layer's weights in their own arrays, the same-input matmuls fused.
 
-A decode step reads every weight once, so on CPU its speed is memory traffic and the number of
-matmul calls. Two things in the training layout cost a decode step there:
+A decode step reads every weight once, so its speed is memory traffic and, on a GPU, the number
+of small kernels per token. Two things in the training layout cost a decode step:
 
 - Scanning over the layer-stacked arrays makes XLA:CPU copy each layer's weights out of the
   stack on every step (a dynamic slice feeding a matmul is not fused there): a second pass over
@@ -9,10 +9,10 @@ matmul calls. Two things in the training layout cost a decode step there:
   the layers in Python and the matmuls read the weights in place.
 - ``wq``/``wk``/``wv`` all multiply the same normed input, and so do ``w_gate``/``w_up``: five
   matrix-vector products per layer become two (``wqkv``, ``w_gate_up``), columns concatenated.
-  Each output column is the same dot product as before, so the numbers do not change; small
-  matvecs on XLA:CPU run well below the memory bandwidth a large one reaches.
+  Each output column is the same dot product as before, so the numbers do not change; the
+  weights are read once either way, and each token launches three fewer kernels per layer.
 
-The model's layer functions (``model.qkv_projection``, ``model.mlp_block``) accept either form.
+The model's layer functions (``model.qkv_projection``, ``model.finish_layer``) accept either form.
 Training keeps the stacked, unfused layout (one compiled layer, FSDP over the stack, per-matrix
 sharding). Measured in README "Inference".
 """

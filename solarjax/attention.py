@@ -41,6 +41,12 @@ from solarjax.config import ConfigError
 
 FUSED = ("cudnn", "splash")
 
+
+def score_scale(head_dim: int, scale: float | None) -> float:
+    """What multiplies the scores: ``scale`` when the model sets one (Gemma), else ``1 / sqrt(head_dim)``."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 _INTERPRET: contextvars.ContextVar[bool] = contextvars.ContextVar("pallas_interpret", default=False)
 
 
@@ -120,8 +126,7 @@ def _splash_local(q, k, v, segment_ids, window: int | None, interpret: bool, sca
     _, seq, heads, head_dim = q.shape
     padded = -(-seq // 128) * 128
     kernel = _splash_kernel(padded, heads, window, interpret)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    q = q * jnp.asarray(scale, q.dtype)  # the kernel does not scale
+    q = q * jnp.asarray(score_scale(head_dim, scale), q.dtype)  # the kernel does not scale
 
     def heads_first(x):
         x = jnp.swapaxes(x, 1, 2)
@@ -218,7 +223,7 @@ def cudnn_attention(q, k, v, packed: tuple[jax.Array, jax.Array] | None, window:
 
     lengths, offsets = packed
     return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                                 kv_offsets=offsets, scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+                                 kv_offsets=offsets, scale=score_scale(q.shape[-1], scale),
                                  mask_type=MaskType.PADDING_CAUSAL, sliding_window_length=window)
 
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from solarjax import attention as attn
 from solarjax import model as M
 from solarjax import quant as Q
 from solarjax.config import ModelConfig
@@ -139,9 +140,9 @@ def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     """
     batch, _, n_heads, head_dim = q.shape
     groups = n_heads // k.shape[2]
-    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
     qg = q.reshape(batch, k.shape[2], groups, head_dim)
-    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(attn.score_scale(head_dim, scale))
     scores = jnp.where(mask[:, :, 0, None, :], scores, jnp.finfo(jnp.float32).min)  # mask (B, 1, 1, S)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgs,bskd->bkgd", probs, v).reshape(q.shape)

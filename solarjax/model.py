@@ -233,8 +233,7 @@ def _reference_attention(q, k, v, mask, scale=None):
     k = jnp.repeat(k, groups, axis=2)
     v = jnp.repeat(v, groups, axis=2)
     scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = scores * jnp.float32(scale)
+    scores = scores * jnp.float32(attn.score_scale(q.shape[-1], scale))
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(q.dtype)

@@ -59,9 +59,11 @@ def fuse_projections(layers: Params, *, consume: bool = False) -> Params:
     """
     out = dict(layers)
     for fused, names in FUSED.items():
-        experts = fused == "w_gate_up" and len(layers.get("w_gate", ()).shape) == 4  # (L, E, d, f): kept apart
-        if all(name in layers for name in names) and not experts:
-            out[fused] = _concat_columns([out.pop(name) for name in names], consume)
+        if not all(name in layers for name in names):
+            continue
+        if fused == "w_gate_up" and len(layers["w_gate"].shape) == 4:  # experts (L, E, d, f) stay apart
+            continue
+        out[fused] = _concat_columns([out.pop(name) for name in names], consume)
     return out
 
 

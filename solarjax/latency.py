@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from solarjax import generate as G
-from solarjax.decode_layout import unstack_layers
 from solarjax import model as M
 from solarjax import quant
 from solarjax.config import ModelConfig
+from solarjax.decode_layout import unstack_layers
 
 FORMATS = ("float32", "bfloat16", "int8")
 

@@ -112,7 +112,7 @@ def test_training_loss_matches_transformers(case):
 
 def test_greedy_generation_matches_transformers(case):
     """Stacked, and in the decode layout (per-layer arrays, fused qkv and gate/up): biases, q/k
-    norms, head_dim != d/heads and experts all go through the fused projections."""
+    norms and head_dim != d/heads all go through the fused projections."""
     from solarjax.decode_layout import unstack_layers
     from solarjax.generate import generate
 

@@ -150,8 +150,6 @@ class _OrbaxErrorLog(logging.Filter):
         return False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and str(record.msg).startswith("Metadata file does not exist"):
-            return False  # every resume: an item directory has no metadata file of its own, by design
         if record.levelno >= logging.ERROR and self._from_orbax(record):
             if self.first is None and record.exc_info and record.exc_info[1] is not None:
                 self.first = str(record.exc_info[1])
@@ -160,6 +158,15 @@ class _OrbaxErrorLog(logging.Filter):
 
 
 _ORBAX_ERRORS = _OrbaxErrorLog()
+
+
+def _not_item_metadata_warning(record: logging.LogRecord) -> bool:
+    """Drops Orbax's "Metadata file does not exist" warning: reading a checkpoint's ``params`` item
+    (every load, resume and shape check) finds no metadata file of the item's own, by design."""
+    return not (record.levelno == logging.WARNING and str(record.msg).startswith("Metadata file does not exist"))
+
+
+logging.getLogger("absl").addFilter(_not_item_metadata_warning)  # Orbax logs through absl
 _previous_unraisablehook = sys.unraisablehook
 
 

@@ -14,6 +14,7 @@ import sys
 
 import solarjax.commands
 from solarjax.commands._flags import CONFIG_PREFIX, accept_config_overrides  # noqa: F401  (kept importable here)
+from solarjax.commands._flags import json_stdout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with json_stdout(args):  # --json: the result alone on stdout
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         # Our errors (ConfigError, CheckpointError, PlanError, ...) are ValueErrors with a message
         # that names the culprit; a traceback would only bury it.

@@ -128,9 +128,9 @@ def loglikelihoods(
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from solarjax.progress import progress_bar
 
-        bar = tqdm(total=len(single) + len(multi), desc="scoring", unit="seq")
+        bar = progress_bar(total=len(single) + len(multi), desc="scoring", unit="seq")
 
     contexts = list(single)
     order = sorted(range(len(contexts)), key=lambda j: -len(contexts[j]))

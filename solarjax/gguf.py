@@ -211,9 +211,9 @@ def read_gguf_params(reader, cfg: ModelConfig, progress: bool = False) -> Params
     tensors = ((hf_name if layer is None else f"model.layers.{layer}.{hf_name}", w)
                for _, layer, hf_name, w in iter_gguf_tensors(reader, cfg))
     if progress:
-        from tqdm import tqdm
+        from solarjax.progress import progress_bar
 
-        tensors = tqdm(tensors, total=len(reader.tensors), desc="dequantize", unit="tensor")
+        tensors = progress_bar(tensors, total=len(reader.tensors), desc="dequantize", unit="tensor")
     return assemble_params(tensors, cfg, str(reader.data.filename), error=GGUFError)
 
 

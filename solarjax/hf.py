@@ -297,9 +297,9 @@ def load_hf(
     cfg = config_from_hf(hf, param_dtype=dtype or src_dtype, **config_overrides)
     tensors = unfused(st.Reader(path), cfg, str(path))
     if progress:
-        from tqdm import tqdm
+        from solarjax.progress import progress_bar
 
-        tensors = tqdm(tensors, total=len(tensor_index(cfg)), desc="import", unit="tensor")
+        tensors = progress_bar(tensors, total=len(tensor_index(cfg)), desc="import", unit="tensor")
     return cfg, to_device(assemble_params(tensors, cfg, str(path)), shardings)
 
 

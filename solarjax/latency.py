@@ -165,9 +165,9 @@ def latency_table(
                 jobs.append((name, base, variant, weights))
     bar = None
     if progress:
-        from tqdm import tqdm
+        from solarjax.progress import progress_bar
 
-        bar = tqdm(total=len(jobs), desc="latency", unit="model")
+        bar = progress_bar(total=len(jobs), desc="latency", unit="model")
     rows = []
     for name, base, variant, weights in jobs:
         cfg = format_config(base, weights, accelerator)

@@ -15,6 +15,7 @@ from typing import Any
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import make_table as _LM_EVAL_TABLE
 
 from solarjax.eval import loglikelihoods
 from solarjax.generate import cut_at_stop, generate, load_model, require_tokenizer
@@ -191,11 +192,42 @@ def main() -> None:
 
     lm-eval's own ``lm_eval`` command only knows the models it imports itself and has no plugin
     hook; this entry point registers ``solarjax`` and then hands every argument to lm-eval's CLI,
-    so the usual ``lm_eval`` flags (tasks, few-shot, limits, output paths) all work unchanged.
+    so the usual ``lm_eval`` flags (tasks, few-shot, limits, output paths) all work unchanged. Its
+    closing table goes through :func:`results_table`, which needs no ``pytablewriter``.
     """
+    import lm_eval.utils
     from lm_eval.__main__ import cli_evaluate
 
+    lm_eval.utils.make_table = results_table  # the CLI prints its table after the scores are computed
     cli_evaluate()
+
+
+def results_table(result_dict: dict[str, Any], column: str = "results", sort_results: bool = False) -> str:
+    """lm-eval's own results table (``lm_eval.utils.make_table``, which needs ``pytablewriter``), or
+    the same numbers as plain columns when that package is missing (lm-eval installed without its
+    dependencies): a missing table writer must not lose scores that took the whole run to compute."""
+    try:
+        import pytablewriter  # noqa: F401
+    except ImportError:
+        return plain_table(result_dict, column, sort_results)
+    return _LM_EVAL_TABLE(result_dict, column, sort_results)
+
+
+def plain_table(result_dict: dict[str, Any], column: str = "results", sort_results: bool = False) -> str:
+    """One row per task (or group) and metric: name, filter, value, stderr; columns padded with spaces."""
+    rows = [("Groups" if column == "groups" else "Tasks", "Filter", "Metric", "Value", "Stderr")]
+    tasks = result_dict.get(column, {})
+    for task in sorted(tasks) if sort_results else tasks:
+        metrics = tasks[task]
+        for key, value in metrics.items():
+            metric, comma, filter_name = key.partition(",")
+            if not comma or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # a metric's key is "name,filter"; others (alias, sample_len) describe the task
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append((task, filter_name, metric, f"{value:.4f}",
+                         f"{stderr:.4f}" if isinstance(stderr, (int, float)) else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 if __name__ == "__main__":

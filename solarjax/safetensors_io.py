@@ -246,7 +246,7 @@ def write_checkpoint(out_dir: Path, tensors: Sequence[OutTensor], max_shard_size
                      progress: bool = False, desc: str = "write", chunk_bytes: int = COPY_CHUNK) -> list[str]:
     """Write ``tensors`` into ``out_dir`` as transformers-named shards (plus the index when there is
     more than one); returns the file names. ``out_dir`` is expected to be a fresh (temporary) directory."""
-    from tqdm import tqdm
+    from solarjax.progress import progress_bar
 
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
@@ -257,8 +257,8 @@ def write_checkpoint(out_dir: Path, tensors: Sequence[OutTensor], max_shard_size
     sources = dict.fromkeys(t.source.file for t in tensors if t.source is not None)
     fds = {f: os.open(f, os.O_RDONLY) for f in sources}
     try:
-        with tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=desc,
-                  disable=not progress) as bar:
+        with progress_bar(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc=desc,
+                          enabled=progress) as bar:
             for file, shard in zip(files, shards):
                 write_shard(out_dir / file, shard, fds, chunk_bytes, bar)
     finally:

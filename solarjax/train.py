@@ -676,9 +676,8 @@ def train(
     "params", "cfg", "checkpoint_dir", "skipped_steps"}`` plus the task's fields (pretraining:
     ``"eval"`` ([step, loss] pairs), ``"final_eval_loss"``, ``"tokens_per_s"``, ``"mfu"``).
     """
-    from tqdm import tqdm
-
     from solarjax.optim import make_optimizer
+    from solarjax.progress import progress_bar
 
     task = task or Task()
     maybe_initialize_distributed(config)
@@ -712,9 +711,11 @@ def train(
     start = int(jax.device_get(state["step"]))
     logger = metrics_logger(config, out_dir)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    bar = tqdm(total=tc.steps, initial=start, desc=task.name, unit="step",
-               disable=not tc.progress or jax.process_index() != 0, file=sys.stdout)
+    bar = progress_bar(total=tc.steps, initial=start, desc=task.name, unit="step",
+                       enabled=tc.progress and jax.process_index() == 0, file=sys.stdout)
     echo = bar.write if tc.progress else print
+    if start and jax.process_index() == 0:
+        echo(f"resumed from step {start} (of {tc.steps})")
     every = config.checkpoint.every
     guard = NonFiniteGuard(tc.get("max_nonfinite_skips", 10))
     history: list[dict[str, float]] = []

@@ -9,8 +9,10 @@ or each other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator, TextIO
 
 CONFIG_PREFIX = "--config."
 NO_LIMIT_HELP = "0: no limit"
@@ -108,8 +110,6 @@ def add_progress(p: argparse.ArgumentParser) -> None:
 def loading_progress(args: argparse.Namespace) -> bool:
     """A bar while a model loads: on a terminal, unless --no-progress (a captured stderr keeps an error
     to its one line)."""
-    import sys
-
     return not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
 
@@ -119,7 +119,34 @@ def add_json(p: argparse.ArgumentParser) -> None:
 
 def report(args: argparse.Namespace, facts: dict[str, Any], sentence: str) -> None:
     """The verb's result: one JSON object with ``--json``, else the sentence."""
-    print(json.dumps(facts) if getattr(args, "json", False) else sentence)
+    if getattr(args, "json", False):
+        print_json(facts)
+    else:
+        print(sentence)
+
+
+_result_stream: list[TextIO] = []  # the real stdout while :func:`json_stdout` holds sys.stdout
+
+
+def print_json(obj: Any, indent: int | None = None) -> None:
+    """Print a verb's result as JSON on stdout, the stream :func:`json_stdout` keeps for it alone."""
+    print(json.dumps(obj, indent=indent), file=_result_stream[-1] if _result_stream else sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def json_stdout(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--json``, stdout carries the result alone (what :func:`print_json` writes: one object
+    a script can ``json.loads``); every other line a verb or a library prints on the way (step
+    records, progress, notes) goes to stderr meanwhile. Without ``--json`` nothing changes."""
+    if not getattr(args, "json", False):
+        yield
+        return
+    _result_stream.append(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _result_stream.pop()
 
 
 def comma_list(kind: Callable[[str], Any], what: str) -> Callable[[str], tuple]:

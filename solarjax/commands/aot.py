@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands._flags import accept_config_overrides
+from solarjax.commands._flags import accept_config_overrides, print_json
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -35,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import sys
 
     from solarjax import aot
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     aot.use_libtpu(install=args.install_libtpu, accelerator_type=topo.name)
     report = aot.compile_train_step(config, topo)
     if args.json:
-        print(json.dumps(report.to_dict()))
+        print_json(report.to_dict())
     else:
         print(report.format())
     if not report.fits:

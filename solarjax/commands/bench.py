@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from solarjax.commands._flags import add_json, add_progress
+from solarjax.commands._flags import add_json, add_progress, print_json
 
 
 def _ints(text: str) -> list[int]:
@@ -86,7 +86,10 @@ def run_latency(args: argparse.Namespace) -> int:
                                  upscale=not args.no_upscale, repeats=args.repeats, configs=configs, on_row=show,
                                  progress=sys.stderr.isatty() and not args.no_progress)
     table = latency.markdown(rows)
-    print(json.dumps({"rows": [row.as_dict() for row in rows], "out": args.out}) if args.json else table)
+    if args.json:
+        print_json({"rows": [row.as_dict() for row in rows], "out": args.out})
+    else:
+        print(table)
     if check is not None:
         from solarjax.outputs import atomic_output_dir
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from solarjax.commands._flags import (NO_LIMIT_HELP, add_json, add_model, add_progress, add_tokenizer, limit,
-                                      loading_progress)
+                                      loading_progress, print_json)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +83,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     result = text_perplexity(params, cfg, tokenizer, docs, window=args.window, stride=args.stride,
                              batch_size=args.batch_size, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print_json(result.as_dict())
     else:
         print(f"perplexity {result.ppl:.4f} (loss {result.loss:.4f} nats/token) over {result.tokens} tokens "
               f"in {result.documents} document(s)")
@@ -101,7 +101,7 @@ def run_mmlu(args: argparse.Namespace) -> int:
     result = mmlu_accuracy(params, cfg, tokenizer, subjects, questions, shots=args.shots,
                            batch_size=args.batch_size, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print_json(result.as_dict())
     else:
         print(f"MMLU accuracy {result.accuracy:.4f} ± {result.stderr:.4f} ({result.correct}/{result.total}, "
               f"{args.shots}-shot; chance 0.25)")
@@ -129,7 +129,7 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     )
     table = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
              for task, metrics in results["results"].items()}
-    print(json.dumps(table, indent=None if args.json else 2))
+    print_json(table, indent=None if args.json else 2)
     if args.out:
         from lm_eval.utils import handle_non_serializable
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from solarjax.commands._flags import add_json, add_model, add_progress, add_tokenizer, loading_progress
+from solarjax.commands._flags import add_json, add_model, add_progress, add_tokenizer, loading_progress, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                    truncate=args.truncate)
     if args.json:  # one object per prompt, when all are done
         for prompt, text in zip(args.prompt, generate_text(params, cfg, tokenizer, prompts, **options)):
-            print(json.dumps({"prompt": prompt, "completion": text}))
+            print_json({"prompt": prompt, "completion": text})
         return 0
     if len(prompts) == 1 and not args.no_stream:
         def stream(piece: str) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from solarjax.commands._flags import add_json, add_model, paths
+from solarjax.commands._flags import add_json, add_model, paths, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         "param_dtype": cfg.param_dtype,
     }
     if args.json:
-        print(json.dumps(facts))
+        print_json(facts)
     else:
         width = max(map(len, facts))
         for key, value in facts.items():

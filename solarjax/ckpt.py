@@ -286,6 +286,67 @@ def restore_checkpoint(manager, abstract_state: Any, data_iter: Any = None, step
             "step": jax.device_put(step_value, step_sharding) if step_sharding is not None else step_value}
 
 
+class ModelMismatch(CheckpointError):
+    """The run directory's checkpoints belong to a model of another shape (not a damaged file)."""
+
+
+UNREADABLE_SUFFIX = ".unreadable"  # a damaged step is kept under this name, out of the manager's way
+
+
+def restore_newest_intact(manager, abstract_state: Any, data_iter: Any = None, echo=None) -> Any:
+    """:func:`restore_checkpoint` of the newest step that restores: a step with a truncated, deleted
+    or corrupt file is skipped, and renamed ``<step>.unreadable`` (kept for inspection, never
+    deleted) so later saves of that step number do not collide with it. Falling back says so in
+    one line through ``echo`` (default: stderr); no intact step is one ``CheckpointError``."""
+    failed: list[tuple[int, str]] = []
+    for step in reversed(complete_steps(manager.directory)):
+        _ORBAX_ERRORS.first = None
+        try:
+            state = restore_checkpoint(manager, abstract_state, data_iter, step)
+        except ModelMismatch:
+            raise
+        except Exception as err:  # noqa: BLE001 - Orbax and tensorstore raise anything on a damaged file
+            failed.append((step, _first_line(_ORBAX_ERRORS.first or f"{type(err).__name__}: {err}")))
+            continue
+        if failed:
+            moved = _set_aside(manager, [s for s, _ in failed])
+            (echo or _stderr)(f"solarjax: checkpoint step {failed[0][0]} in {manager.directory} is unreadable "
+                              f"({_short(failed[0][1])}); resumed from step {step}, the newest intact one"
+                              + (f" ({', '.join(moved)} kept aside)" if moved else ""))
+        return state
+    causes = "; ".join(f"step {s}: {_short(c)}" for s, c in failed)
+    raise CheckpointError(f"cannot resume from {manager.directory}: no checkpoint is intact ({causes}); "
+                          f"move the directory away to start over")
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _set_aside(manager, steps: list[int]) -> list[str]:
+    """Rename damaged local steps to ``<step>.unreadable[.N]`` (process 0) and reload the manager."""
+    directory = as_path(manager.directory)
+    moved = []
+    if jax.process_index() == 0 and "://" not in os.fspath(directory):
+        for step in steps:
+            source = Path(os.fspath(directory / str(step)))
+            target, n = source.with_name(source.name + UNREADABLE_SUFFIX), 1
+            while target.exists():
+                target, n = source.with_name(f"{source.name}{UNREADABLE_SUFFIX}.{n}"), n + 1
+            source.rename(target)
+            moved.append(target.name)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("solarjax: damaged checkpoints set aside")
+    manager.reload()
+    return moved
+
+
 def check_restore_shapes(directory: epath.Path, step: int, abstract_params_tree: Any) -> None:
     with ocp.StandardCheckpointer() as reader:
         stored = reader.metadata(directory / str(step) / PARAMS_ITEM).item_metadata.tree
@@ -293,7 +354,7 @@ def check_restore_shapes(directory: epath.Path, step: int, abstract_params_tree:
     if mismatch is not None:
         name, stored_shape, shape = mismatch
         found = f"has shape {stored_shape}" if stored_shape is not None else "is missing"
-        raise CheckpointError(
+        raise ModelMismatch(
             f"cannot resume from {directory}/{step}: param {name} {found} there but the model has {shape}; "
             f"they belong to a model of another shape: train into a new train.out_dir (or checkpoint.dir), "
             f"or move these checkpoints away")

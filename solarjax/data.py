@@ -99,16 +99,25 @@ def read_records(source: str | Sequence[str], *, error: type[DataError] = DataEr
                  text_ok: bool = False) -> Iterator[tuple[str, Any]]:
     """``(where, record)`` for every JSONL line / Parquet row of a source (files, globs, dirs): the
     one record reader of pretraining, SFT and DPO data. A line that is not JSON comes as an ``error``
-    instance in its place (callers skip or raise it); with ``text_ok`` a text file is one record, a str."""
+    instance in its place (callers skip or raise it); with ``text_ok`` a text file is one record, a str.
+
+    Streams: one line (or 1024 Parquet rows) is in memory at a time, beside what the caller keeps.
+    A JSONL line that is not UTF-8 comes as an ``error`` naming file, line and column, like bad JSON;
+    in a text file it raises one."""
     allowed = (".txt, .md, " if text_ok else "") + ".jsonl or .parquet"
     for path in _expand(source):
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            with path.open("r", encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
+            with path.open("rb") as f:
+                for line_no, raw in enumerate(f, 1):
+                    where = f"{path}:{line_no}"
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        yield where, error(f"{where}: not valid UTF-8 ({_bad_byte(raw, err)})")
+                        continue
                     if not line.strip():
                         continue
-                    where = f"{path}:{line_no}"
                     try:
                         yield where, json.loads(line)
                     except json.JSONDecodeError as err:
@@ -117,13 +126,27 @@ def read_records(source: str | Sequence[str], *, error: type[DataError] = DataEr
             import pyarrow.parquet as pq
 
             with path.open("rb") as f:
-                table = pq.read_table(f)
-            for row_no, record in enumerate(table.to_pylist(), 1):
-                yield f"{path}:row {row_no}", record
+                row_no = 0
+                for group in pq.ParquetFile(f).iter_batches(batch_size=1024):
+                    for record in group.to_pylist():
+                        row_no += 1
+                        yield f"{path}:row {row_no}", record
         elif text_ok and suffix in TEXT_SUFFIXES:
-            yield str(path), path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line_no = raw.count(b"\n", 0, err.start) + 1
+                raise error(f"{path}:{line_no}: not valid UTF-8 ({_bad_byte(raw, err)})") from None
+            yield str(path), text
         else:
             raise error(f"{path}: unsupported data file type {suffix!r} (use {allowed})")
+
+
+def _bad_byte(raw: bytes, err: UnicodeDecodeError) -> str:
+    """Where a decode failed, as a person finds it: the byte and its column in its line."""
+    column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+    return f"byte 0x{raw[err.start]:02x} at column {column}"
 
 
 def read_documents(source: str | Sequence[str], text_field: str = "text", split: str = "train") -> list[str]:
@@ -289,7 +312,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | os.PathLik
     """Train a byte-fallback-free BPE (Metaspace pre-tokenizer) with <unk>/<s>/</s> at ids 0/1/2.
 
     Small vocabularies work (the alphabet is the corpus' characters, not 256 bytes), so a tiny
-    test model with ``vocab_size=256`` gets a real subword tokenizer for its corpus.
+    test model with ``vocab_size=256`` gets a real subword tokenizer for its corpus. The texts are
+    read in pieces (:func:`text_pieces`), the first ``TRAIN_SAMPLE_CHARS`` characters of them.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -297,12 +321,24 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | os.PathLik
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # in pieces, at most TRAIN_SAMPLE_CHARS: one 47 MB text given whole took 45 s and 3.6 GB
+    tokenizer.train_from_iterator(_first_chars(text_pieces(texts), TRAIN_SAMPLE_CHARS), trainer=trainer)
     if out is not None:
         out = as_path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(tokenizer.to_str(pretty=True))
     return tokenizer
+
+
+TRAIN_SAMPLE_CHARS = 16 * 2**20  # what a small-vocabulary BPE is trained on, at most
+
+
+def _first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
+    for text in texts:
+        if limit <= 0:
+            return
+        yield text[:limit]
+        limit -= len(text)
 
 
 def check_tokenizer(tokenizer, vocab_size: int) -> None:
@@ -313,17 +349,136 @@ def check_tokenizer(tokenizer, vocab_size: int) -> None:
 # ----------------------------------------------------------------------------- pipeline
 
 
-class _Tokenize:
-    """Document -> inputs/targets for next-token prediction, cut inside the document."""
+# A document longer than this is tokenized piece by piece: tokenizer memory and time grow with the
+# text of one call (tokenizers' Encoding keeps ~250 bytes per token), so a 47 MB one-line document
+# must never be one call. A "word" (run without whitespace) longer than MAX_WORD_CHARS is cut too:
+# BPE is superlinear in a word's length (a 64 KiB word takes 0.3 s to encode, training a tokenizer
+# on a 1 MB one is minutes) and no real word is that long.
+PIECE_CHARS = 64 * 1024
+MAX_WORD_CHARS = 4096
+_LAST_SPACE = re.compile(r"(?s:.*) (?=\S)")  # greedy: the last space before a non-space
+_LAST_BLANK = re.compile(r"(?s:.*)\s(?=\S)")  # the same for any whitespace (newline, tab)
+_LONG_WORD = re.compile(r"\S{%d}" % (MAX_WORD_CHARS + 1))
 
-    def __init__(self, tokenizer, bos: int | None, eos: int | None):
-        self.tokenizer, self.bos, self.eos = tokenizer, bos, eos
+
+def piece_bounds(text: str, limit: int = PIECE_CHARS) -> list[int]:
+    """Cut offsets ``[0, ..., len(text)]`` splitting ``text`` into pieces of at most ``limit``
+    characters. A cut falls just before the last space (else whitespace) of a window that is
+    followed by a non-space, so a pre-tokenizer that splits there (Metaspace, ByteLevel,
+    whitespace) gives the same tokens piece by piece as whole. A word longer than
+    ``MAX_WORD_CHARS`` starts a piece of its own and is cut every ``MAX_WORD_CHARS`` characters
+    (the tokens around such a cut may differ from the whole text's)."""
+    bounds = [0]
+    while True:
+        start = bounds[-1]
+        long = _LONG_WORD.search(text, start + 1, start + limit + 1)
+        if long is not None and long.start() > start + 1:  # cut before it, at the whitespace
+            bounds.append(long.start() - 1)
+        elif long is not None:  # it begins the piece: a piece of MAX_WORD_CHARS of it
+            bounds.append(min(long.start() + MAX_WORD_CHARS, start + limit))
+        elif len(text) - start <= limit:
+            break
+        else:
+            window = text[start + 1:start + limit + 1]  # one more: the lookahead sees past the limit
+            match = _LAST_SPACE.match(window) or _LAST_BLANK.match(window)
+            bounds.append(start + 1 + match.end() - 1 if match else start + limit)
+    if bounds[-1] != len(text) or len(bounds) == 1:
+        bounds.append(len(text))
+    return bounds
+
+
+def text_pieces(texts: Iterable[str], limit: int = PIECE_CHARS) -> Iterator[str]:
+    """Every text cut at :func:`piece_bounds`: what a tokenizer (or its trainer) is given."""
+    for text in texts:
+        bounds = piece_bounds(text, limit)
+        for start, end in zip(bounds, bounds[1:]):
+            yield text[start:end]
+
+
+def _drops_leading_space(tokenizer) -> bool:
+    """Whether a piece that starts at a space should lose it: a tokenizer whose normalizer prepends
+    a word marker to every input (SentencePiece-converted Llama/Mistral) would otherwise see two
+    there. Probed once on ``"ab cd"``: the convention that reproduces the whole text's tokens wins."""
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    whole, head = ids("ab cd"), ids("ab")
+    return head + ids(" cd") != whole and head + ids("cd") == whole
+
+
+class _Tokenize:
+    """Document -> inputs/targets for next-token prediction, cut inside the document.
+
+    :meth:`pieces` is what the pipeline calls: a lazy sequence of the document's pieces
+    (:func:`piece_bounds`), tokenized one at a time on access, so memory is bounded by a piece.
+    The first piece starts with bos, the last ends with eos, and each later piece starts with the
+    previous piece's last token, so no next-token target is lost at a cut. Calling it on a text
+    tokenizes it whole (one piece)."""
+
+    def __init__(self, tokenizer, bos: int | None, eos: int | None, piece_chars: int = PIECE_CHARS):
+        self.tokenizer, self.bos, self.eos, self.piece_chars = tokenizer, bos, eos, piece_chars
+        self.drop_space = _drops_leading_space(tokenizer)
 
     def __call__(self, text: str) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        ids = ([self.bos] if self.bos is not None else []) + ids + ([self.eos] if self.eos is not None else [])
-        ids = np.asarray(ids if len(ids) > 1 else ids + ids, np.int32)
-        return {"inputs": ids[:-1], "targets": ids[1:]}
+        return _rows([self.bos] + self.ids(text) + [self.eos])
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def pieces(self, text: str) -> "_Pieces":
+        return _Pieces(self, text, piece_bounds(text, self.piece_chars))
+
+
+def _rows(ids: list[int | None]) -> dict[str, np.ndarray]:
+    ids = [i for i in ids if i is not None]
+    ids = np.asarray(ids if len(ids) > 1 else ids + ids, np.int32)
+    return {"inputs": ids[:-1], "targets": ids[1:]}
+
+
+class _Pieces(Sequence):
+    """A document's tokenized pieces, computed on access (grain's flat-map reads them in order and,
+    after a restore, from the middle: the previous piece is then tokenized once for its last token)."""
+
+    def __init__(self, tokenize: _Tokenize, text: str, bounds: list[int]):
+        self.tokenize, self.text, self.bounds = tokenize, text, bounds
+        self._last: tuple[int, int | None] | None = None  # (piece index, its last token id)
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def _piece_ids(self, i: int) -> list[int]:
+        start, end = self.bounds[i], self.bounds[i + 1]
+        if i and self.tokenize.drop_space and self.text[start] == " ":
+            start += 1
+        ids = self.tokenize.ids(self.text[start:end])
+        self._last = (i, ids[-1] if ids else None)
+        return ids
+
+    def _carry(self, i: int) -> int | None:
+        if i == 0:
+            return self.tokenize.bos
+        if self._last is None or self._last[0] != i - 1:
+            self._piece_ids(i - 1)
+        return self._last[1]
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        carry = self._carry(i)
+        return _rows([carry] + self._piece_ids(i) + ([self.tokenize.eos] if i == len(self) - 1 else []))
+
+
+def _piece_transform(tokenize: _Tokenize):
+    """grain's flat-map transform: a document -> its lazily tokenized pieces."""
+    import grain
+
+    class PieceTransform(grain.experimental.FlatMapTransform):
+        max_fan_out = None  # unbounded and unused: only the iterator flat-map takes it
+
+        def flat_map(self, text: str) -> _Pieces:
+            return tokenize.pieces(text)
+
+    return PieceTransform()
 
 
 def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -350,11 +505,16 @@ def make_dataset(
     process_count: int = 1,
     bos_id: int | None = 1,
     eos_id: int | None = 2,
+    piece_chars: int = PIECE_CHARS,
 ):
     """A grain ``IterDataset`` of packed batches for one process.
 
     ``batch_size`` is this process' share of the global batch. Documents are split between
     processes before shuffling (each loads only its shard); every epoch is reshuffled.
+    A document longer than ``piece_chars`` is tokenized as consecutive pieces (:class:`_Tokenize`):
+    they stay adjacent and in order in the packed rows and no target is lost, but each piece is a
+    segment of its own (attention and positions restart at a cut, once per ~64 KiB of text), so
+    memory stays that of one piece whatever the document's length.
     """
     import grain
 
@@ -367,7 +527,12 @@ def make_dataset(
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(_Tokenize(tokenizer, bos_id, eos_id)).to_iter_dataset()
+    # No prefetch threads: elements are the documents themselves (references, nothing to compute),
+    # and tokenizing is done piece by piece below, in the caller's thread, which overlaps the device
+    # step under JAX's async dispatch. (grain's default, 16 threads x 500 tokenized documents ahead,
+    # held whole documents' tokens many times over: 24 GB for one 47 MB document.)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = grain.experimental.FlatMapIterDataset(ds, _piece_transform(_Tokenize(tokenizer, bos_id, eos_id, piece_chars)))
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
     return json_restorable(ds.map(_to_batch).batch(batch_size, drop_remainder=True))
 

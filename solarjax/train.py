@@ -660,25 +660,67 @@ def _params_finite(params: Params) -> bool:
 
 
 def start_or_resume(config, cfg: ModelConfig, params: Params, optimizer: optax.GradientTransformation,
-                    state_sh: TrainState, train_iter: Any, out_dir: epath.Path | None):
+                    state_sh: TrainState, train_iter: Any, out_dir: epath.Path | None, *,
+                    data_from_config: bool = True):
     """``(state, checkpoint manager | None, data iterator to checkpoint | None)``.
 
     A fresh state from ``params``, or, when ``config.checkpoint`` has a directory with a finished
     step and ``resume`` is set, that step's state with the data iterator moved to where it was
     (shapes checked first; no fresh optimizer state is built, so a resume needs no extra memory).
+    A step with a damaged file is skipped for the newest intact one, saying so in one line
+    (:func:`solarjax.ckpt.restore_newest_intact`).
+
+    The run directory's ``run.json`` (:mod:`solarjax.run_record`) is written at a fresh start; a
+    resume whose config, data files (``data_from_config``: read from ``config.data``) or tokenizer
+    differ from it is refused in one line unless ``checkpoint.allow_changes`` names the keys.
     """
     ck = config.checkpoint
     ckpt_dir = ckpt.as_path(ck.dir) if ck.dir else (out_dir / "checkpoints" if out_dir else None)
     manager = (ckpt.checkpoint_manager(ckpt_dir, every=ck.every, keep=ck.keep, async_save=ck.async_save)
                if ckpt_dir else None)
     data_state = train_iter if hasattr(train_iter, "get_state") else None
-    if manager is not None and ck.resume and manager.latest_step() is not None:
-        state = ckpt.restore_checkpoint(manager, abstract_train_state(cfg, optimizer, state_sh), data_state)
+    resuming = manager is not None and ck.resume and manager.latest_step() is not None
+    _record_run(config, out_dir, resuming, data_from_config)
+    if resuming:
+        state = ckpt.restore_newest_intact(manager, abstract_train_state(cfg, optimizer, state_sh), data_state)
         return state, manager, data_state
     state = {"params": params,
              "opt_state": jax.jit(optimizer.init, out_shardings=state_sh["opt_state"])(params),
              "step": jax.device_put(jnp.zeros((), jnp.int32), state_sh["step"])}
     return state, manager, data_state
+
+
+def _record_run(config, out_dir: epath.Path | None, resuming: bool, data_from_config: bool) -> None:
+    """Write (fresh start) or check (resume) the local run directory's record; process 0."""
+    from solarjax import run_record
+
+    if out_dir is None or "://" in os.fspath(out_dir) or jax.process_index() != 0:
+        return
+    sources, tokenizer = (), None
+    if data_from_config:
+        sources = (("files", config.data.source), ("eval_files", config.data.get("eval_source")))
+        tokenizer = configured_tokenizer(config) or out_dir / "tokenizer.json"
+    record = run_record.describe(config, data_sources=sources, tokenizer=tokenizer)
+    if not resuming:
+        run_record.write_record(out_dir, record)
+        return
+    allowed = config.checkpoint.get("allow_changes") or ()
+    run_record.check_resume(out_dir, record, allowed.split(",") if isinstance(allowed, str) else allowed)
+
+
+def one_writer(fn):
+    """``fn(config, ...)`` holding the run directory's lock (``train.out_dir``, process 0), released
+    however it ends (:func:`solarjax.run_record.hold`)."""
+    @functools.wraps(fn)
+    def run(config, *args, **kwargs):
+        from solarjax import run_record
+
+        maybe_initialize_distributed(config)  # process_index is known only after it
+        out_dir = config.train.out_dir if jax.process_index() == 0 else None
+        with run_record.hold(ckpt.as_path(out_dir) if out_dir else None):
+            return fn(config, *args, **kwargs)
+
+    return run
 
 
 def finish_run(bar, manager, logger: MetricsLogger) -> None:
@@ -731,6 +773,7 @@ def _buffers(a: jax.Array) -> set[int]:
     return {shard.data.unsafe_buffer_pointer() for shard in a.addressable_shards}
 
 
+@one_writer
 def train(
     config,
     *,
@@ -776,7 +819,8 @@ def train(
         cfg = (cfg or model_config(config)).replace(param_dtype="float32")
         params = _place_params(params, cfg, mesh, rules)
     task.setup(config, cfg, params, mesh, rules)
-    if train_data is None:
+    data_from_config = train_data is None
+    if data_from_config:
         train_data, default_eval = task.datasets(config, cfg, out_dir)
         eval_data = eval_data if eval_data is not None else default_eval
 
@@ -788,7 +832,8 @@ def train(
                              state_sh, batch_sh)
     eval_step = make_eval_step(cfg, loss_fn, batch_sh["tokens"])
     train_iter = iter(train_data)
-    state, manager, data_state = start_or_resume(config, cfg, params, optimizer, state_sh, train_iter, out_dir)
+    state, manager, data_state = start_or_resume(config, cfg, params, optimizer, state_sh, train_iter, out_dir,
+                                                 data_from_config=data_from_config)
     start = int(jax.device_get(state["step"]))
     logger = metrics_logger(config, out_dir)
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)

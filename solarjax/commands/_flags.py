@@ -185,6 +185,10 @@ def add_training(p: argparse.ArgumentParser, default_config: str | None, *, data
                    "sets data.tokenizer")
     p.add_argument("--out", help="run directory (tokenizer, metrics.jsonl, checkpoints/); sets train.out_dir")
     p.add_argument("--steps", type=int, help="sets train.steps")
+    p.add_argument("--allow-changes", metavar="KEY,...", type=comma_list(str, "config keys"),
+                   help="let a resume change these config keys or sections (e.g. optim.lr, data), beyond those "
+                   "allowed by default (steps, logging, eval and checkpoint cadence, mesh); 'all' for any; sets "
+                   "checkpoint.allow_changes")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--export-hf", metavar="DIR", help="after training, also write the final model as an HF "
                    "directory (transformers loads it) with the run's tokenizer; needs --out")
@@ -202,7 +206,8 @@ def training_config(args: argparse.Namespace, add_section: Callable[[Any], None]
     if add_section is not None:
         add_section(config)
     shortcuts = {"data.source": args.data, "data.eval_source": args.eval_data, "init.source": args.init,
-                 "data.tokenizer": args.tokenizer, "train.out_dir": args.out, "train.steps": args.steps}
+                 "data.tokenizer": args.tokenizer, "train.out_dir": args.out, "train.steps": args.steps,
+                 "checkpoint.allow_changes": args.allow_changes}
     if args.no_progress:
         shortcuts["train.progress"] = False
     for key, value in shortcuts.items():

@@ -38,6 +38,7 @@ def save_params(path: str | os.PathLike, params: Params, cfg: ModelConfig, *, ov
     """
     from solarjax.outputs import atomic_output_dir
 
+    quiet_orbax_errors()  # a failed write (disk full) is then atomic_output_dir's one line, not pages
     with atomic_output_dir(path, overwrite=overwrite, sources=sources, verb=verb, create=False) as tmp:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             checkpointer.save(
@@ -179,6 +180,14 @@ def _drop_closed_loop_errors(unraisable) -> None:
     _previous_unraisablehook(unraisable)
 
 
+def quiet_orbax_errors() -> None:
+    """Hold back the pages of logs and unraisable errors a failing Orbax save prints; the save's
+    own exception then says it in one line. Idempotent."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_ORBAX_ERRORS)  # idempotent: a Filter is added once
+    sys.unraisablehook = _drop_closed_loop_errors
+
+
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), text)
 
@@ -230,9 +239,7 @@ def checkpoint_manager(directory: str | os.PathLike, *, every: int, keep: int, a
     """An Orbax ``CheckpointManager`` over ``directory`` (local or ``gs://``), after deleting the
     unfinished steps that killed runs left there (Orbax's own cleanup does it on GCS, where an
     unfinished step is a directory without ``commit_success.txt``)."""
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_ORBAX_ERRORS)  # idempotent: a Filter is added once
-    sys.unraisablehook = _drop_closed_loop_errors
+    quiet_orbax_errors()
     directory = as_path(directory)
     remote = "://" in os.fspath(directory)
     if not remote:

@@ -8,7 +8,9 @@ imports (jax, transformers) happen inside the verbs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -44,11 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with json_stdout(args):  # --json: the result alone on stdout
             return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        # Our errors (ConfigError, CheckpointError, PlanError, ...) are ValueErrors with a message
-        # that names the culprit; a traceback would only bury it.
-        print(f"solarjax {args.verb}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        # Our errors (ConfigError, CheckpointError, OutputError, ...) are ValueErrors with a message
+        # that names the culprit, and an OS error (disk full, read-only, permission denied) names
+        # its file; a traceback would only bury either.
+        print(f"solarjax {args.verb}: error: {one_line(err)}", file=sys.stderr)
         return 1
+
+
+def one_line(err: BaseException) -> str:
+    """An OS error as its reason and file (``str`` of one can be just "[Errno 28] No space left on
+    device"), anything else as its message."""
+    if isinstance(err, OSError) and err.strerror:
+        code = errno.errorcode.get(err.errno or 0)
+        reason = f"{err.strerror} ({code})" if code else err.strerror
+        files = [os.fsdecode(f) for f in (err.filename, err.filename2) if f is not None]
+        return f"{reason}: {' -> '.join(files)}" if files else reason
+    return str(err)
 
 
 import solarjax  # noqa: E402  (for __version__ above without a cycle at import time)

@@ -274,7 +274,9 @@ def load_chat_template(path: str | os.PathLike | None) -> ChatTemplate | None:
     directory = path if path.is_dir() else path.parent
     config: dict = {}
     if (directory / "tokenizer_config.json").is_file():
-        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        from solarjax.safetensors_io import read_json
+
+        config = read_json(directory / "tokenizer_config.json", DataError)
     jinja = path if path.suffix == ".jinja" else directory / "chat_template.jinja"
     return chat_template_from(config, directory / "tokenizer_config.json", jinja if jinja.is_file() else None)
 
@@ -305,7 +307,11 @@ def load_tokenizer(path: str | os.PathLike):
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"no tokenizer.json at {path}")
-    return Tokenizer.from_str(file.read_text(encoding="utf-8"))
+    try:
+        return Tokenizer.from_str(file.read_bytes().decode("utf-8"))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on malformed JSON
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise DataError(f"{file} is not a valid tokenizer.json ({detail})") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | os.PathLike | None = None):

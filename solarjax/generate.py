@@ -69,7 +69,9 @@ def tokenizer_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path | No
     directory = source.tokenizer_dir
     if directory is None or not (directory / "tokenizer_config.json").is_file():
         return {}, directory
-    return json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")), directory
+    from solarjax.safetensors_io import read_json
+
+    return read_json(directory / "tokenizer_config.json"), directory
 
 
 def require_tokenizer(tokenizer: Any, path: Any) -> Any:

@@ -79,6 +79,15 @@ def _meta(reader, key: str, default: Any = _MISSING) -> Any:
     return field.contents()
 
 
+def _meta_int(reader, key: str, default: Any = _MISSING) -> Any:
+    """An integer metadata value; a string, array or float where a size belongs is one line."""
+    value = _meta(reader, key, default)
+    if value is not None and value is not default and (not isinstance(value, (int, np.integer))
+                                                        or isinstance(value, bool)):
+        raise GGUFError(f"{reader.data.filename}: metadata {key} must be an integer, got {type(value).__name__}")
+    return None if value is None else int(value)
+
+
 # ----------------------------------------------------------------------------- config
 
 def family_of_gguf(reader):
@@ -97,9 +106,9 @@ def config_from_gguf(reader, **overrides: Any) -> ModelConfig:
     """Translate GGUF ``<arch>.*`` metadata into a ``ModelConfig``; unsupported features raise by name."""
     arch, family = family_of_gguf(reader)
     p = f"{arch}."
-    d_model = int(_meta(reader, p + "embedding_length"))
-    n_heads = int(_meta(reader, p + "attention.head_count"))
-    head_dim = int(_meta(reader, p + "attention.key_length", d_model // n_heads))
+    d_model = _meta_int(reader, p + "embedding_length")
+    n_heads = _meta_int(reader, p + "attention.head_count")
+    head_dim = _meta_int(reader, p + "attention.key_length", d_model // max(n_heads, 1))
     rot_dim = _meta(reader, p + "rope.dimension_count", head_dim)
     if rot_dim != head_dim:
         raise GGUFError(f"{p}rope.dimension_count={rot_dim} != head_dim={head_dim}: partial RoPE is not supported")
@@ -120,33 +129,49 @@ def config_from_gguf(reader, **overrides: Any) -> ModelConfig:
         raise GGUFError(f"{reader.data.filename} stores RoPE frequency factors (rope_freqs.weight, e.g. Llama 3.1 "
                         "scaling); read the Hugging Face checkpoint instead")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _meta(reader, p + "vocab_size", len(tokens.data) if tokens is not None else None)
+    vocab = _meta_int(reader, p + "vocab_size", len(tokens.data) if tokens is not None else None)
     if vocab is None:
         vocab = int(next(t.shape[-1] for t in reader.tensors if t.name == "token_embd.weight"))
-    n_layers = int(_meta(reader, p + "block_count"))
+    n_layers = _meta_int(reader, p + "block_count")
     values = dict(
         arch=family.name,
         vocab_size=int(vocab),
         d_model=d_model,
         n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(_meta(reader, p + "attention.head_count_kv", n_heads)),
+        n_kv_heads=_meta_int(reader, p + "attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        ffn_dim=int(_meta(reader, p + "feed_forward_length")),
+        ffn_dim=_meta_int(reader, p + "feed_forward_length"),
         rope_theta=float(_meta(reader, p + "rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         # GGUF stores float32; 7 significant digits give back the decimal the model was released with
         rms_eps=float(f'{_meta(reader, p + "attention.layer_norm_rms_epsilon", 1e-5):.7g}'),
         sliding_window=None,
         tie_embeddings="output.weight" not in names,
-        max_seq_len=int(_meta(reader, p + "context_length", 4096)),
+        max_seq_len=_meta_int(reader, p + "context_length", 4096),
         bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
         eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
     )
     if family.from_gguf is not None:  # the family's own metadata (Gemma 3: sliding layers)
         values.update(family.from_gguf(lambda key, default=None: _meta(reader, p + key, default), values))
     values.update(overrides)
-    return ModelConfig(**values)
+    try:
+        return ModelConfig(**values)
+    except ValueError as err:  # a size beyond solarjax.config.SIZE_LIMITS: name the file
+        raise GGUFError(f"{reader.data.filename}: {err}") from None
+
+
+def check_tensor_sizes(reader, cfg: ModelConfig) -> None:
+    """The file holds what ``cfg`` implies: ``block_count`` blocks and at least the config's parameter
+    count in its tensors, checked from the tensor table before any buffer is allocated."""
+    blocks = {int(m.group(1)) for m in (_BLOCK_RE.match(t.name) for t in reader.tensors) if m}
+    if blocks != set(range(cfg.n_layers)):
+        held = f"blocks {min(blocks)}..{max(blocks)}" if blocks else "no blocks"
+        raise GGUFError(f"{reader.data.filename}: block_count is {cfg.n_layers}, but its tensors hold {held}")
+    stored = sum(int(t.n_elements) for t in reader.tensors)
+    if cfg.num_params() > stored:
+        raise GGUFError(f"{reader.data.filename}: its metadata implies {cfg.num_params():,} parameters, but its "
+                        f"tensors hold {stored:,} values")
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -208,6 +233,7 @@ def read_gguf_params(reader, cfg: ModelConfig, progress: bool = False) -> Params
     Tensors are renamed to their HF names and go through the same assembler (and checks) as
     safetensors checkpoints.
     """
+    check_tensor_sizes(reader, cfg)  # before assemble_params allocates the buffers
     tensors = ((hf_name if layer is None else f"model.layers.{layer}.{hf_name}", w)
                for _, layer, hf_name, w in iter_gguf_tensors(reader, cfg))
     if progress:

@@ -6,33 +6,80 @@ no verb can destroy what it did not create: a source (or anything containing or 
 source), the current directory or its ancestors, the home directory and ``/`` are refused with
 one line naming the path and the reason.
 
-Outputs are built in a temporary sibling named ``.DEST.solarjax-tmp-PID`` and renamed into
-place when complete; the next run in the same parent removes such leftovers of killed
-processes (only names of that exact pattern whose process is gone).
+Outputs are built in a temporary sibling directory named ``.DEST.solarjax-tmp-PID`` (marked
+the moment it is made) and renamed into place when complete. The next write to the same
+destination removes what killed runs left for it: only directories (never a file or a link)
+whose full name is one :func:`temp_sibling` makes for that destination, whose process is gone,
+and which carry the marker. An OS error while writing (disk full, file too large, read-only
+file system, permission denied) removes the partial output, leaves the destination as it was,
+and becomes one :class:`OutputError` line naming the destination.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import sys
+import time
 from pathlib import Path
 from typing import Iterable
 
 MARKER = ".solarjax-output.json"
 TMP_TAG = "solarjax-tmp"
 OLD_TAG = "solarjax-old"
-# .NAME.solarjax-tmp-PID, with an optional suffix (Orbax's own ".orbax-checkpoint-tmp-..." or "-LABEL")
-_LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?:{TMP_TAG}|{OLD_TAG})-(?P<pid>\d+)(?:[.-].*)?$")
+_LABEL = re.compile(r"[a-z0-9]+")  # the optional "-LABEL" of a scratch directory
+_INNER = "output"  # what ``atomic_output_dir(create=False)`` yields inside its temporary directory
 
 PathLike = str | os.PathLike
 
 
 class OutputError(ValueError):
-    """A destination solarjax refuses to write; the message names the path and the reason."""
+    """A destination solarjax refuses (or fails) to write; the message names the path and the reason."""
+
+
+# how libraries that write for us report the OS's error code: tensorstore (Orbax), Rust (tokenizers, safetensors)
+_CODE_IN_MESSAGE = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
+
+
+def os_error(exc: BaseException | None) -> OSError | None:
+    """``exc`` (or its cause) as an OS error: itself, or one rebuilt from the error code that a
+    library's own exception carries in its message; None when it is no OS error."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        match = None if type(exc).__module__.startswith("solarjax") else _CODE_IN_MESSAGE.search(str(exc)[:10_000])
+        if match:
+            code = int(next(g for g in match.groups() if g))
+            return OSError(code, os.strerror(code))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+# faults of the destination whatever file they name; EACCES/EPERM only when they name none or one beside it
+_STORAGE_FAULTS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
+_ACCESS_FAULTS = frozenset({errno.EACCES, errno.EPERM})
+
+
+def _write_fault(err: OSError, dest: Path) -> bool:
+    if err.errno in _STORAGE_FAULTS:
+        return True
+    if err.errno not in _ACCESS_FAULTS:
+        return False
+    return err.filename is None or Path(os.path.abspath(os.fsdecode(err.filename))).is_relative_to(dest.parent)
+
+
+def write_failure(dest: PathLike, err: OSError) -> OutputError:
+    """One line for an OS error met while writing ``dest``, after its partial output was removed."""
+    code = errno.errorcode.get(err.errno or 0)
+    reason = f"{err.strerror or err} ({code})" if code else str(err.strerror or err)
+    return OutputError(f"cannot write {dest}: {reason}; the partial output was removed, nothing else was changed")
 
 
 # ----------------------------------------------------------------------------- marker
@@ -45,7 +92,14 @@ def write_marker(directory: Path, verb: str, files: Iterable[str], kind: str = "
     record = {"written_by": f"solarjax {__version__}", "verb": verb, "kind": kind,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "files": sorted(set(files))}
-    (directory / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+    marker = directory / MARKER
+    partial = directory / f"{MARKER}.{TMP_TAG}-{os.getpid()}"  # a full disk must not truncate a marker
+    try:
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(partial, marker)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read_marker(directory: Path) -> dict | None:
@@ -179,41 +233,77 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_leftovers(parent: Path) -> list[Path]:
-    """Remove ``.NAME.solarjax-tmp-PID*`` / ``.NAME.solarjax-old-PID*`` entries of dead processes
-    in ``parent`` (a killed run's partial output); say so on stderr. Returns what was removed."""
+def temp_sibling(dest: Path, tag: str = TMP_TAG, label: str = "") -> Path:
+    """``.NAME.TAG-PID[-LABEL]`` beside ``dest``: the only names :func:`clean_leftovers` removes."""
+    if label and not _LABEL.fullmatch(label):
+        raise ValueError(f"temporary label {label!r} must match {_LABEL.pattern}")
+    return dest.parent / f".{dest.name}.{tag}-{os.getpid()}{'-' + label if label else ''}"
+
+
+def _leftover_pid(dest: Path, name: str) -> int | None:
+    """The process id in ``name`` when it is exactly a name :func:`temp_sibling` makes for ``dest``."""
+    match = re.fullmatch(rf"\.{re.escape(dest.name)}\.(?:{TMP_TAG}|{OLD_TAG})-(?P<pid>[1-9][0-9]*)"
+                         rf"(?:-{_LABEL.pattern})?", name)
+    return int(match.group("pid")) if match else None
+
+
+def _is_marked_dir(path: Path) -> bool:
+    """A real directory (not a link) holding a regular-file marker: something solarjax made."""
+    try:
+        return _is_dir_not_link(path) and stat.S_ISREG(os.lstat(path / MARKER).st_mode)
+    except OSError:
+        return False
+
+
+def clean_leftovers(dest: PathLike) -> list[Path]:
+    """Remove what killed runs left for ``dest``: the temporary directories of :func:`temp_sibling`'s
+    exact names for it whose process is gone and which carry the marker; say so on stderr.
+
+    Never a file, a link, an unmarked directory, a live process' temp or another destination's
+    (a name that merely looks similar). Returns what was removed.
+    """
+    dest = Path(os.path.abspath(dest))
     removed = []
     try:
-        entries = list(parent.iterdir())
+        names = os.listdir(dest.parent)
     except OSError:
         return removed
-    for entry in entries:
-        match = _LEFTOVER.match(entry.name)
-        if not match or _pid_alive(int(match.group("pid"))):
+    for name in names:
+        pid = _leftover_pid(dest, name)
+        entry = dest.parent / name
+        if pid is None or _pid_alive(pid) or not _is_marked_dir(entry):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        if f".{OLD_TAG}-" in name and not os.path.lexists(dest):
+            os.replace(entry, dest)  # killed between moving the previous output aside and the new one in
+            print(f"solarjax: restored {dest} from {entry}, left by a killed run (process {pid})", file=sys.stderr)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
-        print(f"solarjax: removed {entry}, left by a killed run (process {match.group('pid')})", file=sys.stderr)
+        print(f"solarjax: removed {entry}, left by a killed run (process {pid})", file=sys.stderr)
     return removed
 
 
-def _remove_own(parent: Path, name: str) -> None:
-    """Remove this process' temporary entries for ``name`` (after a failure)."""
-    for entry in parent.iterdir():
-        match = _LEFTOVER.match(entry.name)
-        if match and match.group("name") == name and int(match.group("pid")) == os.getpid():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+def _make_temp(path: Path, verb: str, kind: str) -> None:
+    """Create a temporary directory and mark it at once, so a killed run's leftover is provably ours."""
+    path.mkdir()
+    write_marker(path, verb, [], kind=kind)
 
 
-def temp_sibling(dest: Path, tag: str = TMP_TAG, label: str = "") -> Path:
-    """``.NAME.solarjax-tmp-PID[-LABEL]`` beside ``dest``: the name :func:`clean_leftovers` knows."""
-    return dest.parent / f".{dest.name}.{tag}-{os.getpid()}{'-' + label if label else ''}"
+def _discard(path: Path) -> None:
+    """Remove a temporary directory this process made (never through a link). A failed Orbax save
+    can still have a writer thread finishing a file in it, so a removal that raced one is retried."""
+    for attempt in range(20):
+        if not _is_dir_not_link(path):
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.05 * attempt)
+
+
+def _is_dir_not_link(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- writers
@@ -230,11 +320,13 @@ def _readable_by_umask(tmp: Path) -> None:
 
 class atomic_output_dir:
     """Context manager: check ``dest`` (:func:`check_destination`), yield a temporary sibling,
-    mark it and rename it to ``dest`` only on success; on failure remove it.
+    mark it and rename it to ``dest`` only on success; on failure remove it and leave ``dest`` as
+    it was (an OS error becomes one :class:`OutputError` line naming ``dest``).
 
-    ``create=False`` yields the temporary path without creating it, for writers that insist on
-    creating their directory (Orbax). The ownership rule is checked again just before an
-    existing ``dest`` is replaced, in case files appeared there meanwhile.
+    ``create=False`` yields a path inside the temporary directory that does not exist yet, for
+    writers that insist on creating their directory (Orbax); its contents become the output. The
+    ownership rule is checked again just before an existing ``dest`` is replaced, in case files
+    appeared there meanwhile.
     """
 
     def __init__(self, dest: PathLike, *, overwrite: bool = False, sources: Iterable[PathLike | None] = (),
@@ -245,78 +337,158 @@ class atomic_output_dir:
         self.tmp = temp_sibling(self.dest)
 
     def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(self.dest.parent)
-        if self.create:
-            self.tmp.mkdir()
-        return self.tmp
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.dest)
+            _make_temp(self.tmp, self.verb, kind="partial")
+        except OSError as err:
+            _discard(self.tmp)
+            _raise_as_one_line(self.given, err, True)
+        return self.tmp if self.create else self.tmp / _INNER
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            _remove_own(self.dest.parent, self.dest.name)
+        if exc is None:
+            try:
+                self._commit()
+                return
+            except BaseException as err:  # noqa: BLE001 - cleaned up, then re-raised below
+                exc = err
+        _discard(self.tmp)
+        _raise_as_one_line(self.given, exc, exc_type is None)
+
+    def _commit(self) -> None:
+        if not self.create:
+            _hoist(self.tmp / _INNER, self.given)
+        write_marker(self.tmp, self.verb, _files_under(self.tmp))
+        _readable_by_umask(self.tmp)
+        if not os.path.lexists(self.dest):
+            os.replace(self.tmp, self.dest)
             return
+        check_destination(self.given, overwrite=self.overwrite, sources=self.sources)
+        old = temp_sibling(self.dest, OLD_TAG)  # marked (the ownership rule), so a killed run's is cleaned
+        os.replace(self.dest, old)
         try:
-            if not self.tmp.is_dir():
-                raise OutputError(f"writing {self.given} produced no directory")
-            write_marker(self.tmp, self.verb, _files_under(self.tmp))
-            _readable_by_umask(self.tmp)
-            if os.path.lexists(self.dest):
-                check_destination(self.given, overwrite=self.overwrite, sources=self.sources)
-                old = temp_sibling(self.dest, OLD_TAG)
-                os.replace(self.dest, old)
-                os.replace(self.tmp, self.dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.tmp, self.dest)
+            os.replace(self.tmp, self.dest)
         except BaseException:
-            _remove_own(self.dest.parent, self.dest.name)
+            os.replace(old, self.dest)  # the previous output back in place
             raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _raise_as_one_line(given: PathLike, exc: BaseException | None, ours: bool) -> None:
+    """After cleaning up: a write fault (:func:`_write_fault`) becomes :func:`write_failure`'s line;
+    another error of the commit (``ours``) is raised again; one from the ``with`` body propagates."""
+    err = os_error(exc) if isinstance(exc, Exception) else None
+    if err is not None and _write_fault(err, Path(os.path.abspath(given))):
+        raise write_failure(given, err) from exc
+    if ours and exc is not None:
+        raise exc
+
+
+def _hoist(inner: Path, given: PathLike) -> None:
+    """Move what a writer put in ``inner`` up into its parent (the marked temporary directory)."""
+    if not _is_dir_not_link(inner):
+        raise OutputError(f"writing {given} produced no directory")
+    for entry in os.listdir(inner):
+        os.replace(inner / entry, inner.parent / entry)
+    inner.rmdir()
 
 
 class scratch_dir:
     """A temporary working directory beside ``dest`` (``.NAME.solarjax-tmp-PID-LABEL``), removed on
-    exit; a killed run's scratch is cleaned like any other leftover."""
+    exit; a killed run's scratch is cleaned like any other leftover, and an OS error in it is one
+    :class:`OutputError` line naming ``dest``."""
 
     def __init__(self, dest: PathLike, label: str):
+        self.dest = dest
         self.path = temp_sibling(Path(dest).resolve(), label=label)
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(self.path.parent)
-        self.path.mkdir()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(Path(self.dest).resolve())
+            _make_temp(self.path, "scratch", kind="scratch")
+        except OSError as err:
+            _discard(self.path)
+            _raise_as_one_line(self.dest, err, True)
         return self.path
 
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _discard(self.path)
+        _raise_as_one_line(self.dest, exc, False)
 
 
 class atomic_output_file:
-    """Context manager for a single-file output: check ``path`` (``what="file"``), yield a
-    temporary sibling to write, rename it over ``path`` on success and list it in the marker of
-    its directory (so a later ``--overwrite`` may replace it)."""
+    """Context manager for a single-file output: check ``path`` (``what="file"``), yield a path in
+    a marked temporary sibling directory to write, rename it over ``path`` on success and list it
+    in the marker of its directory (so a later ``--overwrite`` may replace it). On failure the
+    temporary directory goes, ``path`` and the marker stay as they were, and an OS error becomes
+    one :class:`OutputError` line naming ``path``."""
 
     def __init__(self, path: PathLike, *, overwrite: bool = False, sources: Iterable[PathLike | None] = (),
                  verb: str = "solarjax"):
+        self.given = path
         self.path = check_destination(path, overwrite=overwrite, sources=tuple(sources), what="file")
         self.verb = verb
         self.tmp = temp_sibling(self.path)
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(self.path.parent)
-        return self.tmp
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            clean_leftovers(self.path)
+            _make_temp(self.tmp, self.verb, kind="partial")
+        except OSError as err:
+            _discard(self.tmp)
+            _raise_as_one_line(self.given, err, True)
+        return self.tmp / self.path.name
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.tmp.unlink(missing_ok=True)
-            return
-        os.replace(self.tmp, self.path)
-        marker = read_marker(self.path.parent)
-        if marker is None:
-            write_marker(self.path.parent, self.verb, [self.path.name], kind="files")
-        else:
-            files = set(marker.get("files", [])) | {self.path.name}
-            write_marker(self.path.parent, marker.get("verb", self.verb), files, kind=marker.get("kind", "files"))
+        if exc is None:
+            try:
+                self._commit()
+            except BaseException as err:  # noqa: BLE001 - cleaned up, then re-raised below
+                exc = err
+        _discard(self.tmp)
+        _raise_as_one_line(self.given, exc, exc_type is None)
+
+    def _commit(self) -> None:
+        new, old = self.tmp / self.path.name, self.tmp / f"{self.path.name}.{OLD_TAG}"
+        had_old = os.path.lexists(self.path)
+        if had_old:
+            os.replace(self.path, old)
+        try:
+            os.replace(new, self.path)
+            marker = read_marker(self.path.parent)
+            if marker is None:
+                write_marker(self.path.parent, self.verb, [self.path.name], kind="files")
+            else:
+                files = set(marker.get("files", [])) | {self.path.name}
+                write_marker(self.path.parent, marker.get("verb", self.verb), files, kind=marker.get("kind", "files"))
+        except BaseException:
+            if had_old:
+                os.replace(old, self.path)  # the previous file back in place
+            else:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            raise
+
+
+def replace_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (via a marked temporary sibling directory), for
+    a results file a verb rewrites on each run (``eval --out``); an OS error is one
+    :class:`OutputError` line naming ``path``, which then is as it was."""
+    path = Path(os.path.abspath(path))
+    tmp = temp_sibling(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(path)
+        _make_temp(tmp, "solarjax", kind="partial")
+        (tmp / path.name).write_text(text)
+        os.replace(tmp / path.name, path)
+    except BaseException as err:  # noqa: BLE001 - cleaned up, then re-raised
+        _discard(tmp)
+        _raise_as_one_line(path, err, True)
+    _discard(tmp)
 
 
 # ----------------------------------------------------------------------------- run directories

@@ -14,6 +14,7 @@ safetensors file cannot hold two names for one buffer).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -281,21 +282,30 @@ def write_shard(file: Path, tensors: Sequence[OutTensor], fds: dict[Path, int], 
     blob += b" " * (-len(blob) % 8)
     fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, struct.pack("<Q", len(blob)) + blob)
-        for t in tensors:
-            if t.source is not None:
-                _copy_range(fds[t.source.file], fd, t.source.offset, t.source.nbytes, chunk, bar)
-                continue
-            array = np.ascontiguousarray(t.make())
-            if tuple(array.shape) != tuple(t.shape) or array.dtype != numpy_dtype(t.dtype):
-                raise CheckpointError(f"tensor {t.name!r}: produced {array.dtype} {tuple(array.shape)}, "
-                                      f"expected {ST_DTYPES[t.dtype]} {tuple(t.shape)}")
-            _write_all(fd, array.reshape(-1).view(np.uint8))  # no copy; works for bf16 too
-            bar.update(array.nbytes)
-            del array
+        _write_shard_body(fd, blob, tensors, fds, chunk, bar)
+    except OSError as err:
+        if err.filename is None:  # os.write's errors name no file
+            err.filename = os.fspath(file)
+        raise
     finally:
         os.close(fd)
     return offset
+
+
+def _write_shard_body(fd: int, blob: bytes, tensors: Sequence[OutTensor], fds: dict[Path, int], chunk: int,
+                      bar) -> None:
+    _write_all(fd, struct.pack("<Q", len(blob)) + blob)
+    for t in tensors:
+        if t.source is not None:
+            _copy_range(fds[t.source.file], fd, t.source.offset, t.source.nbytes, chunk, bar)
+            continue
+        array = np.ascontiguousarray(t.make())
+        if tuple(array.shape) != tuple(t.shape) or array.dtype != numpy_dtype(t.dtype):
+            raise CheckpointError(f"tensor {t.name!r}: produced {array.dtype} {tuple(array.shape)}, "
+                                  f"expected {ST_DTYPES[t.dtype]} {tuple(t.shape)}")
+        _write_all(fd, array.reshape(-1).view(np.uint8))  # no copy; works for bf16 too
+        bar.update(array.nbytes)
+        del array
 
 
 def read_stored(stored: StoredTensor) -> np.ndarray:
@@ -325,6 +335,10 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+# the destination's own faults: copying by hand would only meet them again
+_WRITE_FAULTS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
 def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, chunk: int, bar) -> None:
     """Copy bytes in-kernel when possible; otherwise through one bounded buffer.
 
@@ -338,7 +352,9 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, chunk: int, 
         if use_kernel:
             try:
                 copied = os.copy_file_range(src_fd, dst_fd, n, offset + done)
-            except OSError:  # e.g. EXDEV/ENOSYS on old kernels or odd file systems
+            except OSError as err:  # EXDEV/ENOSYS on old kernels or odd file systems: copy by hand
+                if err.errno in _WRITE_FAULTS:
+                    raise
                 use_kernel = False
             else:
                 if copied == 0:

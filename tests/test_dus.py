@@ -292,8 +292,8 @@ def test_cli_errors_leave_no_output(hf_llama_dir, tmp_path, capsys, monkeypatch)
 
     write_shard = safetensors_io.write_shard
     monkeypatch.setattr(safetensors_io, "write_shard", fail_second)
-    with pytest.raises(OSError, match="disk full"):
-        run_cli(hf_llama_dir, tmp_path / "a", "--m", "1", "--max-shard-size", "50KB")
+    assert run_cli(hf_llama_dir, tmp_path / "a", "--m", "1", "--max-shard-size", "50KB") == 1
+    assert "disk full" in capsys.readouterr().err  # one line (tests/test_os_errors.py makes real faults)
     assert len(calls) == 2 and _leftovers(tmp_path, "a") == []
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from solarjax import hf
 from solarjax.cli import main
-from solarjax.outputs import MARKER, OutputError, check_destination, claim_run_dir, clean_leftovers
+from solarjax.outputs import MARKER, OutputError, check_destination, claim_run_dir, clean_leftovers, write_marker
 
 
 # ----------------------------------------------------------------------------- the world
@@ -262,19 +262,23 @@ def test_kill_9_mid_upscale_is_cleaned_by_the_next_run(world, capsys):
 
 
 def test_only_dead_solarjax_leftovers_are_removed(tmp_path):
+    """Only marked directories of the exact names made for this destination, of dead processes
+    (tests/test_os_errors.py has the files, links and unmarked look-alikes that must stay)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     names = {f".out.solarjax-tmp-{dead.pid}": True,  # ours, process gone
              f".out.solarjax-old-{dead.pid}": True,
-             f".out.solarjax-tmp-{dead.pid}.orbax-checkpoint-tmp-17": True,  # Orbax's own temp inside our name
              f".out.solarjax-tmp-{dead.pid}-hf": True,  # merge's scratch
+             f".out.solarjax-tmp-{dead.pid}.orbax-checkpoint-tmp-17": False,  # not a name we make (Orbax's goes inside)
              f".out.solarjax-tmp-{os.getpid()}": False,  # a live process (this one)
+             f".other.solarjax-tmp-{dead.pid}": False,  # another destination's
              f".out.tmp-{dead.pid}": False, f"out.solarjax-tmp-{dead.pid}": False,  # not our pattern
-             "user-data": False}
+             "out": False, "user-data": False}
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "f").write_text("x")
-    clean_leftovers(tmp_path)
+        write_marker(tmp_path / name, "test", ["f"])
+    clean_leftovers(tmp_path / "out")
     assert {p.name for p in tmp_path.iterdir()} == {n for n, gone in names.items() if not gone}
 
 

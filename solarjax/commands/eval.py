@@ -133,6 +133,7 @@ def run_lm_eval(args: argparse.Namespace) -> int:
     if args.out:
         from lm_eval.utils import handle_non_serializable
 
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2, default=handle_non_serializable)
+        from solarjax.outputs import replace_text
+
+        replace_text(args.out, json.dumps(results, indent=2, default=handle_non_serializable))
     return 0

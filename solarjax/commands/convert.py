@@ -10,7 +10,7 @@ from solarjax.commands._flags import add_json, add_model, add_out, add_progress,
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert checkpoints: hf-to-orbax, orbax-to-hf, gguf-to-hf",
+        help="convert checkpoints: hf-to-orbax, orbax-to-hf, gguf-to-hf, hf-to-gguf",
         description="Convert a checkpoint between formats. Writes are atomic: the output appears only "
         "when complete, and the source is never written to. --overwrite replaces only a directory solarjax "
         "wrote (never a source, a directory containing one, or one holding other files).",
@@ -31,11 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from_gguf = kinds.add_parser("gguf-to-hf", help="llama.cpp GGUF (Llama arch) -> HF directory, dequantized")
     from_gguf.set_defaults(func=_gguf_to_hf)
 
-    for sub in (to_orbax, to_hf, from_gguf):  # 'convert DIRECTION SRC DST' (positional) still works
+    to_gguf = kinds.add_parser("hf-to-gguf", help="any model (HF directory, .gguf, Orbax checkpoint, training run) "
+                               "-> one llama.cpp GGUF file with its tokenizer and chat template")
+    to_gguf.add_argument("--tokenizer", default=None, help="HF directory or tokenizer.json to take the tokenizer from "
+                         "(default: the model's own)")
+    to_gguf.set_defaults(func=_hf_to_gguf)
+
+    for sub in (to_orbax, to_hf, from_gguf, to_gguf):  # 'convert DIRECTION SRC DST' (positional) still works
         add_model(sub, "source model", alias="src")
-        add_out(sub, "output directory (must not exist unless --overwrite)", alias="dst")
-        sub.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16 (default: keep; a GGUF "
-                         "dequantizes to float32)")
+        out = "output .gguf file" if sub is to_gguf else "output directory"
+        add_out(sub, f"{out} (must not exist unless --overwrite)", alias="dst")
+        sub.add_argument("--dtype", default=None, help="GGUF type: f32 (default), f16, bf16, q8_0, q4_0, q4_1"
+                         if sub is to_gguf else "cast weights, e.g. bfloat16 (default: keep; a GGUF dequantizes to "
+                         "float32)")
         sub.add_argument("--overwrite", action="store_true",
                          help="replace an existing output directory that solarjax wrote")
         add_progress(sub)
@@ -93,5 +101,15 @@ def _gguf_to_hf(args: argparse.Namespace) -> int:
 
     _paths(args)
     gguf.gguf_to_hf(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype, progress=not args.no_progress)
+    _done(args)
+    return 0
+
+
+def _hf_to_gguf(args: argparse.Namespace) -> int:
+    from solarjax import gguf_export
+
+    _paths(args)
+    gguf_export.hf_to_gguf(args.src, args.dst, args.dtype, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                           progress=not args.no_progress)
     _done(args)
     return 0

@@ -33,7 +33,7 @@ from typing import Iterable
 MARKER = ".solarjax-output.json"
 TMP_TAG = "solarjax-tmp"
 OLD_TAG = "solarjax-old"
-_LABEL = re.compile(r"[a-z0-9]+")  # the optional "-LABEL" of a scratch directory
+_LABEL = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # the optional "-LABEL" of a scratch directory
 _INNER = "output"  # what ``atomic_output_dir(create=False)`` yields inside its temporary directory
 
 PathLike = str | os.PathLike

@@ -260,3 +260,16 @@ def test_cleanup_puts_back_an_output_a_killed_replace_had_moved_aside(tmp_path):
     write_marker(old, "upscale", ["config.json"])
     assert clean_leftovers(tmp_path / "out") == []
     assert (tmp_path / "out" / "config.json").read_text() == "{}" and not old.exists()
+
+
+def test_results_file_on_a_full_disk_keeps_the_previous_one(tmp_path):
+    """``eval --out``'s writer (replace_text): the old results stay whole, nothing beside them."""
+    from solarjax.outputs import OutputError, replace_text
+
+    with tmpfs(tmp_path / "disk", "16k") as disk:
+        results = disk / "results.json"
+        replace_text(results, '{"old": 1}')
+        before = snapshot(disk, skip=disk / "none")
+        with pytest.raises(OutputError, match=rf"^cannot write {results}: No space left on device \(ENOSPC\)"):
+            replace_text(results, "x" * 200_000)
+        assert snapshot(disk, skip=disk / "none") == before

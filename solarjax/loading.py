@@ -115,6 +115,25 @@ def read_config(path: str | os.PathLike | Source) -> ModelConfig:
     return ckpt.read_config(source.weights)
 
 
+def check_weights(path: str | os.PathLike | Source, cfg: ModelConfig | None = None) -> None:
+    """The weights' own headers agree with the config (HF: every header validated and checked against
+    ``config.json``; GGUF: the tensor table against its metadata), reading headers only: what
+    ``info`` runs so that an absurd or inconsistent config is refused, not described."""
+    source = as_source(path)
+    cfg = cfg or read_config(source)
+    if source.kind == "hf":
+        from solarjax import hf
+        from solarjax.safetensors_io import scan
+
+        raw = hf.read_hf_config(source.weights)
+        stored = {name: s.shape for name, s in scan(source.weights, hf.header_checker(raw, shapes=False))}
+        hf.check_stored_shapes(stored, raw, cfg, str(source.weights))
+    elif source.kind == "gguf":
+        from solarjax import gguf
+
+        gguf.check_tensor_sizes(gguf.open_gguf(source.weights), cfg)
+
+
 def load(path: str | os.PathLike | Source, tokenizer: str | os.PathLike | None = None, *, dtype: str | None = None,
          shardings: Any = None, progress: bool = False) -> tuple[ModelConfig, Params, Any]:
     """``(cfg, params, tokenizer)`` from any model path.

@@ -76,20 +76,93 @@ def is_floating(code: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- reading
+# Everything a checkpoint says about itself is checked here, before a byte of it is used: the files
+# an index names stay inside the checkpoint directory, a header is a JSON object of the shape the
+# format defines, and every tensor's byte range lies in the data area, apart from the others, with
+# exactly the bytes its shape and dtype need. Every reader (upscale, convert, merge, load, info)
+# comes through :func:`scan`.
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound on a header's length
+HF_HUB_BLOBS = "blobs"  # a Hugging Face hub cache keeps snapshots/<rev>/<file> as links to ../../blobs/<hash>
+
+
+def short(text: Any, limit: int = 80) -> str:
+    """``repr(text)``, cut to ``limit`` characters: error messages never repeat unbounded input."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 5] + "...'"
+
+
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Where the files of ``directory`` may resolve to: inside it, and for a Hugging Face hub
+    snapshot (``models--X/snapshots/<rev>/``) the repository's ``blobs/`` its links point at."""
+    root = directory.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and (root.parent.parent / HF_HUB_BLOBS).is_dir():
+        roots.append((root.parent.parent / HF_HUB_BLOBS).resolve())
+    return roots
+
+
+def contained_file(directory: str | os.PathLike, name: str, error: type[ValueError] | None = None) -> Path | None:
+    """``directory / name`` when it is a regular file inside ``directory`` once symlinks are resolved;
+    None when nothing has that name. A name that is absolute or climbs out (``../x``), a link that
+    resolves elsewhere, or something that is not a regular file raises one line (``error``, default
+    :class:`CheckpointError`): every file a checkpoint names, and every side file copied out of it
+    (tokenizer, configs, chat template), goes through here."""
+    error = error or CheckpointError
+    directory = Path(directory)
+    parts = Path(name).parts if isinstance(name, str) and name else ("..",)
+    if Path(name if isinstance(name, str) else "").is_absolute() or ".." in parts or "\0" in str(name):
+        raise error(f"{directory} names file {short(name)}, which is not a plain path inside the directory")
+    path = directory / name
+    if not os.path.lexists(path):
+        return None
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in _allowed_roots(directory)):
+        raise error(f"{path} resolves to {short(str(target))}, outside {directory}; refusing to read or copy it")
+    if not target.is_file():
+        raise error(f"{path} is not a regular file")
+    return path
+
+
+def read_json(file: Path, error: type[ValueError] | None = None) -> dict:
+    """The JSON object in ``file``; a file that is not UTF-8 JSON, or holds something other than an
+    object, is one line naming it."""
+    error = error or CheckpointError
+    try:
+        value = json.loads(Path(file).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise error(f"{file} is not valid JSON ({str(err)[:120]})") from None
+    if not isinstance(value, dict):
+        raise error(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a ``model.safetensors.index.json``."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} has no weight_map object of tensor name -> file name")
+    return weight_map
+
 
 def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    """The shard files of a checkpoint directory, checked against the index when there is one."""
+    """The shard files of a checkpoint directory, checked against the index when there is one; every
+    file named resolves inside ``path``."""
     path = Path(path)
-    index = path / SAFE_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+    index = contained_file(path, SAFE_INDEX)
+    if index is not None:
+        names = sorted(set(read_index(index).values()))
+        found = {name: contained_file(path, name) for name in names}
+        missing = [short(name) for name, file in found.items() if file is None]
         if missing:
-            raise CheckpointError(f"{index} lists shards that do not exist: {missing}")
-        return files
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
+            raise CheckpointError(f"{index} lists shards that do not exist: {missing[:5]}")
+        if not found:
+            raise CheckpointError(f"{index} lists no shards")
+        return list(found.values())
+    single = contained_file(path, SINGLE_FILE)
+    if single is not None:
+        return [single]
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles:
         raise CheckpointError(
@@ -99,21 +172,74 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{path} has no {SINGLE_FILE} or {SAFE_INDEX}")
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise CheckpointError(f"key {short(next(k for k in keys if keys.count(k) > 1))} appears twice")
+    return dict(pairs)
+
+
 def read_header(file: Path) -> tuple[dict, int]:
-    """``(header, byte offset where the data starts)``; a header that does not fit the file raises."""
+    """``(header, byte offset where the data starts)``, the header checked by :func:`check_header`:
+    a length beyond the file or :data:`MAX_HEADER_BYTES` is refused before it is read."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise CheckpointError(f"{file} is too short to be a safetensors file (truncated?)")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 1 << 28):
-            raise CheckpointError(f"{file}: header length {n} does not fit the file ({size} bytes); corrupt?")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{file}: header length {n} does not fit the file ({size} bytes) or exceeds "
+                                  f"{MAX_HEADER_BYTES} bytes; corrupt?")
         try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from err
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({str(err)[:120]})") from None
+        except CheckpointError as err:
+            raise CheckpointError(f"{file}: safetensors header: {err}") from None
+    check_header(file, header, size - 8 - n)
     return header, 8 + n
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_header(file: Path, header: Any, data_size: int) -> None:
+    """Refuse, naming ``file`` and the tensor, a header that is not ``{name: {dtype, shape,
+    data_offsets}}`` (plus an optional ``__metadata__`` object of strings), a dtype not in
+    :data:`ST_DTYPES`, offsets that are not ``0 <= begin <= end <= data_size``, a byte count other
+    than shape x itemsize, or two tensors whose bytes overlap."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    ranges = []
+    for name, info in header.items():
+        where = f"{file}: tensor {short(name)}"
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{file}: __metadata__ is not an object of strings")
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise CheckpointError(f"{where}: header entry is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {short(dtype)} (solarjax reads {', '.join(ST_DTYPES)})")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(map(_is_count, shape)):
+            raise CheckpointError(f"{where}: shape {short(shape)} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+            raise CheckpointError(f"{where}: data_offsets {short(offsets)} is not two non-negative integers")
+        begin, end = offsets
+        expected = math.prod(shape) * numpy_dtype(dtype).itemsize
+        if not begin <= end <= data_size or end - begin != expected:
+            raise CheckpointError(
+                f"{where}: byte range [{begin}, {end}) does not match shape {tuple(shape)} {dtype} ({expected} bytes) "
+                f"or the data area of {data_size} bytes (truncated or corrupt shard?)"
+            )
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise CheckpointError(f"{file}: tensors {short(first)} and {short(second)} overlap in the data area")
 
 
 class StoredTensor(NamedTuple):
@@ -130,28 +256,23 @@ HeaderCheck = Callable[[Path, str, tuple, str], None]  # (file, name, shape, dty
 
 
 def scan(path: str | os.PathLike, check: HeaderCheck | None = None) -> list[tuple[str, StoredTensor]]:
-    """Every tensor of a checkpoint with its byte range, in file order. Each range is checked against
-    its shape, dtype and the file size, and ``check`` (e.g. against ``config.json``) runs on every
-    header, so a truncated or inconsistent shard is refused before anything is written."""
-    tensors = []
+    """Every tensor of a checkpoint with its byte range, in file order, each header validated by
+    :func:`read_header`; a name in two shards is refused, and ``check`` (e.g. against
+    ``config.json``) runs on every tensor, so an inconsistent shard is refused before anything is written."""
+    tensors: dict[str, StoredTensor] = {}
     for file in safetensors_files(path):
         header, data_start = read_header(file)
-        size = file.stat().st_size
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if name in tensors:
+                raise CheckpointError(f"tensor {short(name)} is in both {tensors[name].file} and {file}")
             begin, end = info["data_offsets"]
             shape = tuple(info["shape"])
-            expected = math.prod(shape) * numpy_dtype(info["dtype"]).itemsize
-            if end - begin != expected or data_start + end > size:
-                raise CheckpointError(
-                    f"tensor {name!r} in {file}: byte range [{begin}, {end}) does not match shape {shape} "
-                    f"{info['dtype']} or the file size {size} (truncated or corrupt shard?)"
-                )
             if check is not None:
                 check(file, name, shape, info["dtype"])
-            tensors.append((name, StoredTensor(file, data_start + begin, end - begin, info["dtype"], shape)))
-    return tensors
+            tensors[name] = StoredTensor(file, data_start + begin, end - begin, info["dtype"], shape)
+    return list(tensors.items())
 
 
 class Reader:

@@ -30,7 +30,9 @@ def describe(path: str):
         return "preset", config.preset(path)  # an unknown name lists the presets
     source = loading.detect(p)  # a missing path is reported as missing
     fmt = {"hf": "huggingface"}.get(source.kind, source.kind)
-    return fmt + (f" (step {source.step}: {source.weights})" if source.kind == "run" else ""), loading.read_config(source)
+    cfg = loading.read_config(source)  # sizes beyond solarjax.config.SIZE_LIMITS are refused here
+    loading.check_weights(source, cfg)  # and sizes the weights' headers do not hold, here
+    return fmt + (f" (step {source.step}: {source.weights})" if source.kind == "run" else ""), cfg
 
 
 def run(args: argparse.Namespace) -> int:

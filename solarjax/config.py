@@ -337,8 +337,9 @@ def base_config(**model: Any):
                          shuffle=True))
     config.checkpoint = C(dict(dir=None, every=100, keep=3, async_save=True, resume=True, allow_changes=None))
     # source: None (random init) or any model solarjax.loading reads; upscale: a growth spec (a DUS plan,
-    # "upcycle:experts=E,k=K", or both chained with "+").
-    config.init = C(dict(source=None, upscale=None, seed=0))
+    # "upcycle:experts=E,k=K", or both chained with "+"); allow_shallower: accept a DUS plan that leaves
+    # the model no deeper than its source (refused by default: solarjax.dus.check_deeper).
+    config.init = C(dict(source=None, upscale=None, seed=0, allow_shallower=False))
     config.logging = C(dict(jsonl=None, tensorboard=False))
     return config
 
@@ -379,7 +380,8 @@ def apply_overrides(config, overrides: list[str]) -> None:
     """Apply ``key.sub=value`` strings (as from ``--config.key.sub=value``) to a ConfigDict in place.
 
     Values are parsed as Python literals when possible (``3``, ``1e-4``, ``None``, ``"a"``,
-    ``(1, 2)``) and kept as strings otherwise. Unknown keys raise, naming the key.
+    ``(1, 2)``) and kept as strings otherwise, then checked against the field's type
+    (:func:`_as_field_type`). Unknown keys and values of the wrong type raise, naming the key.
     """
     import ast
 
@@ -400,5 +402,35 @@ def apply_overrides(config, overrides: list[str]) -> None:
             node = node[part]
         if leaf not in node:
             raise ConfigError(f"override {key!r}: no config field {leaf!r}; fields: {sorted(node.keys())}")
+        value = _as_field_type(key, raw, value, node.get_type(leaf))
         with node.ignore_type():
             node[leaf] = value
+
+
+def _as_field_type(key: str, raw: str, value: Any, expected: type) -> Any:
+    """An override's parsed ``value`` as a value of its field's type ``expected`` (the type of the
+    current value, or of an ``ml_collections`` placeholder): an int for a float field becomes a
+    float, anything for a text field is its text, ``true``/``false`` (``yes``/``no``, ``1``/``0``)
+    fit a flag, a list or tuple fits either; ``None`` fits any
+    field and an untyped ``None`` field takes anything. Otherwise one line names the key, the type
+    it takes and what was given (``--config.optim.lr=fast``)."""
+    if value is None or expected is type(None) or isinstance(value, expected) and not (
+            isinstance(value, bool) and expected is not bool):
+        return value
+    if expected is str:
+        return raw
+    if expected is bool and raw.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[raw.strip().lower()]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (tuple, list) and isinstance(value, (tuple, list)):
+        return expected(value)
+    kind = _TYPE_NAMES.get(expected, expected.__name__)
+    if expected.__name__ == "ConfigDict":
+        kind = f"a section of fields (set them one by one: --config.{key}.FIELD=VALUE)"
+    raise ConfigError(f"--config.{key}={raw}: {key} takes {kind}, not {value!r}")
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "text", tuple: "a tuple",
+               list: "a list", dict: "a mapping"}

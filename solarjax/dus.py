@@ -113,6 +113,21 @@ def solar(n: int, m: int) -> Plan:
     return make_plan([(0, n - m), (m, n)], n)
 
 
+def check_deeper(plan: Plan, n_layers: int, spec: str) -> None:
+    """Refuse a plan whose model is no deeper than its ``n_layers``-layer source: depth up-scaling
+    that shrinks is almost always a wrong ``m`` (SOLAR keeps ``2(n - m)`` layers, so it deepens only
+    while ``m < n/2``: ``solar:m=16`` on 30 layers writes 28). Callers skip this on request
+    (``upscale --allow-shallower``, ``init.allow_shallower``) for a deliberate prune."""
+    n_out = len(plan_layers(plan))
+    if n_out > n_layers:
+        return
+    hint = ""
+    if spec.replace(" ", "").lower().startswith("solar:"):
+        hint = f"; SOLAR's m must be below n/2 to deepen (m <= {(n_layers - 1) // 2} for {n_layers} layers, paper: 8)"
+    raise PlanError(f"plan {spec!r} makes {n_out} layers from {n_layers}: no deeper than the source{hint}. To write "
+                    "it anyway: --allow-shallower (upscale) or --config.init.allow_shallower=true (training verbs)")
+
+
 def seam(n: int, first_end: int, second_start: int) -> Plan:
     """Two copies cut anywhere: ``[0, first_end)`` then ``[second_start, n)`` (seam ablations)."""
     return make_plan([(0, first_end), (second_start, n)], n)

@@ -251,7 +251,8 @@ def init_model(config, mesh: Mesh, rules: Mapping[str, Any]) -> tuple[ModelConfi
 
         if params is None:
             params = init_params(jax.random.key(config.init.seed), cfg)
-        params, cfg = grow(params, cfg, upscale, key=jax.random.key(config.init.seed))
+        params, cfg = grow(params, cfg, upscale, key=jax.random.key(config.init.seed),
+                           allow_shallower=config.init.get("allow_shallower", False))
         cfg = cfg.replace(param_dtype="float32")
     shardings = shd.param_shardings(cfg, mesh, rules)
     if params is None:
@@ -436,12 +437,7 @@ class MetricsLogger:
             jsonl.parent.mkdir(parents=True, exist_ok=True)
             self.file = jsonl.open("a")
         if tensorboard_dir is not None:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:
-                print("logging.tensorboard: tensorboardX is not installed; skipping", file=sys.stderr)
+            self.tb = tensorboard_writer()(str(tensorboard_dir))
 
     def log(self, record: dict[str, Any], echo) -> None:
         if jax.process_index() != 0:
@@ -460,6 +456,23 @@ class MetricsLogger:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def tensorboard_writer():
+    """tensorboardX's ``SummaryWriter``; a missing package is one line saying how to get it (a
+    logger that was asked for and is missing stops the run before it starts, not after)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError('logging.tensorboard=True needs tensorboardX, which is not installed: pip install '
+                          '"solarjax[tensorboard]" (or set --config.logging.tensorboard=false)') from None
+    return SummaryWriter
+
+
+def check_loggers(config) -> None:
+    """Refuse, before any model loads, a configured logger that cannot run."""
+    if config.logging.tensorboard:
+        tensorboard_writer()
 
 
 def metrics_logger(config, out_dir: epath.Path | None) -> MetricsLogger:
@@ -811,6 +824,7 @@ def train(
     shd.check_batch(task.rows_per_example * tc.batch_size, mesh, rules, grad_accum=tc.grad_accum,
                     process_count=jax.process_count())
     task.check(config)
+    check_loggers(config)
     out_dir = ckpt.as_path(tc.out_dir) if tc.out_dir else None
 
     if params is None:

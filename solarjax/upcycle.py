@@ -243,26 +243,33 @@ def is_upcycle(step: str) -> bool:
     return step.replace(" ", "").startswith("upcycle:")
 
 
-def grown_config(cfg: ModelConfig, spec: str) -> ModelConfig:
-    """The config a growth spec gives ``cfg``, with every step checked, before any array is touched."""
+def grown_config(cfg: ModelConfig, spec: str, *, allow_shallower: bool = False) -> ModelConfig:
+    """The config a growth spec gives ``cfg``, with every step checked, before any array is touched;
+    a DUS step that leaves the model no deeper is refused unless ``allow_shallower``
+    (:func:`solarjax.dus.check_deeper`)."""
     from solarjax import dus
 
     for step in growth_steps(spec):
         if is_upcycle(step):
             cfg = upcycled_config(cfg, parse_upcycle_spec(step))
         else:
-            cfg = dus.grown_config(cfg, dus.parse_plan_spec(step, cfg.n_layers))
+            plan = dus.parse_plan_spec(step, cfg.n_layers)
+            if not allow_shallower:
+                dus.check_deeper(plan, cfg.n_layers, step)
+            cfg = dus.grown_config(cfg, plan)
     return cfg
 
 
-def grow(params: Params, cfg: ModelConfig, spec: str, key: Any = None) -> tuple[Params, ModelConfig]:
+def grow(params: Params, cfg: ModelConfig, spec: str, key: Any = None, *,
+         allow_shallower: bool = False) -> tuple[Params, ModelConfig]:
     """Apply a growth spec (DUS plans and upcycling, in order) to ``params``; returns ``(params, cfg)``
-    like :func:`solarjax.dus.upscale_params`. ``key`` seeds the upcycling draws (default ``key(0)``)."""
+    like :func:`solarjax.dus.upscale_params`. ``key`` seeds the upcycling draws (default ``key(0)``);
+    ``allow_shallower`` as in :func:`grown_config`."""
     import jax
 
     from solarjax import dus
 
-    grown_config(cfg, spec)  # every step checked before the first one runs
+    grown_config(cfg, spec, allow_shallower=allow_shallower)  # every step checked before the first one runs
     key = jax.random.key(0) if key is None else key
     for i, step in enumerate(growth_steps(spec)):
         if is_upcycle(step):
@@ -275,8 +282,8 @@ def grow(params: Params, cfg: ModelConfig, spec: str, key: Any = None) -> tuple[
 
 
 def grow_loaded(src: Any, dst: Any, spec: str, *, dtype: str | None = None, out_format: str | None = None,
-                max_shard_size: int | str = "5GB", overwrite: bool = False,
-                progress: bool = False) -> tuple[ModelConfig, ModelConfig]:
+                max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
+                allow_shallower: bool = False) -> tuple[ModelConfig, ModelConfig]:
     """Grow any model :mod:`solarjax.loading` reads by a growth spec in memory and save it (``solarjax
     upscale`` for every source it does not stream): an HF directory with the source's tokenizer
     (default for HF and GGUF sources; an upcycled model is a ``MixtralForCausalLM``) or an Orbax
@@ -291,11 +298,11 @@ def grow_loaded(src: Any, dst: Any, spec: str, *, dtype: str | None = None, out_
     if out_format not in ("hf", "orbax"):
         raise hf.CheckpointError(f"unknown output format {out_format!r}; use 'hf' or 'orbax'")
     check_destination(dst, overwrite=overwrite, sources=(src,))
-    target = grown_config(loading.read_config(source), spec)
+    target = grown_config(loading.read_config(source), spec, allow_shallower=allow_shallower)
     if out_format == "hf":
         hf.config_to_hf(target)  # a layout transformers cannot load (fine-grained experts) fails here
     cfg_in, params, tokenizer = loading.load(source, dtype=dtype and st.canonical_dtype(dtype), progress=progress)
-    params, cfg = grow(params, cfg_in, spec)
+    params, cfg = grow(params, cfg_in, spec, allow_shallower=allow_shallower)
     if out_format == "orbax":
         ckpt.save_params(dst, params, cfg, overwrite=overwrite, sources=(src,), verb="upscale")
     else:

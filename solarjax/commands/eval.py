@@ -78,7 +78,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     from solarjax.eval import check_positive, text_perplexity
 
     check_positive(window=args.window, stride=args.stride)
-    docs = read_documents(args.data, args.field)
+    docs = read_documents(args.data, args.field, field_setting="--field")
     cfg, params, tokenizer = _load(args)
     result = text_perplexity(params, cfg, tokenizer, docs, window=args.window, stride=args.stride,
                              batch_size=args.batch_size, progress=not args.no_progress)

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir() or not out.suffix:
         out = out / "tokenizer.json"
     writer = atomic_output_file(out, overwrite=args.overwrite, sources=source_paths(args.source), verb="tokenizer train")
-    docs = data.read_documents(args.source, args.text_field)
+    docs = data.read_documents(args.source, args.text_field, field_setting="--text-field")
     tokenizer = data.train_tokenizer(docs, args.vocab_size)
     with writer as tmp:
         tokenizer.save(str(tmp))

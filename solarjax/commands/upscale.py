@@ -59,6 +59,9 @@ def register(subparsers) -> None:
                    help="the source's format, checked against SRC (default: detected)")
     p.add_argument("--dtype", help="cast floating weights: float32, float16 or bfloat16 (default: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB; HF and GGUF sources)")
+    p.add_argument("--allow-shallower", action="store_true",
+                   help="write a plan whose model is no deeper than the source (e.g. --m of n/2 or more: SOLAR "
+                   "keeps 2(n-m) layers); refused otherwise as a likely wrong m")
     p.add_argument("--overwrite", action="store_true",
                    help="replace DST if solarjax wrote it (never a source or a directory holding other files)")
     add_progress(p)
@@ -108,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     # an HF source is streamed without being modelled, so any Llama-family config.json is fine
     n_src = read_hf_config(source.weights).get("num_hidden_layers")
     plan = dus.parse_plan_spec(spec, n_src)
+    if not args.allow_shallower:
+        dus.check_deeper(plan, n_src, spec)
     start = time.perf_counter()
     dus.upscale_hf(args.src, args.dst, plan, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    overwrite=args.overwrite, progress=not args.no_progress)
@@ -130,7 +135,8 @@ def _grow_in_memory(args: argparse.Namespace, spec: str) -> int:
 
     start = time.perf_counter()
     cfg_in, cfg = upcycle.grow_loaded(args.src, args.dst, spec, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                      overwrite=args.overwrite, progress=not args.no_progress)
+                                      overwrite=args.overwrite, progress=not args.no_progress,
+                                      allow_shallower=args.allow_shallower)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
     report(args, {"model": str(args.src), "out": str(args.dst), "layers_in": cfg_in.n_layers,

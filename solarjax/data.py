@@ -197,15 +197,18 @@ def _field_hint(record: dict, setting: str) -> str:
 
 
 class ChatTemplate:
-    """A tokenizer's jinja chat template, rendered in a sandbox like ``transformers.apply_chat_template``:
-    the one renderer of SFT, DPO and ``solarjax generate --chat``."""
+    """A tokenizer's jinja chat template, rendered like ``transformers.apply_chat_template``: the one
+    renderer of SFT, DPO, ``solarjax generate --chat`` and GGUF tokenizers. It renders in
+    :func:`solarjax.chat_sandbox.chat_environment` (jinja's immutable sandbox with a time, loop and
+    size budget), and any failure, budget or otherwise, is one :class:`DataError` line naming ``origin``."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "", origin: str = "chat template"):
         import re
 
         import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2.ext import Extension
+
+        from solarjax.chat_sandbox import chat_environment
 
         template_self = self
         self._tracker: tuple[list[str], list[tuple[int, int]]] | None = None
@@ -230,51 +233,54 @@ class ChatTemplate:
                     spans.append((start, start + len(text)))
                 return text
 
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        def strftime_now(fmt):
-            from datetime import datetime
-
-            return datetime.now().strftime(fmt)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-        try:
-            self.template = env.from_string(source)
-        except jinja2.TemplateError as err:
-            raise DataError(f"{origin}: invalid jinja chat template ({err})") from err
         self.bos_token, self.eos_token, self.origin = bos_token, eos_token, origin
-
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        import jinja2
-
         try:
-            return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+            self.template = chat_environment([Generation]).from_string(source)
         except jinja2.TemplateError as err:
-            raise DataError(f"{self.origin}: {err}") from err
+            raise DataError(f"{origin}: invalid jinja chat template ({_clip(err)})") from err
+        except (RecursionError, MemoryError) as err:  # e.g. thousands of nested brackets
+            raise DataError(f"{origin}: chat template too deeply nested to compile ({type(err).__name__})") from err
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False, **extra: Any) -> str:
+        """The text of ``messages``; ``extra`` (``tools``, ``documents``, ...) go to the template as is."""
+        blocks: list[str] = []
+        self._render_into(blocks, messages, add_generation_prompt, extra)
+        return "".join(blocks)
 
     def render_with_spans(self, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The text and the character spans of its ``{% generation %}`` blocks (in order)."""
-        import jinja2
-
         blocks: list[str] = []
         spans: list[tuple[int, int]] = []
         self._tracker = (blocks, spans)
         try:
-            for chunk in self.template.generate(messages=list(messages), add_generation_prompt=False,
-                                                bos_token=self.bos_token, eos_token=self.eos_token):
-                blocks.append(chunk)
-        except jinja2.TemplateError as err:
-            raise DataError(f"{self.origin}: {err}") from err
+            self._render_into(blocks, messages, False, {})
         finally:
             self._tracker = None
         return "".join(blocks), spans
+
+    def _render_into(self, blocks: list[str], messages: Sequence[dict], add_generation_prompt: bool,
+                     extra: dict) -> None:
+        import jinja2
+
+        from solarjax.chat_sandbox import TemplateBudgetError, budget, limited_render
+
+        try:
+            with budget():
+                blocks.extend(limited_render(self.template.generate(
+                    **extra, messages=list(messages), add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token, eos_token=self.eos_token)))
+        except TemplateBudgetError as err:
+            raise DataError(f"{self.origin}: chat template over its render budget: {err}") from err
+        except jinja2.TemplateError as err:
+            raise DataError(f"{self.origin}: {_clip(err)}") from err
+        except Exception as err:  # noqa: BLE001  (untrusted code: TypeError, ZeroDivisionError, RecursionError...)
+            raise DataError(f"{self.origin}: chat template failed: {type(err).__name__}: {_clip(err)}") from err
+
+
+def _clip(text: Any, limit: int = 200) -> str:
+    """``str(text)`` on one line, at most ``limit`` characters: a template's own messages are untrusted."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _token_text(value: Any) -> str:

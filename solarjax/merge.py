@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import warnings
 import zlib
@@ -84,24 +85,79 @@ METHODS: dict[str, MethodSpec] = {
 _BOOL_PARAMS = {"normalize", "rescale", "int8_mask"}
 
 
-def method_spec(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise MergeError(f"unknown merge_method {name!r}; solarjax merges with {sorted(METHODS)}")
+def method_spec(name: Any) -> MethodSpec:
+    if not isinstance(name, str) or name not in METHODS:
+        raise MergeError(f"unknown merge_method {shown(name)}; solarjax merges with {sorted(METHODS)}")
     return METHODS[name]
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A recipe value as an error message shows it: a bounded repr (``reprlib``: a few items of a few
+    levels, so an aliased structure is never expanded), at most ``limit`` characters."""
+    import reprlib
+
+    bounded = reprlib.Repr()  # (keyword arguments from Python 3.12)
+    bounded.maxlevel, bounded.maxstring, bounded.maxother, bounded.maxlong = 3, limit, limit, 40
+    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = bounded.maxfrozenset = 4
+    text = bounded.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# What each number may be. mergekit checks none of these; outside them a merge is NaN or meaningless:
+# a non-finite value makes every tensor it touches NaN/inf, SLERP's t outside [0, 1] extrapolates past
+# the two models, a density <= 0 keeps nothing and > 1 is read as 1 (50 meaning 50% would keep all).
+# Weights and lambda may be negative (task arithmetic subtracts a task vector with a negative weight).
+PARAMETER_RANGES: dict[str, tuple[float, float, bool, str]] = {  # low, high, low included, as stated
+    "t": (0.0, 1.0, True, "in [0, 1]"),
+    "density": (0.0, 1.0, False, "in (0, 1]"),
+}
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 # ----------------------------------------------------------------------------- parameter settings
 
 
 def _validate(name: str, value: Any) -> Any:
+    """One scalar setting of parameter ``name``, checked: booleans are true/false words, numbers are
+    finite and inside :data:`PARAMETER_RANGES`."""
     if name in _BOOL_PARAMS:
-        if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        if isinstance(value, (bool, int, float)):
+            return bool(value)
+        raise MergeError(f"parameter {shown(name)} must be true or false, got {shown(value)}")
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise MergeError(f"parameter {name!r} must be a number, got {value!r}") from None
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise MergeError(f"parameter {shown(name)} must be a number, got {shown(value)}") from None
+    if not math.isfinite(number):
+        raise MergeError(f"parameter {shown(name)} must be a finite number, got {shown(value)}")
+    low, high, low_included, stated = PARAMETER_RANGES.get(name, (-math.inf, math.inf, True, ""))
+    if not (low <= number <= high) or (number == low and not low_included):
+        raise MergeError(f"parameter {shown(name)} must be {stated}, got {shown(value)}")
+    return number
+
+
+def check_settings(settings: Mapping[str, Any], who: str) -> None:
+    """Every value a recipe's ``parameters`` mapping gives (scalars, gradient lists, ``{filter, value}``
+    entries), checked before any tensor is read; errors start with ``who`` (the model, or the recipe)."""
+    for param, setting in settings.items():
+        pending, seen = [setting], 0
+        while pending:
+            item, seen = pending.pop(), seen + 1
+            if seen > MAX_RECIPE_NODES:  # a structure sharing itself many times over, as an alias bomb
+                raise MergeError(f"{who}: parameter {shown(param)} holds over {MAX_RECIPE_NODES} values")
+            try:
+                if isinstance(item, list):
+                    pending.extend(item)
+                elif isinstance(item, Mapping):
+                    if "value" not in item:
+                        raise MergeError(f"parameter {shown(param)}: a {{filter, value}} entry has no value")
+                    pending.append(item["value"])
+                else:
+                    _validate(str(param), item)
+            except MergeError as err:
+                raise MergeError(f"{who}: {err}") from None
 
 
 def evaluate_setting(param: str, setting: Any, tensor_name: str, t: float) -> Any:
@@ -114,7 +170,7 @@ def evaluate_setting(param: str, setting: Any, tensor_name: str, t: float) -> An
     if isinstance(setting, (bool, int, float, str)):
         return _validate(param, setting)
     if not isinstance(setting, list):
-        raise MergeError(f"parameter {param!r}: cannot read setting {setting!r}")
+        raise MergeError(f"parameter {shown(param)}: cannot read setting {shown(setting)}")
     if not setting:
         return None
     if all(isinstance(e, (bool, int, float, str)) for e in setting):
@@ -128,7 +184,8 @@ def evaluate_setting(param: str, setting: Any, tensor_name: str, t: float) -> An
         return (1 - frac) * values[i0] + frac * values[i1]
     for cond in setting:
         if not isinstance(cond, Mapping) or "value" not in cond:
-            raise MergeError(f"parameter {param!r}: list entries must be numbers or {{filter, value}} maps, got {cond!r}")
+            raise MergeError(f"parameter {shown(param)}: list entries must be numbers or {{filter, value}} maps, "
+                             f"got {shown(cond)}")
         filt = cond.get("filter")
         if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
             return evaluate_setting(param, cond["value"], tensor_name, t)
@@ -483,12 +540,13 @@ def _model_path(value: Any, where: str, root: Path | None) -> Path:
     if isinstance(value, Mapping) and "path" in value:  # mergekit's long form {model: {path: ...}}
         value = value["path"]
     if not isinstance(value, (str, os.PathLike)):
-        raise MergeError(f"{where}: expected a model directory path, got {value!r}")
+        raise MergeError(f"{where}: expected a model directory path, got {shown(value)}")
     path = Path(value).expanduser()
     if not path.is_absolute() and not path.exists() and root is not None and (root / path).exists():
         path = root / path  # relative to the recipe file when not relative to the working directory
     if not path.exists():
-        raise MergeError(f"{where}: model path {str(value)!r} does not exist (solarjax merges local checkpoints only)")
+        raise MergeError(f"{where}: model path {shown(str(value), 200)} does not exist "
+                         "(solarjax merges local checkpoints only)")
     return path
 
 
@@ -501,10 +559,10 @@ def parse_recipe(data: Any, root: Path | None = None, where: str = "recipe") -> 
             raise MergeError(f"{where}: '{key}' recipes are not supported; use 'models' (layer slicing is `solarjax upscale`)")
     unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
-        raise MergeError(f"{where}: unknown field(s) {unknown}; known: {sorted(RECIPE_KEYS)}")
+        raise MergeError(f"{where}: unknown field(s) {shown(unknown)}; known: {sorted(RECIPE_KEYS)}")
     if "merge_method" not in data:
         raise MergeError(f"{where}: missing merge_method (one of {sorted(METHODS)})")
-    spec = method_spec(str(data["merge_method"]))
+    spec = method_spec(data["merge_method"])
     entries = data.get("models")
     if not isinstance(entries, list) or not entries:
         raise MergeError(f"{where}: 'models' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
@@ -517,11 +575,14 @@ def parse_recipe(data: Any, root: Path | None = None, where: str = "recipe") -> 
         params = entry.get("parameters") or {}
         if not isinstance(params, Mapping):
             raise MergeError(f"{where}: models[{i}].parameters must be a mapping")
-        models.append(ModelEntry(_model_path(entry["model"], f"{where}: models[{i}].model", root), dict(params)))
+        path = _model_path(entry["model"], f"{where}: models[{i}].model", root)
+        check_settings(params, f"{where}: models[{i}] ({path})")
+        models.append(ModelEntry(path, dict(params)))
     base = _model_path(data["base_model"], f"{where}: base_model", root) if data.get("base_model") else None
     params = data.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise MergeError(f"{where}: parameters must be a mapping")
+    check_settings(params, f"{where}: parameters")
     tok = data.get("tokenizer_source")
     if tok == "union":
         raise MergeError(f"{where}: tokenizer_source: union (vocabulary merging) is not supported")
@@ -529,21 +590,67 @@ def parse_recipe(data: Any, root: Path | None = None, where: str = "recipe") -> 
     known = set(spec.shared) | set(spec.per_model)
     for name in sorted(set(params) | {k for m in models for k in m.parameters}):
         if name not in known:
-            warnings.warn(f"{where}: parameter {name!r} is not used by {spec.name} (it uses {sorted(known)})", stacklevel=2)
+            warnings.warn(f"{where}: parameter {shown(name)} is not used by {spec.name} (it uses {sorted(known)})",
+                          stacklevel=2)
     return Recipe(spec.name, models, base, dict(params), data.get("dtype"), data.get("out_dtype"), tok_path)
 
 
+# Real recipes are a few hundred bytes to a few KB (mergekit's examples: 0.2-3 KB, under 200 YAML
+# nodes); these bounds are thousands of times that, and stop a file that is not a recipe before it costs.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # YAML nodes once aliases are expanded
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and check a YAML recipe. YAML aliases may share a value (``&p``/``*p``), but a document
+    whose aliases expand past ``MAX_RECIPE_NODES`` nodes (a "billion laughs" bomb) is refused while
+    still a graph of a few nodes, before anything walks or prints it."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise MergeError(f"recipe {path} does not exist")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise MergeError(f"recipe {path} is {path.stat().st_size} bytes; a merge recipe is at most {MAX_RECIPE_BYTES}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_recipe_loader(path))  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
-        raise MergeError(f"recipe {path} is not valid YAML: {err}") from err
+        raise MergeError(f"recipe {path} is not valid YAML: {' '.join(str(err).split())[:300]}") from None
+    except (UnicodeDecodeError, RecursionError) as err:
+        raise MergeError(f"recipe {path} cannot be read as a recipe ({type(err).__name__})") from None
     return parse_recipe(data, root=path.parent, where=str(path))
+
+
+def _recipe_loader(path: Path) -> type:
+    """``yaml.SafeLoader`` that counts each document's nodes with aliases expanded (a shared node
+    counted once per reference, computed on the graph without expanding it) and refuses a cycle."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_document(self) -> Any:
+            node = super().compose_document()
+            sizes: dict[int, int] = {}
+
+            def expanded(n: Any) -> int:
+                if id(n) in sizes:
+                    if sizes[id(n)] < 0:
+                        raise MergeError(f"recipe {path}: a YAML alias refers to itself (a recursive structure)")
+                    return sizes[id(n)]
+                sizes[id(n)] = -1
+                children = ([c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode)
+                            else n.value if isinstance(n, yaml.SequenceNode) else [])
+                total = 1
+                for child in children:
+                    total = min(total + expanded(child), MAX_RECIPE_NODES + 1)
+                sizes[id(n)] = total
+                return total
+
+            if expanded(node) > MAX_RECIPE_NODES:
+                raise MergeError(f"recipe {path}: its YAML aliases expand to over {MAX_RECIPE_NODES} values "
+                                 "(an alias bomb?); a merge recipe has a few hundred")
+            return node
+
+    return RecipeLoader
 
 
 # ----------------------------------------------------------------------------- on-disk merge
@@ -684,8 +791,8 @@ def merge_checkpoints(
     recipe_file = None
     if not isinstance(recipe, Recipe):
         recipe_file = Path(recipe)
-        recipe_text = recipe_file.read_text() if recipe_file.is_file() else None
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe_file)  # bounded and checked before the text is kept
+        recipe_text = recipe_file.read_text(encoding="utf-8")
     all_paths = [e.path for e in recipe.models] + [recipe.base_model, recipe.tokenizer_source, recipe_file]
     sources = tuple(p for p in all_paths if p is not None)
     check_destination(out, overwrite=overwrite, sources=sources)  # before opening any input

@@ -302,6 +302,7 @@ class GGUFTokenizer:
     add_bos_token: bool
     add_eos_token: bool
     model_max_length: int
+    source: str = "a GGUF"  # the file, named in a chat template's errors
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -315,24 +316,15 @@ class GGUFTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False,
                             **kwargs: Any) -> str:
-        """Render ``messages`` with the file's Jinja chat template, as transformers does (sandboxed)."""
+        """Render ``messages`` with the file's Jinja chat template, as transformers does, in the one
+        budgeted sandbox (:class:`solarjax.data.ChatTemplate`)."""
         if not self.chat_template:
             raise GGUFError("this GGUF has no tokenizer.chat_template")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from solarjax.data import ChatTemplate
 
-        def raise_exception(message: str):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-        )
+        template = ChatTemplate(self.chat_template, self.bos_token or "", self.eos_token or "",
+                                origin=f"{self.source}: tokenizer.chat_template")
+        return template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
 
     def hf_files(self) -> dict[str, str]:
         """File name -> text of the tokenizer files of an HF model directory."""
@@ -465,6 +457,7 @@ def tokenizer_from_gguf(reader) -> GGUFTokenizer:
         add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
         add_eos_token=bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
         model_max_length=int(_meta(reader, f"{arch}.context_length", 4096)),
+        source=str(reader.data.filename),
     )
 
 

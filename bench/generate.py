@@ -13,6 +13,11 @@ timeout (``--side-timeout``; peak memory is each one's own) and prints one JSON 
 prefill ms (a one-token ``generate``, batch 1, prompt-len tokens), decode ms/token and peak memory,
 each side's value and ``ratio_vs_X = X / ours`` (above 1: we are faster or leaner).
 
+CPU against llama.cpp (the small-model survey's table, one command; needs ``pip install llama-cpp-python``):
+
+    python bench/generate.py --shape smollm2_135m --prompt-len 512 --new-tokens 64 --threads 1 \
+        --sides ours,ours_int8,llama_cpp_f32,llama_cpp_f16,llama_cpp_q8_0,llama_cpp_q4_1,hf_eager
+
 Sides: ``ours`` (solarjax ``generate``: prefill and the whole decode loop one compiled program),
 ``ours_int8`` (the same with weight-only int8, :mod:`solarjax.quant`), ``hf_compiled``
 (transformers ``generate`` with ``cache_implementation="static"`` and a ``CompileConfig``:
@@ -20,6 +25,8 @@ its decode step under ``torch.compile``, CUDA graphs on a GPU via mode ``reduce-
 ``hf_eager`` (transformers ``generate``, dynamic cache, eager). All are timed through their
 public ``generate`` with greedy decoding and no stop token. A side that fails or runs out of time
 prints ``null`` with the reason. Peak memory is device memory on a GPU and peak RSS on CPU.
+``llama_cpp_<type>`` sides run the same model exported by ``solarjax convert hf-to-gguf`` at that type
+(f32, f16, q8_0, q4_1) through llama-cpp-python, same random prompt ids, greedy.
 bf16 is the GPU default, fp32 the CPU default. Needs only jax, torch, transformers, safetensors
 and tokenizers (no gguf, grain or ml_collections). Not a test.
 """
@@ -46,16 +53,67 @@ SHAPES = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
 }
-SIDES = ("ours", "ours_int8", "hf_compiled", "hf_eager")
+LLAMA_CPP_TYPES = ("f32", "f16", "q8_0", "q4_1")
+SIDES = ("ours", "ours_int8", "hf_compiled", "hf_eager", *(f"llama_cpp_{t}" for t in LLAMA_CPP_TYPES))
 
 
 def build_model(path: str, shape: str) -> None:
+    """A random Llama of ``shape`` saved as an HF directory, with a tokenizer of its vocabulary size
+    (SmolLM2's real one for the SmolLM2 shape; 256 byte tokens for ``tiny``) so it exports to GGUF."""
     import torch
     import transformers
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2))
     model.save_pretrained(path)
+    if SHAPES[shape]["vocab_size"] == 49152:
+        from solarjax import gguf, loading
+
+        loading.copy_tokenizer(gguf.default_gguf_path(), Path(path))
+    else:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.save(str(Path(path) / "tokenizer.json"))
+
+
+def export_gguf(model_dir: str, qtype: str) -> str:
+    """The model as a GGUF of ``qtype``, written by solarjax's exporter (``convert hf-to-gguf``)."""
+    from solarjax import gguf_export
+
+    out = Path(model_dir) / f"model.{qtype}.gguf"
+    if not out.exists():
+        gguf_export.hf_to_gguf(model_dir, out, qtype)
+    return str(out)
+
+
+def bench_llama_cpp(path: str, prompt_len: int, new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """llama.cpp through llama-cpp-python: prefill is ``eval`` of the prompt, decode its ``generate``
+    loop (greedy, no repeat penalty), on ``threads`` threads (default: the CPUs this process may use)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    n_threads = threads or len(os.sched_getaffinity(0))
+    llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 8, n_batch=min(512, prompt_len), n_threads=n_threads,
+                n_threads_batch=n_threads, verbose=False)
+    prompt = np.random.default_rng(0).integers(3, llm.n_vocab(), prompt_len).tolist()
+
+    def generate_n(n: int) -> None:
+        llm.reset()
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)):
+            if i + 1 == n:
+                break
+
+    start = time.perf_counter()
+    generate_n(2)
+    first_s = time.perf_counter() - start
+    prefill_ms, decode_ms = _measure(generate_n, new_tokens, repeats)
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "first_call_s": first_s,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "weight_mb": os.path.getsize(path) / 2**20, "device": "cpu", "threads": n_threads}
 
 
 def _measure(generate_n, new_tokens: int, repeats: int, warmups: int = 1) -> tuple[float, float]:
@@ -144,13 +202,30 @@ def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, 
             "first_call_s": compile_s, "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
+def _pin(threads: int | None):
+    """A ``preexec_fn`` pinning a side to the first ``threads`` CPUs it may use (None: no pinning),
+    so every side, XLA's thread pool, torch's and llama.cpp's alike, gets the same cores."""
+    if not threads:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 def run_side(side: str, args: argparse.Namespace, model_dir: str) -> dict:
     """One side in a subprocess; ``{"error": ...}`` when it fails or exceeds ``--side-timeout``."""
+    if side.startswith("llama_cpp_"):
+        try:
+            model_dir = export_gguf(model_dir, side.removeprefix("llama_cpp_"))
+        except Exception as err:  # noqa: BLE001 - a side that cannot run prints its reason
+            return {"error": f"GGUF export failed: {err}"}
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--model-dir", model_dir,
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
-           "--repeats", str(args.repeats), "--ours-unroll", args.ours_unroll, *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else [])]
+           "--repeats", str(args.repeats), "--ours-unroll", args.ours_unroll,
+           *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
+           *(["--threads", str(args.threads)] if args.threads else [])]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=args.side_timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=args.side_timeout,
+                              preexec_fn=_pin(args.threads))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.side_timeout} s"}
     if proc.returncode != 0:
@@ -170,6 +245,8 @@ def main() -> None:
     parser.add_argument("--side-timeout", type=float, default=600, help="seconds each side may take (default 600)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (on a shared CPU, 1 avoids "
                         "spin-waiting slowdowns; default: torch's own)")
+    parser.add_argument("--threads", type=int, help="pin every side to this many CPUs (XLA, torch and llama.cpp "
+                        "then use that many threads); default: no pinning")
     parser.add_argument("--ours-unroll", default="auto", help="layer-scan unroll of our decode step: auto (full "
                         "on accelerators), full, or a number")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -179,8 +256,11 @@ def main() -> None:
         common = (args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats)
         if args.side.startswith("ours"):
             result = bench_ours(*common, int8=args.side == "ours_int8", unroll=args.ours_unroll)
+        elif args.side.startswith("llama_cpp_"):
+            result = bench_llama_cpp(args.model_dir, args.prompt_len, args.new_tokens, args.repeats, args.threads)
         else:
-            result = bench_transformers(*common, compiled=args.side == "hf_compiled", threads=args.torch_threads)
+            result = bench_transformers(*common, compiled=args.side == "hf_compiled",
+                                        threads=args.torch_threads or args.threads)
         print(json.dumps(result))
         return
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
@@ -196,7 +276,7 @@ def main() -> None:
         results = {side: run_side(side, args, tmp) for side in sides}
     device = next((r["device"] for r in results.values() if "device" in r), None)
     common = {"shape": args.shape, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "dtype": args.dtype, "device": device, "torch_threads": args.torch_threads}
+              "dtype": args.dtype, "device": device, "torch_threads": args.torch_threads, "threads": args.threads}
     for side, result in results.items():
         if "error" in result:
             print(json.dumps({"figure": "error", "side": side, "error": result["error"], **common}))

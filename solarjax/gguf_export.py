@@ -189,7 +189,7 @@ def _model_metadata(writer, cfg: ModelConfig, arch: str, want: str, name: str | 
 def _pre_name(tok: dict[str, Any]) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level ``tokenizer.json``, from its pre-tokenizer."""
     pre = tok.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    parts = _parts(pre)
     kinds = [q.get("type") for q in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
@@ -203,6 +203,28 @@ def _pre_name(tok: dict[str, Any]) -> str:
             return "qwen2"
     raise GGUFError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) is not one llama.cpp names "
                     "(solarjax recognises GPT-2, SmolLM, Llama 3 and Qwen2 splits)")
+
+
+def _parts(component: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The steps of a ``tokenizer.json`` pre-tokenizer or normalizer (a ``Sequence`` or one step)."""
+    component = component or {}
+    if component.get("type") != "Sequence":
+        return [component]
+    return component.get("pretokenizers") or component.get("normalizers") or []
+
+
+def _sentencepiece_style(tok: dict[str, Any]) -> bool:
+    """A SentencePiece-style BPE (``▁`` for spaces, Mistral/Gemma, solarjax's own trained tokenizers),
+    as opposed to byte-level BPE (GPT-2 spelling of bytes)."""
+    kinds = {p.get("type") for p in _parts(tok.get("pre_tokenizer")) + _parts(tok.get("normalizer"))}
+    return bool((tok.get("model") or {}).get("byte_fallback")) or "Metaspace" in kinds
+
+
+def _prepends_space(tok: dict[str, Any]) -> bool:
+    metaspace = [p for p in _parts(tok.get("pre_tokenizer")) if p.get("type") == "Metaspace"]
+    if metaspace:
+        return metaspace[0].get("prepend_scheme", "always") in ("always", "first")
+    return any(p.get("type") == "Prepend" for p in _parts(tok.get("normalizer")))
 
 
 def _merges(model: dict[str, Any]) -> list[str]:
@@ -268,8 +290,9 @@ def tokenizer_metadata(writer, directory: Path, cfg: ModelConfig) -> None:
     for i, token in added.items():
         types[i] = TOKEN_CONTROL if token.special else TOKEN_USER_DEFINED
     merges = _merges(model)
-    if model.get("byte_fallback"):  # SentencePiece-style: llama.cpp's SPM tokenizer merges by score
+    if _sentencepiece_style(tok_json):  # llama.cpp's SPM tokenizer merges by score
         writer.add_string("tokenizer.ggml.model", "llama")
+        writer.add_bool("tokenizer.ggml.add_space_prefix", _prepends_space(tok_json))
         rank = {a.replace(" ", "", 1): -float(r) for r, a in reversed(list(enumerate(merges)))}
         scores = [rank.get(t, -float(len(merges) + 1)) for t in tokens]
         for i, t in enumerate(tokens):

@@ -229,3 +229,27 @@ def test_llama_cpp_decodes_the_upscaled_smollm2_like_solarjax(tmp_path):
     assert theirs == ours
     np.testing.assert_allclose(their_last, our_last, atol=2e-3, rtol=2e-3)
     del loading
+
+
+def test_train_export_gguf_writes_the_run_with_its_tokenizer(tmp_path):
+    """``solarjax train --export-gguf``: the final checkpoint of a run trained from scratch (its own
+    byte-level BPE) as a GGUF that transformers reads back to the same logits as solarjax's."""
+    import jax.numpy as jnp
+
+    from solarjax import loading, model
+
+    run, out = tmp_path / "run", tmp_path / "run.q8.gguf"
+    proc = subprocess.run([sys.executable, "-m", "solarjax.cli", "train", "--config", "tiny", "--steps", "1",
+                           "--config.train.batch_size=8", "--config.train.seq_len=32", "--out", str(run),
+                           "--no-progress", "--export-gguf", str(tmp_path / "run.gguf")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg, params, _ = loading.load(run)
+    ids = [1, 5, 9, 17, 33, 65, 100, 7]
+    ours = np.asarray(model.forward_jit(params, jnp.asarray([ids]), cfg)[0], np.float32)
+    theirs = _hf_logits(_transformers_from_gguf(tmp_path / "run.gguf"), ids)
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, rtol=1e-4)
+    bad = subprocess.run([sys.executable, "-m", "solarjax.cli", "train", "--config", "tiny", "--steps", "1",
+                          "--out", str(tmp_path / "run2"), "--export-gguf", str(out), "--gguf-dtype", "q9"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "q9" in bad.stderr and not (tmp_path / "run2" / "checkpoints").exists()

@@ -192,6 +192,10 @@ def add_training(p: argparse.ArgumentParser, default_config: str | None, *, data
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--export-hf", metavar="DIR", help="after training, also write the final model as an HF "
                    "directory (transformers loads it) with the run's tokenizer; needs --out")
+    p.add_argument("--export-gguf", metavar="FILE", help="after training, also write the final model as one "
+                   "llama.cpp GGUF file with the run's tokenizer and chat template; needs --out")
+    p.add_argument("--gguf-dtype", default="f32", help="type of --export-gguf: f32 (default), f16, bf16, q8_0, "
+                   "q4_0, q4_1")
     add_progress(p)
     add_json(p)
     accept_config_overrides(p)
@@ -233,14 +237,20 @@ def claim_out_dir(config, verb: str) -> None:
 
 
 def check_export(args: argparse.Namespace, config) -> None:
-    """Refuse a bad ``--export-hf`` destination before any training (the ownership rule)."""
-    if not getattr(args, "export_hf", None):
-        return
-    if not config.train.out_dir:
-        raise ValueError("--export-hf needs a run directory (--out): the export is its final checkpoint")
+    """Refuse a bad ``--export-hf`` / ``--export-gguf`` destination (or GGUF type) before any training."""
     from solarjax.outputs import check_destination
 
-    check_destination(args.export_hf, sources=(config.train.out_dir,))
+    for flag, dest, what in (("--export-hf", getattr(args, "export_hf", None), "directory"),
+                             ("--export-gguf", getattr(args, "export_gguf", None), "file")):
+        if not dest:
+            continue
+        if not config.train.out_dir:
+            raise ValueError(f"{flag} needs a run directory (--out): the export is its final checkpoint")
+        check_destination(dest, sources=(config.train.out_dir,), what=what)
+    if getattr(args, "export_gguf", None):
+        from solarjax.gguf_export import gguf_type
+
+        gguf_type(args.gguf_dtype)
 
 
 def export_hf(args: argparse.Namespace, config, verb: str) -> str | None:
@@ -257,6 +267,20 @@ def export_hf(args: argparse.Namespace, config, verb: str) -> str | None:
         hf.save_hf(params, cfg, args.export_hf, source_dir=source.tokenizer_dir, sources=(config.train.out_dir,),
                    progress=not args.no_progress, verb=f"{verb} --export-hf")
     return args.export_hf
+
+
+def export_gguf(args: argparse.Namespace, config, verb: str) -> str | None:
+    """Write the run's latest checkpoint, with its tokenizer and chat template, as a GGUF (``--export-gguf``)."""
+    if not getattr(args, "export_gguf", None):
+        return None
+    import jax
+
+    from solarjax import gguf_export
+
+    if jax.process_index() == 0:
+        gguf_export.hf_to_gguf(config.train.out_dir, args.export_gguf, args.gguf_dtype,
+                               progress=not args.no_progress, verb=f"{verb} --export-gguf")
+    return args.export_gguf
 
 
 # ----------------------------------------------------------------------------- research verbs (demo, ablate, study)

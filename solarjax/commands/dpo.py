@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_hf, report,
+from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_gguf, export_hf, report,
                                       training_config)
 
 
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     claim_out_dir(config, "dpo")
     summary = run_dpo(config)
     summary["hf_export"] = export_hf(args, config, "dpo")
+    summary["gguf_export"] = export_gguf(args, config, "dpo")
     final = summary["final_loss"]
     report(args, {k: summary[k] for k in ("steps", "final_loss", "final_reward_accuracy", "checkpoint_dir", "hf_export")},
            f"dpo: {summary['steps']} steps" + (f", final loss {final:.4f}, reward accuracy "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_hf, report,
+from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_gguf, export_hf, report,
                                       training_config)
 
 DATA_HELP = "training data: JSONL/Parquet files, globs or directories (comma-separated)"
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     claim_out_dir(config, "sft")
     summary = run_sft(config)
     summary["hf_export"] = export_hf(args, config, "sft")
+    summary["gguf_export"] = export_gguf(args, config, "sft")
     final = summary["final_loss"]
     report(args, {k: summary[k] for k in ("steps", "final_loss", "checkpoint_dir", "hf_export")},
            f"sft: {summary['steps']} steps" + (f", final loss {final:.4f}" if final is not None else "")

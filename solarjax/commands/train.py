@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_hf, report,
+from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_gguf, export_hf, report,
                                       training_config)
 
 
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = train(config)
     summary["hf_export"] = export_hf(args, config, "train")
+    summary["gguf_export"] = export_gguf(args, config, "train")
     shown = {k: summary[k] for k in ("steps", "final_loss", "final_eval_loss", "tokens_per_s", "mfu", "checkpoint_dir",
                                      "hf_export")}
     shown["eval"] = summary["eval"]

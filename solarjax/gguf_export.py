@@ -363,9 +363,9 @@ def write_gguf(path: str | os.PathLike, params: Params, cfg: ModelConfig, tokeni
 def _progress(tensors: list[GGUFTensor], progress: bool) -> Iterator[GGUFTensor]:
     if not progress:
         return iter(tensors)
-    from tqdm import tqdm
+    from solarjax.progress import progress_bar
 
-    return iter(tqdm(tensors, desc="gguf", unit="tensor"))
+    return iter(progress_bar(tensors, desc="gguf", unit="tensor"))
 
 
 def hf_to_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, *,

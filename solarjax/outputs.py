@@ -283,10 +283,17 @@ def clean_leftovers(dest: PathLike) -> list[Path]:
     return removed
 
 
-def _make_temp(path: Path, verb: str, kind: str) -> None:
-    """Create a temporary directory and mark it at once, so a killed run's leftover is provably ours."""
-    path.mkdir()
-    write_marker(path, verb, [], kind=kind)
+def _open_temp(dest: Path, tmp: Path, given: PathLike, verb: str, kind: str = "partial") -> None:
+    """Make ``dest``'s parent, remove killed runs' leftovers for ``dest``, create ``tmp`` and mark it
+    at once (so a leftover of this run is provably ours); an OS error is one line naming ``given``."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(dest)
+        tmp.mkdir()
+        write_marker(tmp, verb, [], kind=kind)
+    except OSError as err:
+        _discard(tmp)
+        _raise_as_one_line(given, err, True)
 
 
 def _discard(path: Path) -> None:
@@ -337,13 +344,7 @@ class atomic_output_dir:
         self.tmp = temp_sibling(self.dest)
 
     def __enter__(self) -> Path:
-        try:
-            self.dest.parent.mkdir(parents=True, exist_ok=True)
-            clean_leftovers(self.dest)
-            _make_temp(self.tmp, self.verb, kind="partial")
-        except OSError as err:
-            _discard(self.tmp)
-            _raise_as_one_line(self.given, err, True)
+        _open_temp(self.dest, self.tmp, self.given, self.verb)
         return self.tmp if self.create else self.tmp / _INNER
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -404,13 +405,7 @@ class scratch_dir:
         self.path = temp_sibling(Path(dest).resolve(), label=label)
 
     def __enter__(self) -> Path:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            clean_leftovers(Path(self.dest).resolve())
-            _make_temp(self.path, "scratch", kind="scratch")
-        except OSError as err:
-            _discard(self.path)
-            _raise_as_one_line(self.dest, err, True)
+        _open_temp(Path(self.dest).resolve(), self.path, self.dest, "scratch", kind="scratch")
         return self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -433,13 +428,7 @@ class atomic_output_file:
         self.tmp = temp_sibling(self.path)
 
     def __enter__(self) -> Path:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            clean_leftovers(self.path)
-            _make_temp(self.tmp, self.verb, kind="partial")
-        except OSError as err:
-            _discard(self.tmp)
-            _raise_as_one_line(self.given, err, True)
+        _open_temp(self.path, self.tmp, self.given, self.verb)
         return self.tmp / self.path.name
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -479,10 +468,8 @@ def replace_text(path: PathLike, text: str) -> None:
     :class:`OutputError` line naming ``path``, which then is as it was."""
     path = Path(os.path.abspath(path))
     tmp = temp_sibling(path)
+    _open_temp(path, tmp, path, "solarjax")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean_leftovers(path)
-        _make_temp(tmp, "solarjax", kind="partial")
         (tmp / path.name).write_text(text)
         os.replace(tmp / path.name, path)
     except BaseException as err:  # noqa: BLE001 - cleaned up, then re-raised

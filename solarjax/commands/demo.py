@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from solarjax import research
-    from solarjax.outputs import claim_run_dir, source_paths
+    from solarjax.outputs import claim_run_dir, replace_text, source_paths
     from solarjax.research import PROMPT
 
     started = time.perf_counter()
@@ -98,11 +98,11 @@ def run(args: argparse.Namespace) -> int:
     research.plot_curves(records, out / "eval_loss.png", f"{base.name}: base vs up-scaled (m={args.m})")
     research.plot_curves(records, out / "eval_loss_vs_flops.png", f"{base.name}: equal compute", x="flops")
     export = _export_and_check(dus_params, dus_cfg, base, out / "hf_upscaled", budget.progress)
-    (out / "export.json").write_text(json.dumps(export, indent=2))
-    (out / "answer.json").write_text(json.dumps(answer, indent=2))
+    replace_text(out / "export.json", json.dumps(export, indent=2))  # whole or not at all, one line if not
+    replace_text(out / "answer.json", json.dumps(answer, indent=2))
     seconds = time.perf_counter() - started
     text = render_report(records, base, budget, args.m, export, answer, seconds)
-    (out / "report.md").write_text(text)
+    replace_text(out / "report.md", text)
     files = {"report": str(out / "report.md"), "export": export["path"],
              "plots": [str(out / "eval_loss.png"), str(out / "eval_loss_vs_flops.png")]}
     report(args, {"out": str(out), **files, "answer": answer, "export_check": export, "seconds": seconds},

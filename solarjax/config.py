@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 SIZE_LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12,
                "n_kv_heads": 1 << 12, "head_dim": 1 << 12, "ffn_dim": 1 << 20, "moe_ffn_dim": 1 << 20,
                "shared_expert_ffn_dim": 1 << 20, "n_experts": 1 << 14, "experts_per_token": 1 << 14,
-               "max_seq_len": 1 << 26, "sliding_window": 1 << 26, "max_segments": 1 << 20}
+               "max_seq_len": 1 << 26, "max_segments": 1 << 20}
 MAX_PARAMS = 10**13  # ten trillion: ten times the largest open model
 
 

@@ -218,7 +218,7 @@ HF_SIZE_FIELDS = {
     "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
     "intermediate_size": "ffn_dim", "moe_intermediate_size": "ffn_dim", "shared_expert_intermediate_size": "ffn_dim",
     "num_local_experts": "n_experts", "num_experts": "n_experts", "num_experts_per_tok": "n_experts",
-    "max_position_embeddings": "max_seq_len", "sliding_window": "max_seq_len",
+    "max_position_embeddings": "max_seq_len",
 }
 
 HF_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")

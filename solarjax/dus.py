@@ -27,7 +27,8 @@ import numpy as np
 
 from solarjax import safetensors_io as st
 from solarjax.config import ModelConfig
-from solarjax.hf import HF_LAYER_RE, CheckpointError, copy_tokenizer_files, header_checker, read_hf_config
+from solarjax.hf import (HF_LAYER_RE, CheckpointError, copy_tokenizer_files, header_checker, read_hf_config,
+                         tokenizer_side_files)
 from solarjax.outputs import atomic_output_dir, check_destination
 
 Params = dict[str, Any]
@@ -423,6 +424,7 @@ def upscale_hf(
     if "num_hidden_layers" not in hf:
         raise CheckpointError(f"{src}/config.json has no num_hidden_layers")
     check_destination(dst, overwrite=overwrite, sources=(src,))  # before reading any header
+    tokenizer_side_files(src)  # a side file linked outside src is refused before anything is written
     plan = make_plan(plan, hf["num_hidden_layers"])
     tensors = _output_tensors(st.scan(src, header_checker(hf)), hf["num_hidden_layers"], plan, dtype)
     config = upscaled_hf_config(hf, plan, dtype)

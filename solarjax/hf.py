@@ -455,19 +455,22 @@ def out_tensors(params: Params, cfg: ModelConfig, dtype: str) -> list[st.OutTens
             for name, spec in tensor_index(cfg).items()]
 
 
+def tokenizer_side_files(source_dir: str | os.PathLike) -> dict[str, Path]:
+    """The tokenizer side files of ``source_dir`` that exist, by name, each checked to be a regular file
+    inside it (:func:`~solarjax.safetensors_io.contained_file`): a link to a file elsewhere is refused
+    rather than copied out as a plain file. Writers call it before writing anything."""
+    found = {name: st.contained_file(source_dir, name) for name in TOKENIZER_FILES}
+    return {name: file for name, file in found.items() if file is not None}
+
+
 def copy_tokenizer_files(source_dir: str | os.PathLike | None, out_dir: Path) -> list[str]:
-    """Copy the tokenizer side files of ``source_dir`` that exist into ``out_dir``; each must be a
-    regular file inside ``source_dir`` (:func:`~solarjax.safetensors_io.contained_file`), so a
-    link to a file elsewhere is refused rather than copied out as a plain file."""
+    """Copy the tokenizer side files of ``source_dir`` (:func:`tokenizer_side_files`) into ``out_dir``."""
     if source_dir is None:
         return []
-    found = {name: st.contained_file(source_dir, name) for name in TOKENIZER_FILES}  # all checked before a copy
-    copied = []
-    for name, src in found.items():
-        if src is not None:
-            shutil.copy2(src, out_dir / name)
-            copied.append(name)
-    return copied
+    files = tokenizer_side_files(source_dir)  # all checked before the first copy
+    for name, src in files.items():
+        shutil.copy2(src, out_dir / name)
+    return list(files)
 
 
 def save_hf(

@@ -15,6 +15,8 @@ Limits, per render, and why (real templates are far inside every one of them):
 
 * ``MAX_CHARS`` = 2**24 (16.8 M characters) for the output and for any one value: a model's whole
   context (128 K tokens, ~0.5 M characters) rendered 32 times over; a few copies of it are tens of MB.
+* ``MAX_ITEMS`` = 2**20 items in any list, tuple, dict or set a template builds (8 MB of references;
+  real templates hold messages, tools and their properties: thousands).
 * ``MAX_LOOP_ITERATIONS`` = 2**20 iterations over all loops: real templates loop over messages,
   tools and their properties (a 10 K-turn chat is ~10**4-10**5); a guarded iteration costs about a
   microsecond, so the limit is about a second of looping.
@@ -47,6 +49,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 MAX_CHARS = 2**24
+MAX_ITEMS = 2**20
 MAX_LOOP_ITERATIONS = 2**20
 MAX_SECONDS = 10.0
 MAX_WIDTH = 2**20
@@ -62,10 +65,12 @@ class TemplateBudgetError(jinja2.exceptions.TemplateRuntimeError):
 class _Budget:
     deadline: float
     iterations: int = 0
-    output: int = 0
+    ticks: int = 0
 
     def tick(self) -> None:
-        if time.monotonic() > self.deadline:
+        # the clock every 16th check: each step between two checks is bounded by the size limits
+        self.ticks += 1
+        if not self.ticks & 15 and time.monotonic() > self.deadline:
             raise TemplateBudgetError(f"over {MAX_SECONDS:g} s of render time")
 
 
@@ -143,6 +148,14 @@ def _check_size(size: int, what: str) -> None:
         raise TemplateBudgetError(f"{what} would be over {MAX_CHARS} characters")
 
 
+def _check_length(value: Any, length: int, what: str) -> None:
+    """A string's length against ``MAX_CHARS``, a container's against ``MAX_ITEMS``."""
+    if isinstance(value, (str, bytes)):
+        _check_size(length, what)
+    elif length > MAX_ITEMS:
+        raise TemplateBudgetError(f"{what} would hold over {MAX_ITEMS} items")
+
+
 def _check_width(width: Any, what: str) -> None:
     if isinstance(width, int) and width > MAX_WIDTH:
         shown = width if width <= 10**12 else "over 10**12"
@@ -151,7 +164,7 @@ def _check_width(width: Any, what: str) -> None:
 
 def _check_result(value: Any, what: str) -> Any:
     if isinstance(value, _SIZED):
-        _check_size(len(value), what)
+        _check_length(value, len(value), what)
     elif isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
         raise TemplateBudgetError(f"{what} made an integer of over {MAX_INT_BITS} bits")
     return value
@@ -168,8 +181,9 @@ def _format_size(fmt: str, args: Any, marker: str, what: str) -> int:
     for width in widths:
         _check_width(width, what)
     values = list(args.values()) if isinstance(args, dict) else list(args) if isinstance(args, (list, tuple)) else [args]
-    for v in values:
-        _check_width(v, what)  # a '*' width comes from the arguments
+    if "*" in fmt or re.search(r":[^}]*\{", fmt):  # a width taken from the arguments ('%*d', '{:{w}}')
+        for v in values:
+            _check_width(v, what)
     largest = max([text_size(v) for v in values] or [0])
     return len(fmt) + fmt.count(marker) * (largest + max(widths))
 
@@ -222,7 +236,13 @@ def _padded_size(s: Any, width: Any = 80, *_: Any) -> int:
 
 def _count_size(value: Any, count: Any = 0, *_: Any, **__: Any) -> int:
     _check_width(count, "batch/slice")
-    return _length(value) + (count if isinstance(count, int) else 0)
+    _check_length([], _length(value) + (count if isinstance(count, int) else 0), "batch/slice")
+    return 0
+
+
+def _list_size(value: Any, *_: Any) -> int:
+    _check_length([], _length(value), "filter 'list'")
+    return 0
 
 
 def _sum_size(value: Any, attribute: Any = None, start: Any = 0) -> int:
@@ -236,7 +256,7 @@ FILTER_SIZES: dict[str, Callable[..., int]] = {
     "indent": _indent_size, "replace": _replace_size, "join": _join_size, "wordwrap": _wordwrap_size,
     "tojson": _tojson_size, "center": _padded_size, "truncate": lambda s, length=255, killwords=False,
     end="...", *_, **__: _length(s) + len(str(end)), "batch": _count_size, "slice": _count_size,
-    "sum": _sum_size, "string": lambda v, *_: text_size(v), "list": lambda v, *_: _length(v),
+    "sum": _sum_size, "string": lambda v, *_: text_size(v), "list": _list_size,
     "pprint": lambda v, *_: text_size(v) * (1 + _depth(v)),
     "escape": lambda v, *_: 6 * text_size(v), "e": lambda v, *_: 6 * text_size(v),
     "forceescape": lambda v, *_: 6 * text_size(v), "urlencode": lambda v, *_: 3 * text_size(v),
@@ -256,14 +276,14 @@ def _binop_size(operator: str, left: Any, right: Any) -> None:
     if operator == "*":
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, _SIZED) and isinstance(n, int):
-                _check_size(len(seq) * max(n, 0), "a '*' repetition")
+                _check_length(seq, len(seq) * max(n, 0), "a '*' repetition")
         if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise TemplateBudgetError(f"a '*' would make an integer of over {MAX_INT_BITS} bits")
     elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
         if left.bit_length() * right > MAX_INT_BITS:
             raise TemplateBudgetError(f"a '**' would make an integer of over {MAX_INT_BITS} bits")
     elif operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
-        _check_size(len(left) + len(right), "a '+' concatenation")
+        _check_length(left, len(left) + len(right), "a '+' concatenation")
     elif operator == "%" and isinstance(left, str):
         _check_size(_format_size(left, right, "%", "a '%' format"), "a '%' format")
 

@@ -34,6 +34,11 @@ class DataError(ValueError):
     """A data source, tokenizer or batch shape that cannot work."""
 
 
+class ChatTemplateBudgetError(DataError):
+    """A chat template over its render budget (:mod:`solarjax.chat_sandbox`): the template's fault, so
+    a loader that skips bad records (``skip_bad``) stops on it instead of spending the budget per record."""
+
+
 # ----------------------------------------------------------------------------- documents
 
 
@@ -270,7 +275,7 @@ class ChatTemplate:
                     **extra, messages=list(messages), add_generation_prompt=add_generation_prompt,
                     bos_token=self.bos_token, eos_token=self.eos_token)))
         except TemplateBudgetError as err:
-            raise DataError(f"{self.origin}: chat template over its render budget: {err}") from err
+            raise ChatTemplateBudgetError(f"{self.origin}: chat template over its render budget: {err}") from err
         except jinja2.TemplateError as err:
             raise DataError(f"{self.origin}: {_clip(err)}") from err
         except Exception as err:  # noqa: BLE001  (untrusted code: TypeError, ZeroDivisionError, RecursionError...)

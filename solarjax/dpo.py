@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from solarjax.config import ConfigError, ModelConfig
-from solarjax.data import DataError
+from solarjax.data import ChatTemplateBudgetError, DataError
 from solarjax import moe
 from solarjax.model import Params, hidden_states_and_aux, lm_head
 from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, keep_in_run, make_encoder,
@@ -124,7 +124,7 @@ def load_pairs(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bool 
             pairs.append((encoder.encode(chosen, where, last_turn_only=True),
                           encoder.encode(rejected, where, last_turn_only=True)))
         except DataError as err:  # SFTDataError, or the chat template's
-            if not skip_bad:
+            if not skip_bad or isinstance(err, ChatTemplateBudgetError):  # a hostile template is not a bad record
                 raise
             stats.skip(err)
     stats.kept, stats.truncated = len(pairs), encoder.truncated - truncated_before

@@ -27,7 +27,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from solarjax.data import ChatTemplate, DataError, load_chat_template  # noqa: F401  (ChatTemplate: sft.ChatTemplate)
+from solarjax.data import (  # noqa: F401  (ChatTemplate: sft.ChatTemplate)
+    ChatTemplate, ChatTemplateBudgetError, DataError, load_chat_template)
 
 ALPACA_HEADER = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.\n\n")
@@ -257,7 +258,7 @@ def load_examples(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bo
         try:
             examples.append(encoder.encode(record_messages(record, where), where))
         except DataError as err:  # SFTDataError, or the chat template's
-            if not skip_bad:
+            if not skip_bad or isinstance(err, ChatTemplateBudgetError):  # a hostile template is not a bad record
                 raise
             stats.skip(err)
     stats.kept, stats.truncated = len(examples), encoder.truncated - truncated_before

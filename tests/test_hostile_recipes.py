@@ -53,6 +53,7 @@ MORE_ATTACKS = {
     "captured_block": "{% set b %}{% for i in range(1000000) %}" + "y" * 10000 + "{% endfor %}{% endset %}{{ b }}",
     "output_flood": "{% for i in range(1000000) %}" + "y" * 10000 + "{% endfor %}",
     "integer_power": "{{ 7 ** (10**9) }}",
+    "list_repetition": "{{ ([0] * 10**8) | length }}",
     "macro_recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
 }
 ONE_LINE_BUDGET_S = 5.0  # each attack stops in about a second (loop limit) or at once (sizes checked first)
@@ -135,6 +136,21 @@ def test_gguf_tokenizer_renders_in_the_same_budget():
                          source="/models/evil.gguf")
     with pytest.raises(DataError, match=r"^/models/evil\.gguf: tokenizer\.chat_template: .*render budget"):
         spec.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_sft_stops_on_a_hostile_template_even_when_skipping_bad_records(tmp_path):
+    """Over budget is the template's fault: ``skip_bad`` stops at the first record, not one budget per record."""
+    from sft_fixtures import chat_records, write_jsonl
+
+    from solarjax.data import ChatTemplateBudgetError
+    from solarjax.sft import Encoder, load_examples
+
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_records(50))
+    encoder = Encoder(None, 64, "chat", ChatTemplate(ISSUE_ATTACKS["nested_range_loops"], origin="evil.jinja"))
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateBudgetError, match=r"^evil\.jinja: chat template over its render budget"):
+        load_examples(str(data), encoder, skip_bad=True)
+    assert time.monotonic() - start < ONE_LINE_BUDGET_S
 
 
 # ----------------------------------------------------------------------------- real templates, as transformers renders them

@@ -119,6 +119,19 @@ def test_lying_safetensors_headers_are_one_line(kind, case, capsys):
     assert str(file) in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.parametrize("kind", ["overlapping offsets", "integer tensor in a float model"])
+def test_merge_reads_through_the_same_checks(kind, case, capsys):
+    change, message = HEADERS[kind]
+    shutil.copytree(case / "src", case / "bad")
+    rewrite_header(case / "bad" / "model.safetensors", change)
+    recipe = case / "recipe.yml"
+    recipe.write_text(json.dumps({"merge_method": "linear", "models": [
+        {"model": "src", "parameters": {"weight": 0.5}}, {"model": "bad", "parameters": {"weight": 0.5}}]}))
+    before = hashes(case)
+    refused(["merge", str(recipe), str(case / "out")], capsys, str(case / "bad" / "model.safetensors"), message)
+    assert not (case / "out").exists() and hashes(case) == before
+
+
 def test_absurd_header_length_and_truncation_are_one_line(case, capsys):
     file = case / "src" / "model.safetensors"
     data = file.read_bytes()

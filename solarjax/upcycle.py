@@ -301,12 +301,14 @@ def grow_loaded(src: Any, dst: Any, spec: str, *, dtype: str | None = None, out_
     target = grown_config(loading.read_config(source), spec, allow_shallower=allow_shallower)
     if out_format == "hf":
         hf.config_to_hf(target)  # a layout transformers cannot load (fine-grained experts) fails here
-    cfg_in, params, tokenizer = loading.load(source, dtype=dtype and st.canonical_dtype(dtype), progress=progress)
+    cfg_in, params, _ = loading.load(source, dtype=dtype and st.canonical_dtype(dtype), progress=progress)
     params, cfg = grow(params, cfg_in, spec, allow_shallower=allow_shallower)
     if out_format == "orbax":
         ckpt.save_params(dst, params, cfg, overwrite=overwrite, sources=(src,), verb="upscale")
     else:
-        gguf_files = tokenizer.gguf.hf_files() if getattr(tokenizer, "gguf", None) is not None else None
+        from solarjax.gguf import hf_side_files
+
+        gguf_files = hf_side_files(source.weights) if source.kind == "gguf" else None
         hf.save_hf(params, cfg, dst, source_dir=source.weights if source.kind == "hf" else source.tokenizer_dir,
                    extra_files=gguf_files, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
                    sources=(src,), verb="upscale")

@@ -87,20 +87,8 @@ _BOOL_PARAMS = {"normalize", "rescale", "int8_mask"}
 
 def method_spec(name: Any) -> MethodSpec:
     if not isinstance(name, str) or name not in METHODS:
-        raise MergeError(f"unknown merge_method {shown(name)}; solarjax merges with {sorted(METHODS)}")
+        raise MergeError(f"unknown merge_method {st.short(name)}; solarjax merges with {sorted(METHODS)}")
     return METHODS[name]
-
-
-def shown(value: Any, limit: int = 80) -> str:
-    """A recipe value as an error message shows it: a bounded repr (``reprlib``: a few items of a few
-    levels, so an aliased structure is never expanded), at most ``limit`` characters."""
-    import reprlib
-
-    bounded = reprlib.Repr()  # (keyword arguments from Python 3.12)
-    bounded.maxlevel, bounded.maxstring, bounded.maxother, bounded.maxlong = 3, limit, limit, 40
-    bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = bounded.maxfrozenset = 4
-    text = bounded.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # What each number may be. mergekit checks none of these; outside them a merge is NaN or meaningless:
@@ -125,16 +113,16 @@ def _validate(name: str, value: Any) -> Any:
             return _BOOL_WORDS[value.strip().lower()]
         if isinstance(value, (bool, int, float)):
             return bool(value)
-        raise MergeError(f"parameter {shown(name)} must be true or false, got {shown(value)}")
+        raise MergeError(f"parameter {st.short(name)} must be true or false, got {st.short(value)}")
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise MergeError(f"parameter {shown(name)} must be a number, got {shown(value)}") from None
+        raise MergeError(f"parameter {st.short(name)} must be a number, got {st.short(value)}") from None
     if not math.isfinite(number):
-        raise MergeError(f"parameter {shown(name)} must be a finite number, got {shown(value)}")
+        raise MergeError(f"parameter {st.short(name)} must be a finite number, got {st.short(value)}")
     low, high, low_included, stated = PARAMETER_RANGES.get(name, (-math.inf, math.inf, True, ""))
     if not (low <= number <= high) or (number == low and not low_included):
-        raise MergeError(f"parameter {shown(name)} must be {stated}, got {shown(value)}")
+        raise MergeError(f"parameter {st.short(name)} must be {stated}, got {st.short(value)}")
     return number
 
 
@@ -146,13 +134,13 @@ def check_settings(settings: Mapping[str, Any], who: str) -> None:
         while pending:
             item, seen = pending.pop(), seen + 1
             if seen > MAX_RECIPE_NODES:  # a structure sharing itself many times over, as an alias bomb
-                raise MergeError(f"{who}: parameter {shown(param)} holds over {MAX_RECIPE_NODES} values")
+                raise MergeError(f"{who}: parameter {st.short(param)} holds over {MAX_RECIPE_NODES} values")
             try:
                 if isinstance(item, list):
                     pending.extend(item)
                 elif isinstance(item, Mapping):
                     if "value" not in item:
-                        raise MergeError(f"parameter {shown(param)}: a {{filter, value}} entry has no value")
+                        raise MergeError(f"parameter {st.short(param)}: a {{filter, value}} entry has no value")
                     pending.append(item["value"])
                 else:
                     _validate(str(param), item)
@@ -170,7 +158,7 @@ def evaluate_setting(param: str, setting: Any, tensor_name: str, t: float) -> An
     if isinstance(setting, (bool, int, float, str)):
         return _validate(param, setting)
     if not isinstance(setting, list):
-        raise MergeError(f"parameter {shown(param)}: cannot read setting {shown(setting)}")
+        raise MergeError(f"parameter {st.short(param)}: cannot read setting {st.short(setting)}")
     if not setting:
         return None
     if all(isinstance(e, (bool, int, float, str)) for e in setting):
@@ -184,8 +172,8 @@ def evaluate_setting(param: str, setting: Any, tensor_name: str, t: float) -> An
         return (1 - frac) * values[i0] + frac * values[i1]
     for cond in setting:
         if not isinstance(cond, Mapping) or "value" not in cond:
-            raise MergeError(f"parameter {shown(param)}: list entries must be numbers or {{filter, value}} maps, "
-                             f"got {shown(cond)}")
+            raise MergeError(f"parameter {st.short(param)}: list entries must be numbers or {{filter, value}} maps, "
+                             f"got {st.short(cond)}")
         filt = cond.get("filter")
         if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
             return evaluate_setting(param, cond["value"], tensor_name, t)
@@ -540,12 +528,12 @@ def _model_path(value: Any, where: str, root: Path | None) -> Path:
     if isinstance(value, Mapping) and "path" in value:  # mergekit's long form {model: {path: ...}}
         value = value["path"]
     if not isinstance(value, (str, os.PathLike)):
-        raise MergeError(f"{where}: expected a model directory path, got {shown(value)}")
+        raise MergeError(f"{where}: expected a model directory path, got {st.short(value)}")
     path = Path(value).expanduser()
     if not path.is_absolute() and not path.exists() and root is not None and (root / path).exists():
         path = root / path  # relative to the recipe file when not relative to the working directory
     if not path.exists():
-        raise MergeError(f"{where}: model path {shown(str(value), 200)} does not exist "
+        raise MergeError(f"{where}: model path {st.short(str(value), 200)} does not exist "
                          "(solarjax merges local checkpoints only)")
     return path
 
@@ -559,7 +547,7 @@ def parse_recipe(data: Any, root: Path | None = None, where: str = "recipe") -> 
             raise MergeError(f"{where}: '{key}' recipes are not supported; use 'models' (layer slicing is `solarjax upscale`)")
     unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
-        raise MergeError(f"{where}: unknown field(s) {shown(unknown)}; known: {sorted(RECIPE_KEYS)}")
+        raise MergeError(f"{where}: unknown field(s) {st.short(unknown)}; known: {sorted(RECIPE_KEYS)}")
     if "merge_method" not in data:
         raise MergeError(f"{where}: missing merge_method (one of {sorted(METHODS)})")
     spec = method_spec(data["merge_method"])
@@ -590,7 +578,7 @@ def parse_recipe(data: Any, root: Path | None = None, where: str = "recipe") -> 
     known = set(spec.shared) | set(spec.per_model)
     for name in sorted(set(params) | {k for m in models for k in m.parameters}):
         if name not in known:
-            warnings.warn(f"{where}: parameter {shown(name)} is not used by {spec.name} (it uses {sorted(known)})",
+            warnings.warn(f"{where}: parameter {st.short(name)} is not used by {spec.name} (it uses {sorted(known)})",
                           stacklevel=2)
     return Recipe(spec.name, models, base, dict(params), data.get("dtype"), data.get("out_dtype"), tok_path)
 

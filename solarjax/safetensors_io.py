@@ -87,9 +87,19 @@ HF_HUB_BLOBS = "blobs"  # a Hugging Face hub cache keeps snapshots/<rev>/<file> 
 
 
 def short(text: Any, limit: int = 80) -> str:
-    """``repr(text)``, cut to ``limit`` characters: error messages never repeat unbounded input."""
-    shown = repr(text)
-    return shown if len(shown) <= limit else shown[: limit - 5] + "...'"
+    """``repr(text)``, cut to ``limit`` characters: error messages never repeat unbounded input. Only
+    what is shown is ever repr'd: a string's first ``limit`` characters, a few items of a few levels
+    of a container (``reprlib``), so a huge or self-sharing value (a YAML alias bomb) is never expanded."""
+    import reprlib
+
+    if isinstance(text, (str, bytes)):
+        shown = repr(text[: limit + 1])
+    else:
+        bounded = reprlib.Repr()  # (keyword arguments from Python 3.12)
+        bounded.maxlevel, bounded.maxstring, bounded.maxother, bounded.maxlong = 3, limit, limit, 40
+        bounded.maxlist = bounded.maxtuple = bounded.maxdict = bounded.maxset = bounded.maxfrozenset = 4
+        shown = bounded.repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 5] + ("...'" if isinstance(text, (str, bytes)) else "...")
 
 
 def _allowed_roots(directory: Path) -> list[Path]:

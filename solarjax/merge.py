@@ -185,7 +185,10 @@ def resolve(param: str, default: Any, sources: Sequence[Mapping[str, Any] | None
     """First source (highest precedence first) that sets ``param`` for this tensor wins."""
     for source in sources:
         if source and param in source:
-            value = evaluate_setting(param, source[param], tensor_name, t)
+            try:
+                value = evaluate_setting(param, source[param], tensor_name, t)
+            except MergeError as err:  # name the model (merge_params has no recipe that was checked first)
+                raise MergeError(f"{who + ': ' if who else ''}{err}") from None
             if value is not None:
                 return value
     if default is REQUIRED:

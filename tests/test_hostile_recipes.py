@@ -314,3 +314,21 @@ def test_merge_cli_refuses_and_touches_nothing(name, models, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("solarjax merge: error: ") and "\n" not in err and len(err) < 400, err
     assert _hashes(models) == before and not os.path.exists(models / "out")
+
+
+def test_merge_params_checks_the_same_ranges():
+    """The in-memory API (no recipe read first) refuses the same values, naming the model."""
+    import jax
+
+    from solarjax.config import ModelConfig
+    from solarjax.merge import merge_params
+    from solarjax.model import init_params
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64)
+    params = init_params(jax.random.PRNGKey(0), cfg)
+    with pytest.raises(MergeError, match=r"^models\[0\]: parameter 'weight' must be a finite number, got nan$"):
+        merge_params("linear", [params, params], weights=[float("nan"), 1.0])
+    with pytest.raises(MergeError, match=r"parameter 't' must be in \[0, 1\], got 1\.5"):
+        merge_params("slerp", [params], base=params, t=1.5)
+    with pytest.raises(MergeError, match=r"^models\[0\]: parameter 'density' must be in \(0, 1\], got 0\.0$"):
+        merge_params("ties", [params], base=params, weights=[1.0], model_parameters=[{"density": 0.0}])

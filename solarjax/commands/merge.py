@@ -15,7 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ".gguf files) "
         "with a mergekit-style YAML recipe: models: [{model: PATH, parameters: {weight: 0.5}}], "
         "merge_method, base_model, parameters, dtype. Streams one tensor at a time and writes an HF "
-        "directory atomically. SOLAR 10.7B-Instruct is a linear 0.5/0.5 merge of two DPO models.",
+        "directory atomically. SOLAR 10.7B-Instruct is a linear 0.5/0.5 merge of two DPO models. "
+        "Every number must be finite; slerp's t is in [0, 1], density in (0, 1], weights and lambda any "
+        "finite value (negative subtracts a task vector); YAML aliases may share values but not expand past "
+        "100000 nodes.",
     )
     p.add_argument("recipe", help="YAML recipe (mergekit's 'models' form)")
     add_out(p, "output directory ('merge RECIPE OUT', positional, still works)", alias="out_dir")

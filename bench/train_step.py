@@ -112,9 +112,11 @@ def time_peer(model, config, cfg, args, mode: str, loss_of) -> dict:
     model = model.to(device)
     if args.remat != "none":
         model.gradient_checkpointing_enable()
-    optim = config.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
-                            weight_decay=optim.weight_decay, fused=(mode == "compile" and device == "cuda"))
+    from solarjax.optim import resolve_optim
+
+    optim = resolve_optim(config.optim, 1000, continued=False)  # the from-scratch rate, as the solarjax side
+    opt = torch.optim.AdamW(model.parameters(), lr=optim["lr"], betas=(optim["b1"], optim["b2"]), eps=optim["eps"],
+                            weight_decay=optim["weight_decay"], fused=(mode == "compile" and device == "cuda"))
     forward = torch.compile(model) if mode == "compile" else model
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]

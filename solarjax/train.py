@@ -812,6 +812,11 @@ def train(
     Returns ``{"steps", "start_step", "metrics" (per step), "losses" (per step), "final_loss",
     "params", "cfg", "checkpoint_dir", "skipped_steps"}`` plus the task's fields (pretraining:
     ``"eval"`` ([step, loss] pairs), ``"final_eval_loss"``, ``"tokens_per_s"``, ``"mfu"``).
+
+    A fresh run evaluates once at step 0, before any update (``train.eval_at_start``), so an update
+    that makes a pretrained model worse shows in the first eval record. ``config.optim`` fields left
+    None are decided by :func:`solarjax.optim.resolve_optim`: the continued-pretraining schedule when
+    the run starts from a pretrained model (``init.source``, or ``params``), else the from-scratch one.
     """
     from solarjax.optim import make_optimizer
     from solarjax.progress import progress_bar
@@ -827,6 +832,7 @@ def train(
     check_loggers(config)
     out_dir = ckpt.as_path(tc.out_dir) if tc.out_dir else None
 
+    params_given = params is not None
     if params is None:
         cfg, params = init_model(config, mesh, rules)
     else:
@@ -838,7 +844,9 @@ def train(
         train_data, default_eval = task.datasets(config, cfg, out_dir)
         eval_data = eval_data if eval_data is not None else default_eval
 
-    optimizer, schedule = make_optimizer(config.optim, tc.steps)
+    # a pretrained model (init.source, or params from the caller) gets the continued-pretraining schedule
+    continued = config.init.source is not None or params_given
+    optimizer, schedule = make_optimizer(config.optim, tc.steps, continued=continued)
     state_sh = train_state_shardings(cfg, optimizer, mesh, rules)
     batch_sh = task.batch_shardings(mesh, rules)
     loss_fn = loss_fn or task.loss_fn(mesh, rules)
@@ -890,8 +898,19 @@ def train(
         ckpt.save_checkpoint(manager, state, cfg, data_state, force=True)
         timer["start"] += time.perf_counter() - paused  # saving is not training throughput
 
+    def run_eval(done: int) -> None:
+        paused = time.perf_counter()
+        record = task.evaluate(eval_step, state["params"], eval_data, tc.eval_batches, batch_sh)
+        if record is not None:
+            evals.append({"step": done, **record})
+            logger.log(evals[-1], echo)
+        if timer["start"] is not None:
+            timer["start"] += time.perf_counter() - paused  # eval time is not training throughput
+
     try:
         with StopSignals() as signals:
+            if start == 0 and eval_data is not None and tc.eval_every and tc.get("eval_at_start", True):
+                run_eval(0)  # the model as it came in: an update that makes it worse shows from the first eval
             for step in range(start, end):
                 state, metrics = step_fn(state, task.batch(next(train_iter), batch_sh))
                 pending.append(metrics)
@@ -914,12 +933,7 @@ def train(
                 if stop:
                     break
                 if eval_data is not None and tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
-                    paused = time.perf_counter()
-                    record = task.evaluate(eval_step, state["params"], eval_data, tc.eval_batches, batch_sh)
-                    if record is not None:
-                        evals.append({"step": done, **record})
-                        logger.log(evals[-1], echo)
-                    timer["start"] += time.perf_counter() - paused  # eval time is not training throughput
+                    run_eval(done)
                 bar.update(1)
             guard.settle()
     except BaseException as err:

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     spec = f"solar:m={args.m}"
     print(f"solarjax demo on {jax.default_backend()} ({jax.device_count()} device(s), {jax.devices()[0].device_kind})")
     print(f"plan: base model -> held-out ppl -> DUS ({spec}) -> ppl -> {budget.steps} steps of continued pretraining "
-          f"(batch {budget.batch_size} x {budget.seq_len} tokens, constant lr {budget.lr}); then the base model "
+          f"(batch {budget.batch_size} x {budget.seq_len} tokens, constant lr {budget.optim()['lr']}); then the base model "
           f"(control) trains on the same batches for the same FLOPs -> ppl, {_mmlu_plan(budget)}, "
           f"samples -> {out}/report.md")
     dus_arm = research.Arm(f"solar_m{args.m}", spec)

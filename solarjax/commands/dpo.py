@@ -31,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from solarjax.dpo import add_dpo_config, run_dpo
 
+    from solarjax.train import model_from_init
+
     config = training_config(args, add_dpo_config)
+    model_from_init(config)  # the --init model's shape, so --print-config shows what runs
     if args.skip_bad:
         config.dpo.skip_bad = True
     if args.reference:

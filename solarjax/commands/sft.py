@@ -30,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from solarjax.sft import add_sft_config, run_sft
 
+    from solarjax.train import model_from_init
+
     config = training_config(args, add_sft_config)
+    model_from_init(config)  # the --init model's shape, so --print-config shows what runs
     if args.skip_bad:
         config.sft.skip_bad = True
     if args.print_config:

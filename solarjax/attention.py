@@ -16,8 +16,11 @@
 - **CPU: XLA** (``jax.nn.dot_product_attention(implementation="xla")`` over a boolean mask), as
   before: at CPU shapes the mask is small and this path is the fastest there.
 
-Explicit choices (``xla``, ``cudnn``, ``splash``, ``reference``) stay available; asking for a
-kernel the backend does not have is a ``ConfigError``, not a silent fallback. Pallas kernels run
+Every implementation is one row of :data:`IMPLEMENTATIONS` (name -> the platforms it runs on,
+fused or mask-taking, the function); config validation (``ATTENTION_IMPLS``), :func:`resolve` and
+the model's layer loop all read that table, so a new kernel is one function and one row here.
+Explicit choices stay available; asking for a kernel the backend does not have is a
+``ConfigError``, not a silent fallback. Pallas kernels run
 on CPU only inside :func:`kernels_interpreted` (tests: the real kernel in interpret mode).
 
 The fused paths take causality by *index* within a segment; the mask path takes it by
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import math
 from typing import Callable, Iterator
@@ -37,9 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from solarjax.config import ConfigError
-
-FUSED = ("cudnn", "splash")
+from solarjax.errors import ConfigError
 
 
 def score_scale(head_dim: int, scale: float | None) -> float:
@@ -66,26 +68,57 @@ def interpreting() -> bool:
 
 
 def resolve(impl: str, dtype: jnp.dtype, backend: str | None = None) -> str:
-    """The concrete implementation for ``impl`` on ``backend`` (default: JAX's default backend)."""
+    """The concrete implementation for ``impl`` on ``backend`` (default: JAX's default backend).
+
+    ``auto`` is the first fused kernel of :data:`IMPLEMENTATIONS` that runs on ``backend`` with
+    ``dtype`` (splash on TPU, cuDNN on an NVIDIA GPU in half precision), else ``xla``."""
     backend = backend or jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if impl == "auto":
-        if backend == "tpu":
-            return "splash"
-        if backend in ("gpu", "cuda", "rocm") and half:
-            return "cudnn"
-        return "xla"
-    if impl == "splash" and backend != "tpu" and not _INTERPRET.get():
-        raise ConfigError(f"attention='splash' is a TPU kernel and the backend is {backend!r}; "
+        return next((name for name, entry in IMPLEMENTATIONS.items()
+                     if entry.fused and entry.runs_on(backend) and (half or not entry.half_only)), "xla")
+    entry = IMPLEMENTATIONS.get(impl)
+    if entry is None:
+        raise ConfigError(f"attention={impl!r} is not one of {ATTENTION_IMPLS}")
+    if not entry.runs_on(backend) and not (entry.interpretable and _INTERPRET.get()):
+        raise ConfigError(f"attention={impl!r} {entry.hardware} and the backend is {backend!r}; "
                           "use attention='auto' (or 'xla')")
-    if impl == "cudnn":
-        if backend not in ("gpu", "cuda"):
-            raise ConfigError(f"attention='cudnn' needs an NVIDIA GPU and the backend is {backend!r}; "
-                              "use attention='auto' (or 'xla')")
-        if not half:
-            raise ConfigError(f"attention='cudnn' needs bf16/fp16 compute, the model computes in {jnp.dtype(dtype)}; "
-                              "set dtype='bfloat16' or attention='auto'")
+    if entry.half_only and not half:
+        raise ConfigError(f"attention={impl!r} needs bf16/fp16 compute, the model computes in {jnp.dtype(dtype)}; "
+                          "set dtype='bfloat16' or attention='auto'")
     return impl
+
+
+def mask_path(impl: str) -> str:
+    """The implementation that runs where attention needs an explicit mask (KV-cache prefill and
+    decode, quantized eval): ``impl`` itself when it takes a mask, ``xla`` for ``auto`` and the
+    fused kernels (they have no masked form)."""
+    entry = IMPLEMENTATIONS.get(impl)
+    return impl if entry is not None and not entry.fused else "xla"
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str,
+                     scale: float | None = None) -> jax.Array:
+    """Grouped-query attention over (batch, seq, heads, head_dim) tensors with an explicit boolean
+    mask, by :func:`mask_path` of ``impl``. ``scale`` multiplies the scores (default ``1 / sqrt(head_dim)``)."""
+    return IMPLEMENTATIONS[mask_path(impl)].fn(q, k, v, mask, scale)
+
+
+def xla_attention(q, k, v, mask, scale: float | None = None):
+    """``jax.nn.dot_product_attention``'s XLA path over a boolean mask (CPU training, decoding)."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+
+
+def reference_attention(q, k, v, mask, scale: float | None = None):
+    """Plain einsum attention in float32: the readable oracle for the fused paths."""
+    groups = q.shape[2] // k.shape[2]
+    k = jnp.repeat(k, groups, axis=2)
+    v = jnp.repeat(v, groups, axis=2)
+    scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = scores * jnp.float32(score_scale(q.shape[-1], scale))
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- TPU: splash
@@ -239,12 +272,22 @@ def fused_attention_fn(segment_ids: jax.Array | None, *, impl: str, window: int 
     by every layer. ``scale`` multiplies the scores (default ``1 / sqrt(head_dim)``; Gemma's
     ``query_pre_attn_scalar ** -0.5``).
     """
-    if impl == "splash":
-        return lambda q, k, v: splash_attention(q, k, v, segment_ids, window, batch_sharding, scale)
-    if impl == "cudnn":
-        packed = None if segment_ids is None else checked_packed_layout(segment_ids, max_segments)
-        return lambda q, k, v: cudnn_attention(q, k, v, packed, window, scale)
-    raise ConfigError(f"no fused attention kernel {impl!r}; fused kernels: {FUSED}")
+    entry = IMPLEMENTATIONS.get(impl)
+    if entry is None or not entry.fused:
+        raise ConfigError(f"no fused attention kernel {impl!r}; fused kernels: {FUSED}")
+    return entry.fn(segment_ids, window=window, max_segments=max_segments, batch_sharding=batch_sharding,
+                    scale=scale)
+
+
+def _splash_fn(segment_ids, *, window, max_segments, batch_sharding, scale):
+    del max_segments  # splash takes segment ids as they are
+    return lambda q, k, v: splash_attention(q, k, v, segment_ids, window, batch_sharding, scale)
+
+
+def _cudnn_fn(segment_ids, *, window, max_segments, batch_sharding, scale):
+    del batch_sharding  # cuDNN runs under XLA's partitioner
+    packed = None if segment_ids is None else checked_packed_layout(segment_ids, max_segments)
+    return lambda q, k, v: cudnn_attention(q, k, v, packed, window, scale)
 
 
 def fused_attention(q, k, v, segment_ids, *, impl: str, window: int | None, max_segments: int,
@@ -252,3 +295,37 @@ def fused_attention(q, k, v, segment_ids, *, impl: str, window: int | None, max_
     """One call of :func:`fused_attention_fn` (tests, checks)."""
     return fused_attention_fn(segment_ids, impl=impl, window=window, max_segments=max_segments,
                               batch_sharding=batch_sharding, scale=scale)(q, k, v)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One attention implementation: where it runs and how the layer loop calls it.
+
+    ``fused``: a kernel that is causal by itself and takes segment ids (never a mask); ``fn`` is
+    built once per forward, ``fn(segment_ids, window=, max_segments=, batch_sharding=, scale=)
+    -> (q, k, v) -> out`` (:func:`fused_attention_fn`). Otherwise ``fn(q, k, v, mask, scale) -> out``
+    over an explicit boolean mask (:func:`masked_attention`), which is also what KV-cache decoding takes.
+    """
+
+    platforms: tuple[str, ...] | None  # JAX platforms it runs on; None: every one
+    fused: bool
+    fn: Callable
+    half_only: bool = False  # needs bf16/fp16 compute
+    interpretable: bool = False  # a Pallas kernel that also runs off its platform in kernels_interpreted()
+    hardware: str = ""  # what it needs, for the error on another platform
+
+    def runs_on(self, backend: str) -> bool:
+        return self.platforms is None or backend in self.platforms
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "xla": Implementation(None, fused=False, fn=xla_attention),
+    "cudnn": Implementation(("gpu", "cuda"), fused=True, fn=_cudnn_fn, half_only=True, hardware="needs an NVIDIA GPU"),
+    "splash": Implementation(("tpu",), fused=True, fn=_splash_fn, interpretable=True, hardware="is a TPU kernel"),
+    "reference": Implementation(None, fused=False, fn=reference_attention),
+}
+ATTENTION_IMPLS = ("auto", *IMPLEMENTATIONS)  # what ModelConfig.attention may name
+FUSED = tuple(name for name, entry in IMPLEMENTATIONS.items() if entry.fused)

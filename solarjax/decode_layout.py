@@ -5,14 +5,15 @@ of small kernels per token. Two things in the training layout cost a decode step
 
 - Scanning over the layer-stacked arrays makes XLA:CPU copy each layer's weights out of the
   stack on every step (a dynamic slice feeding a matmul is not fused there): a second pass over
-  all weights per token. With each layer in its own arrays, ``generate.forward_cached`` unrolls
-  the layers in Python and the matmuls read the weights in place.
+  all weights per token. With each layer in its own arrays, the layer loop
+  (``model.run_layers``) unrolls the layers in Python and the matmuls read the weights in place.
 - ``wq``/``wk``/``wv`` all multiply the same normed input, and so do ``w_gate``/``w_up``: five
   matrix-vector products per layer become two (``wqkv``, ``w_gate_up``), columns concatenated.
   Each output column is the same dot product as before, so the numbers do not change; the
   weights are read once either way, and each token launches three fewer kernels per layer.
 
-The model's layer functions (``model.qkv_projection``, ``model.finish_layer``) accept either form.
+The one layer loop (``model.run_layers``: training forward, quantized eval, prefill, decode) and
+its layer functions (``model.qkv_projection``, ``model.finish_layer_with_stats``) accept either form.
 Training keeps the stacked, unfused layout (one compiled layer, FSDP over the stack, per-matrix
 sharding). Measured in README "Inference".
 """

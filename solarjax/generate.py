@@ -1,14 +1,14 @@
 """Autoregressive generation with a preallocated, layer-stacked KV cache.
 
 The cache is one ``(layers, batch, slots, kv_heads, head_dim)`` array for keys and one for values,
-so a forward step is the same ``lax.scan`` over layers as training, with each layer's cache slice
-as a scanned input and its updated slice as a scanned output. Every slot also records the
+carried through the model's one layer loop (:func:`solarjax.model.run_layers`, the loop training
+runs) and written in place; only the ``attend`` step handed to it is generation's. Every slot also records the
 *position* and *segment* of the token it holds; attention is masked with the model's own
 ``attention_mask`` (causal by position, same segment, sliding window), which makes left-padded
 batches and Mistral's sliding window work without special cases: pads are segment 0, real tokens
 segment 1, and positions count real tokens only. Params in the decode layout
-(:func:`solarjax.decode_layout.unstack_layers`, what ``solarjax generate`` uses) run the same layer body unrolled over
-per-layer arrays instead of the scan.
+(:func:`solarjax.decode_layout.unstack_layers`, what ``solarjax generate`` uses) run the same loop
+unrolled over per-layer arrays instead of the scan.
 
 Shapes are rounded up to buckets so a prompt of 37 tokens and one of 50 share a compiled
 program: prefill is compiled once per (batch, prompt bucket, cache length) and the decode loop
@@ -113,27 +113,6 @@ def cache_length(cfg: ModelConfig, columns: int, ring: bool | None = None) -> in
     return min(columns, cfg.ring_window)
 
 
-def _attention_impl(cfg: ModelConfig) -> str:
-    # decode/prefill pass an explicit position mask: only the XLA and reference paths take any mask
-    return "reference" if cfg.attention == "reference" else "xla"
-
-
-def _layer_index(n_layers: int) -> np.ndarray:
-    return np.arange(n_layers, dtype=np.int32)
-
-
-def _over_layers(body: Callable, carry: Any, layers: Any, per_layer: tuple, unroll: int | bool):
-    """``lax.scan(body, carry, (layers, *per_layer))`` for stacked layers; for the decode layout
-    (:func:`solarjax.decode_layout.unstack_layers`) the same body called once per layer in Python, outputs stacked."""
-    if not isinstance(layers, (tuple, list)):
-        return jax.lax.scan(body, carry, (layers, *per_layer), unroll=unroll)
-    outs = []
-    for i, layer in enumerate(layers):
-        carry, out = body(carry, (layer, *(xs[i] for xs in per_layer)))
-        outs.append(out)
-    return carry, (None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))
-
-
 def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None) -> jax.Array:
     """One query column against the cache, grouped-query, in the cache's own (B, S, KV, D) layout.
 
@@ -170,86 +149,78 @@ def forward_cached(
     masked by the positions and segments each slot records (causal, same segment, window).
 
     One token (decode): keys and values are written into the layer-stacked cache carried through
-    the layer scan (an in-place ``dynamic_update_slice``), then the query attends to the cache.
+    the layer loop (an in-place ``dynamic_update_slice``), then the query attends to the cache.
     Several tokens (prefill): queries attend to the cache plus the new keys (only the new keys
     when ``fresh``: the cache is empty and ``index`` is 0), then the new columns are written.
     ``last_only`` computes logits for the final column only; ``unroll`` unrolls the layer scan.
-    Params may be quantized (:mod:`solarjax.quant`): each layer is dequantized in the scan body.
+    Params may be quantized (:mod:`solarjax.quant`): each layer is dequantized in the loop body.
     """
     index = jnp.asarray(index, jnp.int32)
     length, n_tokens = cache.k.shape[2], tokens.shape[1]
     positions, segments = positions.astype(jnp.int32), segments.astype(jnp.int32)
-    cos_all, sin_all = M.rope_tables(positions, cfg)  # per attention kind (Gemma 3: sliding / full)
-    kinds, scale = np.asarray(cfg.layer_kinds, np.int32), M.attention_scale(cfg)
-    impl, dtype = _attention_impl(cfg), cfg.compute_dtype
-    x = Q.embed(params, tokens, cfg)
-
+    impl, scale = attn.mask_path(cfg.attention), M.attention_scale(cfg)
     if n_tokens == 1:
         slot = index % length
         kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, slot, axis=1)
         kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments, slot, axis=1)
         masks = M.attention_masks(positions, kv_pos, segments, kv_seg, cfg)
 
-        def decode_body(carry, xs):
-            x, k_all, v_all = carry
-            layer, i, kind = xs
-            layer = Q.dense_layer(layer, dtype)
-            q, k, v = M.qkv_projection(x, layer, M.pick(cos_all, kind), M.pick(sin_all, kind), cfg)
+        def attend(kind, i, q, k, v, kv):  # write the column into layer i's cache, attend to the cache
             at = (i, jnp.int32(0), slot, jnp.int32(0), jnp.int32(0))
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-            k_l = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False).astype(q.dtype)
-            v_l = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False).astype(q.dtype)
+            k_all, v_all = (jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at) for c, new in
+                            zip(kv, (k, v)))
+            k_l, v_l = (jax.lax.dynamic_index_in_dim(c, i, keepdims=False).astype(q.dtype) for c in (k_all, v_all))
             mask = M.pick(masks, kind)
-            out = M.attend(q, k_l, v_l, mask, impl, scale) if impl == "reference" else \
+            out = attn.masked_attention(q, k_l, v_l, mask, impl, scale) if impl == "reference" else \
                 _decode_attention(q, k_l, v_l, mask, scale)
-            return (M.finish_layer(x, out, layer, cfg), k_all, v_all), None
-
-        (x, k_all, v_all), _ = _over_layers(decode_body, (x, cache.k, cache.v), params["layers"],
-                                            (_layer_index(cfg.n_layers), kinds), unroll)
-        new_cache = KVCache(k_all, v_all, kv_pos, kv_seg)
+            return out, (k_all, v_all)
     else:
+        kv_pos = _write_columns(cache.positions, positions, index, fresh)
+        kv_seg = _write_columns(cache.segments, segments, index, fresh)
         if fresh:
             masks = M.attention_masks(positions, positions, segments, segments, cfg)
         else:
             masks = M.attention_masks(positions, jnp.concatenate([cache.positions, positions], axis=1), segments,
                                       jnp.concatenate([cache.segments, segments], axis=1), cfg)
 
-        def chunk_body(x, xs):
-            layer, k_cache, v_cache, kind = xs
-            layer = Q.dense_layer(layer, dtype)
-            q, k, v = M.qkv_projection(x, layer, M.pick(cos_all, kind), M.pick(sin_all, kind), cfg)
+        def attend(kind, i, q, k, v, kv):  # attend to layer i's cache and the new keys, then write them
             k_att, v_att = k, v
             if not fresh:
-                k_att = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
-                v_att = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
-            out = M.attend(q, k_att, v_att, M.pick(masks, kind), impl, scale)
-            return M.finish_layer(x, out, layer, cfg), (k, v)
+                k_att, v_att = (jnp.concatenate([jax.lax.dynamic_index_in_dim(c, i, keepdims=False).astype(new.dtype),
+                                                 new], axis=1) for c, new in zip(kv, (k, v)))
+            out = attn.masked_attention(q, k_att, v_att, M.pick(masks, kind), impl, scale)
+            return out, tuple(_write_layer_columns(c, i, new, index, fresh) for c, new in zip(kv, (k, v)))
 
-        x, (k_new, v_new) = _over_layers(chunk_body, x, params["layers"], (cache.k, cache.v, kinds), unroll)
-        columns = (k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype), positions, segments)
-        olds = (cache.k, cache.v, cache.positions, cache.segments)
-        axes = (2, 2, 1, 1)
-        if fresh:  # columns 0..T-1: static slices (a scatter is slow on CPU)
-            new_cache = KVCache(*(_write_from_zero(old, new, axis) for old, new, axis in zip(olds, columns, axes)))
-        else:
-            keep = min(n_tokens, length)  # a ring keeps only the last `length` columns
-            slots = (index + jnp.arange(n_tokens - keep, n_tokens, dtype=jnp.int32)) % length
-            new_cache = KVCache(*(old.at[(slice(None),) * axis + (slots,)].set(
-                jax.lax.slice_in_dim(new, n_tokens - keep, n_tokens, axis=axis)) for old, new, axis in
-                zip(olds, columns, axes)))
+    x, (k_all, v_all), _ = M.run_layers(params["layers"], Q.embed(params, tokens, cfg), positions, cfg, attend,
+                                        (cache.k, cache.v), unroll=unroll)
     if last_only:
         x = x[:, -1:]
-    return Q.lm_head(params, x, cfg), new_cache
+    return Q.lm_head(params, x, cfg), KVCache(k_all, v_all, kv_pos, kv_seg)
 
 
-def _write_from_zero(old: jax.Array, new: jax.Array, axis: int) -> jax.Array:
-    """``new``'s columns 0..T-1 written to slots ``c mod S`` of ``old`` along ``axis`` (static shapes)."""
-    n, length = new.shape[axis], old.shape[axis]
-    if n <= length:
-        return jax.lax.dynamic_update_slice_in_dim(old, new, 0, axis=axis)
-    tail = jax.lax.slice_in_dim(new, n - length, n, axis=axis)  # every slot is overwritten
-    return jnp.roll(tail, (n - length) % length, axis=axis)
+def _write_columns(old: jax.Array, new: jax.Array, index: jax.Array, fresh: bool) -> jax.Array:
+    """``new``'s columns ``index..index+T`` (axis 1) written to slots ``c mod S`` of ``old`` (B, S, ...).
+
+    A ring keeps only the last S columns. ``fresh`` (``index`` is 0): static slices (a scatter is
+    slow on CPU)."""
+    n, length = new.shape[1], old.shape[1]
+    if fresh:
+        if n <= length:
+            return jax.lax.dynamic_update_slice_in_dim(old, new, 0, axis=1)
+        tail = jax.lax.slice_in_dim(new, n - length, n, axis=1)  # every slot is overwritten
+        return jnp.roll(tail, (n - length) % length, axis=1)
+    keep = min(n, length)
+    slots = (index + jnp.arange(n - keep, n, dtype=jnp.int32)) % length
+    return old.at[:, slots].set(jax.lax.slice_in_dim(new, n - keep, n, axis=1))
+
+
+def _write_layer_columns(stack: jax.Array, i: Any, new: jax.Array, index: jax.Array, fresh: bool) -> jax.Array:
+    """:func:`_write_columns` of layer ``i``'s keys or values (B, T, K, hd) into the (L, B, S, K, hd) cache."""
+    new = new.astype(stack.dtype)
+    if fresh and new.shape[1] <= stack.shape[2]:  # in place: one dynamic_update_slice
+        return jax.lax.dynamic_update_slice(stack, new[None], (i, 0, 0, 0, 0))
+    layer = jax.lax.dynamic_index_in_dim(stack, i, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(stack, _write_columns(layer, new, index, fresh), i, axis=0)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from solarjax import attention as attn
 from solarjax import families
-from solarjax.config import ModelConfig
+from solarjax.config import REMAT_POLICIES, ModelConfig
 from solarjax.families.spec import Family, Param
 
 Params = dict[str, Any]
@@ -227,32 +227,6 @@ def attention_masks(q_positions, kv_positions, q_segments, kv_segments, cfg: Mod
                       for k in range(cfg.n_kinds)])
 
 
-def _reference_attention(q, k, v, mask, scale=None):
-    """Plain einsum attention in float32: the readable oracle for the fused path."""
-    groups = q.shape[2] // k.shape[2]
-    k = jnp.repeat(k, groups, axis=2)
-    v = jnp.repeat(v, groups, axis=2)
-    scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = scores * jnp.float32(attn.score_scale(q.shape[-1], scale))
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(q.dtype)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str,
-           scale: float | None = None) -> jax.Array:
-    """Grouped-query attention over (batch, seq, heads, head_dim) tensors with an explicit mask.
-
-    The mask path (KV-cache decoding, CPU training): ``auto`` and ``splash`` have no masked form,
-    so they run XLA here; ``cudnn`` takes the mask as cuDNN's bias. ``scale`` multiplies the
-    scores (default ``1 / sqrt(head_dim)``).
-    """
-    if impl == "reference":
-        return _reference_attention(q, k, v, mask, scale)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                        implementation="cudnn" if impl == "cudnn" else "xla")
-
-
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name == "silu":
         return jax.nn.silu
@@ -336,70 +310,112 @@ def finish_layer_with_stats(x: jax.Array, attn_out: jax.Array, layer: Params, cf
     return x + out, stats
 
 
-def finish_layer(x: jax.Array, attn_out: jax.Array, layer: Params, cfg: ModelConfig) -> jax.Array:
-    """:func:`finish_layer_with_stats` without the router statistics (inference)."""
-    return finish_layer_with_stats(x, attn_out, layer, cfg)[0]
-
-
-def decoder_layer(x: jax.Array, layer: Params, cos: jax.Array, sin: jax.Array, cfg: ModelConfig,
-                  self_attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
-    """One pre-norm decoder block on (batch, seq, d_model) activations."""
-    q, k, v = qkv_projection(x, layer, cos, sin, cfg)
-    return finish_layer(x, self_attention(q, k, v), layer, cfg)
-
-
 def attention_scale(cfg: ModelConfig) -> float | None:
     """The scores' scale when it is not ``1 / sqrt(head_dim)`` (Gemma's query_pre_attn_scalar), else None."""
     return None if cfg.query_pre_attn_scalar is None else cfg.attention_scale
 
 
-def self_attention_fn(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None, kind: int = 0):
-    """``(q, k, v) -> out`` for a whole sequence, with the backend's kernel (:mod:`solarjax.attention`),
-    for layers of attention ``kind`` (its window).
+def sequence_attention(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None, *,
+                       masked: bool = False) -> Attend:
+    """The :data:`Attend` of a whole-sequence forward (training, eval): causal self-attention by the
+    backend's kernel (:mod:`solarjax.attention`) for each layer's attention kind (its window); no cache.
 
-    Fused kernels (splash on TPU, cuDNN on GPU) never build the (B, 1, T, T) mask; the XLA and
-    reference paths build it once here and every layer reuses it.
+    Fused kernels (splash on TPU, cuDNN on GPU) never build the (B, 1, T, T) mask; a mask-taking
+    implementation, or any with ``masked=True`` (:func:`solarjax.attention.mask_path`: quantized
+    eval), gets one mask per kind built here, once, that every layer reuses. With several kinds
+    (Gemma 3's sliding and global layers) a scanned layer picks its kernel with ``lax.switch``
+    (fused kernels need static windows, so each kind is its own kernel).
     """
     sharding = _ACTIVATION_SHARDING.get()
-    impl = attn.resolve(cfg.attention, cfg.compute_dtype, attn.platform_of(sharding))
-    window = cfg.kind_window(kind)
-    if impl in attn.FUSED:
-        return attn.fused_attention_fn(segment_ids, impl=impl, window=window, max_segments=cfg.max_segments,
-                                       batch_sharding=sharding, scale=attention_scale(cfg))
-    mask = attention_mask(positions, positions, segment_ids, segment_ids, window)
-    return lambda q, k, v: attend(q, k, v, mask, impl, attention_scale(cfg))
+    if masked:
+        impl = attn.mask_path(cfg.attention)
+    else:
+        impl = attn.resolve(cfg.attention, cfg.compute_dtype, attn.platform_of(sharding))
+    scale = attention_scale(cfg)
 
+    def kind_fn(kind: int) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+        window = cfg.kind_window(kind)
+        if attn.IMPLEMENTATIONS[impl].fused:
+            return attn.fused_attention_fn(segment_ids, impl=impl, window=window, max_segments=cfg.max_segments,
+                                           batch_sharding=sharding, scale=scale)
+        mask = attention_mask(positions, positions, segment_ids, segment_ids, window)
+        return lambda q, k, v: attn.masked_attention(q, k, v, mask, impl, scale)
 
-def self_attention_by_kind(cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None):
-    """``(kind, q, k, v) -> out``: one attention function per kind, chosen per layer with
-    ``lax.switch`` (the fused kernels need static windows, so each kind is its own kernel)."""
-    fns = [self_attention_fn(cfg, positions, segment_ids, k) for k in range(cfg.n_kinds)]
-    if len(fns) == 1:
-        return lambda kind, q, k, v: fns[0](q, k, v)
-    return lambda kind, q, k, v: jax.lax.switch(kind, fns, q, k, v)
+    fns = [kind_fn(k) for k in range(cfg.n_kinds)]
+
+    def attend(kind, layer_index, q, k, v, cache):
+        if len(fns) == 1:
+            return fns[0](q, k, v), cache
+        if isinstance(kind, (int, np.integer)):  # the decode layout's Python loop: the kind is known
+            return fns[kind](q, k, v), cache
+        return jax.lax.switch(kind, fns, q, k, v), cache
+
+    return attend
 
 
 def remat_policy(name: str):
-    """Map a config name to a ``jax.checkpoint`` policy (None means: do not remat).
+    """The ``jax.checkpoint`` policy of a config name (None: do not remat); the names and what each
+    keeps are :data:`solarjax.config.REMAT_POLICIES`."""
+    return REMAT_POLICIES[name]
 
-    What each layer keeps for the backward pass (measured memory/speed: README, "Remat policies"):
-    ``none`` everything (fastest, most memory); ``dots`` / ``dots_with_no_batch_dims`` every matmul
-    output (little recompute, the MLP's wide activations dominate memory); ``save_qkv_attn`` the
-    attention inputs, its output and the kernel's log-sum-exp, recomputing only the MLP (fused
-    attention is never rerun); ``save_attn_out`` only the attention output; ``full`` nothing but
-    the layer input (least memory, about one extra forward).
+
+# ----------------------------------------------------------------------------- the layer loop
+
+# ``attend(kind, layer_index, q, k, v, cache) -> (out, cache)``: a layer's attention given its rotated
+# queries, keys and values; ``kind`` (the layer's attention kind: sliding or global) and
+# ``layer_index`` are traced ints under the scan and Python ints in the decode layout. ``cache`` is
+# whatever the caller threads through the layers (a KV cache, or None); it is carried, so a cache
+# written with ``dynamic_update_slice`` is updated in place.
+Attend = Callable[[Any, Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def dense_layer(layer: Params, dtype: Any) -> Params:
+    """One layer's leaves as plain arrays: a weight-only quantized leaf (:class:`solarjax.quant.Quantized`,
+    anything with ``.dense(dtype)``) becomes ``values * scale`` here, inside the loop body, so XLA
+    fuses the dequantize into the matmul instead of materializing a float copy of the model."""
+    return {k: v.dense(dtype) if hasattr(v, "dense") else v for k, v in layer.items()}
+
+
+def run_layers(layers: Params | tuple[Params, ...], x: jax.Array, positions: jax.Array, cfg: ModelConfig,
+               attend: Attend, cache: Any = None, *, valid: jax.Array | None = None, with_stats: bool = False,
+               unroll: int | bool = 1) -> tuple[jax.Array, Any, Any]:
+    """The decoder stack: every caller's one loop over layers (training, eval, quantized eval,
+    KV-cache prefill and decode). Returns ``(x, cache, stats)``.
+
+    ``layers`` is ``params["layers"]``: stacked on axis 0 (one ``lax.scan``, the body under the
+    configured remat policy, ``unroll`` passed on) or the decode layout (a tuple of per-layer dicts,
+    :func:`solarjax.decode_layout.unstack_layers`: the same body called once per layer in Python,
+    so each matmul reads its weights in place). Each layer: dequantize (:func:`dense_layer`), norm
+    and project (fused ``wqkv`` or not), RoPE of its attention kind, ``attend``, output projection
+    and MLP or Mixture-of-Experts block. ``with_stats``: also the router statistics of every MoE
+    layer, stacked on axis 0 (``valid`` (B, T) marks the tokens they count); else ``stats`` is None.
     """
-    policies = {
-        "none": None,
-        "full": jax.checkpoint_policies.nothing_saveable,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-        "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
-        "save_qkv_attn": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out",
-                                                                        "attn_lse"),
-    }
-    return policies[name]
+    cos_all, sin_all = rope_tables(positions, cfg)  # per attention kind (Gemma 3: sliding / global)
 
+    def layer_step(carry, layer, index, kind):
+        x, cache = carry
+        layer = dense_layer(layer, cfg.compute_dtype)
+        q, k, v = qkv_projection(x, layer, pick(cos_all, kind), pick(sin_all, kind), cfg)
+        out, cache = attend(kind, index, q, k, v, cache)
+        x, stats = finish_layer_with_stats(x, out, layer, cfg, valid)
+        return (constrain_activations(x), cache), (stats if with_stats else None)
+
+    def remat(step):
+        if cfg.remat == "none":
+            return step
+        return jax.checkpoint(step, policy=remat_policy(cfg.remat), prevent_cse=False)
+
+    if isinstance(layers, (tuple, list)):  # index and kind stay Python ints: static slices of the cache
+        carry, outs = (x, cache), []
+        for index, (layer, kind) in enumerate(zip(layers, cfg.layer_kinds)):
+            carry, out = remat(lambda c, w, i=index, k=kind: layer_step(c, w, i, k))(carry, layer)
+            outs.append(out)
+        stats = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    else:
+        indices = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        carry, stats = jax.lax.scan(remat(lambda c, xs: layer_step(c, *xs)), (x, cache),
+                                    (layers, indices, layer_kinds(cfg)), unroll=unroll)
+    return carry[0], carry[1], stats
 
 
 # Sharding of (batch, seq, d_model) activations while a step is traced; None: leave it to XLA.
@@ -499,20 +515,9 @@ def hidden_states_and_aux(
     if positions is None:
         positions = default_positions(tokens, segment_ids)
     x = constrain_activations(embed(params, tokens, cfg))
-    cos_all, sin_all = rope_tables(positions, cfg)
-    self_attention = self_attention_by_kind(cfg, positions, segment_ids)
     valid = None if segment_ids is None else segment_ids != 0
-
-    def body(carry, xs):
-        layer, kind = xs
-        q, k, v = qkv_projection(carry, layer, pick(cos_all, kind), pick(sin_all, kind), cfg)
-        out, stats = finish_layer_with_stats(carry, self_attention(kind, q, k, v), layer, cfg, valid)
-        return constrain_activations(out), stats
-
-    policy = remat_policy(cfg.remat)
-    if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, stats = jax.lax.scan(body, x, (params["layers"], layer_kinds(cfg)))
+    x, _, stats = run_layers(params["layers"], x, positions, cfg, sequence_attention(cfg, positions, segment_ids),
+                             valid=valid, with_stats=True)
     if stats is None:
         return x, {}
     from solarjax import moe

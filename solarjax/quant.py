@@ -4,13 +4,13 @@ Decoding one token reads every weight once, so at batch 1 its speed is set by we
 int8 weights are a quarter of fp32 and half of bf16. :func:`quantize_params` replaces each
 matrix by a :class:`Quantized` leaf (integer values + a float scale per output channel, i.e.
 max-abs over the contraction axes / 127); norms stay as they are. Nothing is dequantized ahead
-of time: :func:`dense_layer` turns one layer's leaves back into compute-dtype arrays *inside* the
-layer scan body, right before the model's own matmuls, so XLA sees ``convert * scale -> dot``
-and can fuse the dequantize into the matmul instead of materializing a float copy of the model.
+of time: the model's one layer loop (:func:`solarjax.model.run_layers`, through
+:func:`solarjax.model.dense_layer`) turns each layer's leaves back into compute-dtype arrays
+*inside* its body, right before the layer's matmuls, so XLA sees ``convert * scale -> dot`` and
+can fuse the dequantize into the matmul instead of materializing a float copy of the model.
 
-The model functions in :mod:`solarjax.model` take plain arrays and are used unchanged;
 :func:`hidden_states`, :func:`embed` and :func:`lm_head` here are the quantization-aware entry
-points (they fall through to the model's for unquantized params).
+points outside the layers (they fall through to the model's for unquantized params).
 """
 
 from __future__ import annotations
@@ -124,11 +124,6 @@ def param_bytes(params: Params) -> int:
 # ----------------------------------------------------------------------------- dequantizing entry points
 
 
-def dense_layer(layer: Params, dtype: Any) -> Params:
-    """One layer's (or all layers') leaves as plain arrays: call this at the top of a scan body."""
-    return {k: v.dense(dtype) if isinstance(v, Quantized) else v for k, v in layer.items()}
-
-
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Token embeddings; a quantized table is gathered as integers and scaled per row."""
     table = params["embed"]
@@ -149,22 +144,11 @@ def lm_head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def hidden_states(params: Params, tokens: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
                   segment_ids: jax.Array | None = None) -> jax.Array:
-    """:func:`solarjax.model.hidden_states` for quantized params (the model's own for plain ones)."""
+    """:func:`solarjax.model.hidden_states` for quantized params (the model's own for plain ones):
+    the same layer loop, attention on the mask path (:func:`solarjax.attention.mask_path`)."""
     if not is_quantized(params):
         return M.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segment_ids)
     if positions is None:
         positions = M.default_positions(tokens, segment_ids)
-    x = embed(params, tokens, cfg)
-    cos_all, sin_all = M.rope_tables(positions, cfg)
-    masks = M.attention_masks(positions, positions, segment_ids, segment_ids, cfg)
-    impl = "xla" if cfg.attention in ("auto", "cudnn", "splash") else cfg.attention  # explicit mask
-
-    def body(x, xs):
-        layer, kind = xs
-        layer = dense_layer(layer, cfg.compute_dtype)
-        q, k, v = M.qkv_projection(x, layer, M.pick(cos_all, kind), M.pick(sin_all, kind), cfg)
-        out = M.attend(q, k, v, M.pick(masks, kind), impl, M.attention_scale(cfg))
-        return M.finish_layer(x, out, layer, cfg), None
-
-    x, _ = jax.lax.scan(body, x, (params["layers"], M.layer_kinds(cfg)))
-    return x
+    attend = M.sequence_attention(cfg, positions, segment_ids, masked=True)
+    return M.run_layers(params["layers"], embed(params, tokens, cfg), positions, cfg, attend)[0]

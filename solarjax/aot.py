@@ -421,6 +421,8 @@ class AotReport:
     compile_seconds: float
     attention: str = ""  # the kernel cfg.attention resolves to on this topology (auto -> splash)
     kernel_calls: int = 0  # Mosaic (Pallas) custom calls in the compiled program: splash is really in it
+    host_temp_bytes: int = 0  # host (pinned) memory of remat residuals an offload policy moves off the chip
+    libtpu: str = ""  # the libtpu release that compiled it
     fits: bool = True
     error: str | None = None
 
@@ -564,6 +566,8 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     report.alias_bytes = int(mem.alias_size_in_bytes)
     report.temp_bytes = int(mem.temp_size_in_bytes)
     report.code_bytes = int(mem.generated_code_size_in_bytes)
+    report.host_temp_bytes = int(getattr(mem, "host_temp_size_in_bytes", 0) or 0)
+    report.libtpu = _libtpu_version()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report.xla_flops_per_chip = float(cost["flops"]) if cost and "flops" in cost else None
@@ -571,6 +575,13 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     if not report.fits:
         report.error = (f"needs {report.total_bytes / 1e9:.2f} GB per chip, the chip has {report.hbm_bytes / 1e9:.2f} GB")
     return report
+
+
+def _libtpu_version() -> str:
+    """The libtpu release loaded (its dist-info beside ``libtpu/``), '' when unknown."""
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    infos = sorted(Path(path).parent.parent.glob("libtpu-*.dist-info")) if path else []
+    return infos[-1].name[len("libtpu-"):-len(".dist-info")] if infos else ""
 
 
 _UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}

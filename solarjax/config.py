@@ -32,6 +32,18 @@ REMAT_POLICIES: dict[str, Any] = {
     "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
     "save_qkv_attn": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_out", "attn_lse"),
+    # splash names its own output (heads-first) and log-sum-exp "attn_lse", so save_qkv_attn keeps the
+    # output twice; this keeps it once and recomputes attn_out, a transpose of it (TPU: same FLOPs,
+    # one (tokens, d_model) tensor less per layer). Elsewhere (no "attn_lse") attention is recomputed.
+    "save_qkv_lse": jax.checkpoint_policies.save_only_these_names("query", "key", "value", "attn_lse"),
+    # the same four, moved to host memory after the forward and back for the backward (TPU pinned host)
+    "offload_qkv_lse": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("query", "key", "value", "attn_lse"),
+        offload_src="device", offload_dst="pinned_host"),
+    # full remat with each layer's input (the only residual it keeps) in host memory
+    "offload_input": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("layer_input",),
+        offload_src="device", offload_dst="pinned_host"),
 }
 LAYER_TYPES = ("full_attention", "sliding_attention")
 

@@ -394,6 +394,7 @@ def run_layers(layers: Params | tuple[Params, ...], x: jax.Array, positions: jax
 
     def layer_step(carry, layer, index, kind):
         x, cache = carry
+        x = checkpoint_name(x, "layer_input")  # what remat's offload_input moves to host memory
         layer = dense_layer(layer, cfg.compute_dtype)
         q, k, v = qkv_projection(x, layer, pick(cos_all, kind), pick(sin_all, kind), cfg)
         out, cache = attend(kind, index, q, k, v, cache)

@@ -29,12 +29,14 @@ CONFIG_ITEM = "model_config"
 
 
 def save_params(path: str | os.PathLike, params: Params, cfg: ModelConfig, *, overwrite: bool = False,
-                sources: tuple = (), verb: str = "save_params") -> Path:
+                sources: tuple = (), verb: str = "save_params", beside: Any = None) -> Path:
     """Save ``params`` (host or sharded ``jax.Array``s) and ``cfg`` to ``path``; blocks until done.
 
     Written through :class:`solarjax.outputs.atomic_output_dir`: ``path`` must not be, contain or
     lie inside any of ``sources``, and ``overwrite`` replaces only a directory solarjax wrote.
-    One process writes it (the trainer's checkpoint manager handles multi-host saves).
+    One process writes it (the trainer's checkpoint manager handles multi-host saves). ``beside``
+    (called with the directory before it appears) adds files to it, e.g. the source's tokenizer
+    (``solarjax.loading.copy_tokenizer``), so the checkpoint is a complete model.
     """
     from solarjax.outputs import atomic_output_dir
 
@@ -48,6 +50,8 @@ def save_params(path: str | os.PathLike, params: Params, cfg: ModelConfig, *, ov
                     CONFIG_ITEM: ocp.args.JsonSave(cfg.to_dict()),
                 }),
             )
+        if beside is not None:
+            beside(tmp)
     return Path(path).resolve()
 
 

@@ -199,6 +199,14 @@ def tokenizer_source(path: str | os.PathLike | Source) -> AnyPath | None:
     return source.weights if source.kind == "gguf" else source.tokenizer_dir
 
 
+def tokenizer_copier(path: str | os.PathLike | Source):
+    """``out_dir -> copy_tokenizer(<path's tokenizer>, out_dir)`` for a writer's ``beside`` hook
+    (``ckpt.save_params``), so a converted or grown checkpoint keeps the whole tokenizer; None when
+    the model has none."""
+    tokenizer = tokenizer_source(path)
+    return None if tokenizer is None else (lambda out_dir: copy_tokenizer(tokenizer, out_dir))
+
+
 def _is_gguf(path: AnyPath) -> bool:
     return path.suffix == ".gguf" and path.is_file()
 

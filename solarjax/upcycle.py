@@ -304,7 +304,8 @@ def grow_loaded(src: Any, dst: Any, spec: str, *, dtype: str | None = None, out_
     cfg_in, params, _ = loading.load(source, dtype=dtype and st.canonical_dtype(dtype), progress=progress)
     params, cfg = grow(params, cfg_in, spec, allow_shallower=allow_shallower)
     if out_format == "orbax":
-        ckpt.save_params(dst, params, cfg, overwrite=overwrite, sources=(src,), verb="upscale")
+        ckpt.save_params(dst, params, cfg, overwrite=overwrite, sources=(src,), verb="upscale",
+                         beside=loading.tokenizer_copier(source))  # a run's whole tokenizer goes with it
     else:
         from solarjax.gguf import hf_side_files
 

@@ -83,6 +83,17 @@ def test_template_and_eos_survive_to_transformers(base, tmp_path, capsys):
     assert prompt_template(argparse.Namespace(model=str(run), chat=False, template="auto")) == "none"
 
 
+def test_an_orbax_conversion_keeps_the_whole_tokenizer(base, tmp_path, capsys):
+    """``convert hf-to-orbax`` (and ``upscale`` of a run, the same writer) keeps the side files, so the
+    checkpoint alone is a model ``generate --chat`` can use."""
+    from solarjax import loading
+
+    _cli(capsys, "convert", "hf-to-orbax", "--model", base, "--out", tmp_path / "orbax", "--no-progress")
+    for name in SIDE_FILES:
+        assert (tmp_path / "orbax" / name).read_bytes() == (base / name).read_bytes(), name
+    assert loading.detect(tmp_path / "orbax").tokenizer_dir == tmp_path / "orbax"
+
+
 def test_a_pretrained_model_without_a_tokenizer_is_refused(hf_llama_dir, tmp_path, capsys):
     """No silent new BPE for a pretrained model: one line naming the model and --tokenizer."""
     (tmp_path / "a.txt").write_text("some text to train on\n" * 20)

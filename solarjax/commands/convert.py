@@ -74,7 +74,8 @@ def _hf_to_orbax(args: argparse.Namespace) -> int:
     source = loading.detect(args.src)  # a bad source is named first
     check_destination(args.dst, overwrite=args.overwrite, sources=(args.src,))  # before loading anything
     cfg, params, _ = loading.load(source, dtype=args.dtype, progress=not args.no_progress)
-    ckpt.save_params(args.dst, params, cfg, overwrite=args.overwrite, sources=(args.src,), verb="convert hf-to-orbax")
+    ckpt.save_params(args.dst, params, cfg, overwrite=args.overwrite, sources=(args.src,), verb="convert hf-to-orbax",
+                     beside=loading.tokenizer_copier(source))  # the whole tokenizer goes with the weights
     _done(args, cfg)
     return 0
 

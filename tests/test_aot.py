@@ -187,3 +187,34 @@ def test_moe_compiles_for_tpu_with_megablox_experts(libtpu_dir):
     # dense dispatch runs all 4 experts where Megablox runs 2 per token
     assert report["program_flops_per_chip"] < dense["program_flops_per_chip"]
     assert report["program_flops_per_chip"] >= report["model_flops_per_chip"]
+
+
+def test_maxtext_comparison_pairs_match_both_sides():
+    """bench/aot_vs_maxtext.py's pair table (nothing compiled): both sides get the same slice,
+    tokens per step, sequence length and model, and the issue's four v5p-128 pairs are there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aot_vs_maxtext", Path(__file__).parent.parent / "bench" / "aot_vs_maxtext.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    v5p = bench.select("v5p-128:*")
+    assert [p.name for p in v5p] == ["v5p-128:llama2-7b_s4096_full", "v5p-128:llama2-7b_s8192_full",
+                                     "v5p-128:solar_s4096_custom_qkv_context", "v5p-128:solar_s4096_full"]
+    for pair in bench.select("*"):
+        mt = dict(a.split("=", 1) for a in pair.maxtext_args("DIR")[1:])
+        sj = pair.solarjax_args(pair.variants[0])
+        flags = dict(a[len("--config."):].split("=", 1) for a in sj if a.startswith("--config."))
+        assert mt["compile_topology"] == sj[sj.index("--topology") + 1]
+        chips = aot.parse_topology(mt["compile_topology"]).num_chips
+        assert int(flags["mesh.fsdp"]) == chips
+        assert int(mt["per_device_batch_size"]) * chips == int(flags["train.batch_size"])
+        assert mt["max_target_length"] == flags["train.seq_len"]
+        assert int(flags["train.batch_size"]) * int(flags["train.seq_len"]) == 8192 * chips
+        layers = load_config(sj[sj.index("--config") + 1]).model.n_layers
+        assert int(mt.get("base_num_decoder_layers", 32)) == layers
+    assert bench.parse_args(["--sides", "solarjax"]).sides == ["solarjax"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sides", "torch"])
+    with pytest.raises(SystemExit, match="no pair matches"):
+        bench.select("v9-1:*")

@@ -261,11 +261,11 @@ def dpo_datasets(config, cfg: ModelConfig, *, echo=print):
     tokenizer, tok_dir = resolve_tokenizer(config)
     check_tokenizer(tokenizer, cfg.vocab_size)
     encoder = make_encoder(config, cfg, tokenizer, tok_dir, section="dpo")
-    keep_in_run(config, encoder.template)
     tc, dc = config.train, config.data
     common = dict(seq_len=tc.seq_len, pairs_per_batch=tc.batch_size // jax.process_count(),
                   process_index=jax.process_index(), process_count=jax.process_count())
     pairs, stats = load_pairs(dc.source, encoder, skip_bad=config.dpo.skip_bad)
+    keep_in_run(config, encoder.template)  # once the data renders with it
     echo(f"dpo data ({encoder.template} template): {stats.summary('pairs')}")
     train_ds = make_dpo_dataset(pairs, seed=dc.seed, shuffle=dc.shuffle, **common)
     eval_ds = None

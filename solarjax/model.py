@@ -237,13 +237,16 @@ def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array | None, w_down: jax.Array, activation: str = "silu") -> jax.Array:
     """Gated feed-forward: SwiGLU (``silu``) or GeGLU (``gelu_tanh``). ``w_up=None``: ``w_gate`` is
-    the decode layout's fused ``(d, 2·ffn)`` gate-and-up matrix (solarjax.decode_layout)."""
+    the decode layout's fused ``(d, 2·ffn)`` gate-and-up matrix (solarjax.decode_layout).
+
+    Written with ``@`` (the same dot_general as ``einsum("btd,df->btf")``) so a weight object with
+    ``__rmatmul__`` computes its own product: :mod:`solarjax.nnx` runs each one in its named submodule."""
     if w_up is None:
-        gate, up = jnp.split(jnp.einsum("btd,df->btf", x, w_gate.astype(x.dtype)), 2, axis=-1)
+        gate, up = jnp.split(x @ w_gate.astype(x.dtype), 2, axis=-1)
     else:
-        gate = jnp.einsum("btd,df->btf", x, w_gate.astype(x.dtype))
-        up = jnp.einsum("btd,df->btf", x, w_up.astype(x.dtype))
-    return jnp.einsum("btf,fd->btd", _activation(activation)(gate) * up, w_down.astype(x.dtype))
+        gate = x @ w_gate.astype(x.dtype)
+        up = x @ w_up.astype(x.dtype)
+    return (_activation(activation)(gate) * up) @ w_down.astype(x.dtype)
 
 
 def project_heads(h: jax.Array, w: jax.Array) -> jax.Array:

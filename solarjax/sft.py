@@ -409,7 +409,13 @@ def keep_in_run(config, template: str) -> None:
         return
     out_dir = ckpt.as_path(config.train.out_dir)
     run_tokenizer(config, out_dir)
-    (out_dir / TEMPLATE_FILE).write_text(json.dumps({"template": template}) + "\n")
+    record = json.dumps({"template": template}) + "\n"
+    if "://" in str(out_dir):
+        (out_dir / TEMPLATE_FILE).write_text(record)
+    else:
+        from solarjax.outputs import replace_text
+
+        replace_text(out_dir / TEMPLATE_FILE, record)  # whole or not at all
 
 
 def recorded_template(model) -> str | None:
@@ -440,12 +446,12 @@ def sft_datasets(config, cfg, *, echo=print):
     tokenizer, tok_dir = resolve_tokenizer(config)
     check_tokenizer(tokenizer, cfg.vocab_size)
     encoder = make_encoder(config, cfg, tokenizer, tok_dir)
-    keep_in_run(config, encoder.template)
     sc, tc, dc = config.sft, config.train, config.data
     per_process = tc.batch_size // jax.process_count()
     common = dict(seq_len=tc.seq_len, batch_size=per_process, pack=sc.pack, packing_bins=sc.packing_bins,
                   process_index=jax.process_index(), process_count=jax.process_count())
     examples, stats = load_examples(dc.source, encoder, skip_bad=sc.skip_bad)
+    keep_in_run(config, encoder.template)  # once the data renders with it
     echo(f"sft data ({encoder.template} template): {stats.summary()}")
     train_ds = make_sft_dataset(examples, seed=dc.seed, shuffle=dc.shuffle, **common)
     eval_ds = None

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -472,49 +473,75 @@ def _rows(ids: list[int | None]) -> dict[str, np.ndarray]:
 
 
 class _Pieces(Sequence):
-    """A document's tokenized pieces, computed on access (grain's flat-map reads them in order and,
-    after a restore, from the middle: the previous piece is then tokenized once for its last token)."""
+    """A document's tokenized pieces, each computed on access, independently of the others (grain
+    reads them from parallel threads). A piece's carried first token is the previous piece's last
+    one, found by tokenizing only that piece's last word (the same whitespace convention as the cuts)."""
 
     def __init__(self, tokenize: _Tokenize, text: str, bounds: list[int]):
         self.tokenize, self.text, self.bounds = tokenize, text, bounds
-        self._last: tuple[int, int | None] | None = None  # (piece index, its last token id)
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
-    def _piece_ids(self, i: int) -> list[int]:
-        start, end = self.bounds[i], self.bounds[i + 1]
-        if i and self.tokenize.drop_space and self.text[start] == " ":
+    def _ids(self, start: int, end: int) -> list[int]:
+        if start and self.tokenize.drop_space and self.text[start] == " ":
             start += 1
-        ids = self.tokenize.ids(self.text[start:end])
-        self._last = (i, ids[-1] if ids else None)
-        return ids
+        return self.tokenize.ids(self.text[start:end])
 
     def _carry(self, i: int) -> int | None:
         if i == 0:
             return self.tokenize.bos
-        if self._last is None or self._last[0] != i - 1:
-            self._piece_ids(i - 1)
-        return self._last[1]
+        start, end = self.bounds[i - 1], self.bounds[i]
+        tail_from = max(start, end - 2 * MAX_WORD_CHARS)
+        match = _LAST_SPACE.match(self.text, tail_from, end)  # the last word of the previous piece
+        ids = self._ids(match.end() - 1 if match else tail_from, end)
+        return ids[-1] if ids else None
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        carry = self._carry(i)
-        return _rows([carry] + self._piece_ids(i) + ([self.tokenize.eos] if i == len(self) - 1 else []))
+        last = [self.tokenize.eos] if i == len(self) - 1 else []
+        return _rows([self._carry(i)] + self._ids(self.bounds[i], self.bounds[i + 1]) + last)
 
 
-def _piece_transform(tokenize: _Tokenize):
-    """grain's flat-map transform: a document -> its lazily tokenized pieces."""
+def _piece_dataset(documents: Sequence[str], order, tokenize: _Tokenize, epochs: int | None):
+    """A grain ``MapDataset`` of tokenized pieces: the pieces of ``order``'s documents (a MapDataset of
+    document indices, shuffled and repeated), each document's pieces adjacent and in order. Random
+    access (what grain's prefetch threads need): element ``i`` lies in epoch ``i // P`` (``P`` pieces
+    per epoch, whatever the order), found in that epoch's cumulative piece counts."""
+    import functools
+
     import grain
 
-    class PieceTransform(grain.experimental.FlatMapTransform):
-        max_fan_out = None  # unbounded and unused: only the iterator flat-map takes it
+    bounds = [piece_bounds(d, tokenize.piece_chars) for d in documents]
+    counts = np.asarray([len(b) - 1 for b in bounds])
+    per_epoch, n_docs = int(counts.sum()), len(documents)
+    single = bool((counts == 1).all())  # every document one piece: element i is document order[i]
 
-        def flat_map(self, text: str) -> _Pieces:
-            return tokenize.pieces(text)
+    @functools.lru_cache(maxsize=2)
+    def epoch_ends(epoch: int) -> np.ndarray:
+        return np.cumsum(counts[[order[epoch * n_docs + t] for t in range(n_docs)]])
 
-    return PieceTransform()
+    class Pieces(grain.MapDataset):
+        def __init__(self):
+            super().__init__([order])
+
+        def __len__(self) -> int:
+            return per_epoch * epochs if epochs is not None else sys.maxsize
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                return self.slice(index)
+            if single:
+                doc, piece = order[index], 0
+            else:
+                epoch, rest = divmod(index, per_epoch)
+                ends = epoch_ends(epoch)
+                slot = int(np.searchsorted(ends, rest, side="right"))
+                doc, piece = order[epoch * n_docs + slot], rest - (int(ends[slot - 1]) if slot else 0)
+            return _Pieces(tokenize, documents[doc], bounds[doc])[piece]
+
+    return Pieces()
 
 
 def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -558,17 +585,19 @@ def make_dataset(
         raise DataError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
     if len(documents) < process_count:
         raise DataError(f"{len(documents)} documents cannot be split among {process_count} processes")
-    ds = grain.MapDataset.source(list(documents))[process_index::process_count]
+    shard = list(documents)[process_index::process_count]
+    if not shard:
+        raise DataError("no documents to make a dataset of")
+    order = grain.MapDataset.range(len(shard))
     if shuffle:
-        ds = ds.shuffle(seed=seed)
+        order = order.shuffle(seed=seed)
     if repeat:
-        ds = ds.repeat(None)
-    # No prefetch threads: elements are the documents themselves (references, nothing to compute),
-    # and tokenizing is done piece by piece below, in the caller's thread, which overlaps the device
-    # step under JAX's async dispatch. (grain's default, 16 threads x 500 tokenized documents ahead,
-    # held whole documents' tokens many times over: 24 GB for one 47 MB document.)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    ds = grain.experimental.FlatMapIterDataset(ds, _piece_transform(_Tokenize(tokenizer, bos_id, eos_id, piece_chars)))
+        order = order.repeat(None)
+    ds = _piece_dataset(shard, order, _Tokenize(tokenizer, bos_id, eos_id, piece_chars), None if repeat else 1)
+    # A few threads tokenize pieces ahead, a bounded buffer of them (each at most PIECE_CHARS of text):
+    # grain's default, 16 threads x 500 whole documents ahead, held one 47 MB document's tokens many
+    # times over (24 GB).
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=64))
     ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"inputs": seq_len, "targets": seq_len})
     return json_restorable(ds.map(_to_batch).batch(batch_size, drop_remainder=True))
 

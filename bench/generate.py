@@ -73,8 +73,9 @@ def build_model(path: str, shape: str) -> None:
     else:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+        # 255 byte symbols and one merge (llama.cpp refuses a byte-level vocabulary without merges)
+        vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())[:255])}
+        tok = Tokenizer(models.BPE(vocab={**vocab, "ab": 255}, merges=[("a", "b")]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         tok.save(str(Path(path) / "tokenizer.json"))
@@ -84,7 +85,7 @@ def export_gguf(model_dir: str, qtype: str) -> str:
     """The model as a GGUF of ``qtype``, written by solarjax's exporter (``convert hf-to-gguf``)."""
     from solarjax import gguf_export
 
-    out = Path(model_dir) / f"model.{qtype}.gguf"
+    out = Path(model_dir).parent / "gguf" / f"model.{qtype}.gguf"  # beside the model: never inside a source
     if not out.exists():
         gguf_export.hf_to_gguf(model_dir, out, qtype)
     return str(out)
@@ -93,9 +94,18 @@ def export_gguf(model_dir: str, qtype: str) -> str:
 def bench_llama_cpp(path: str, prompt_len: int, new_tokens: int, repeats: int, threads: int | None) -> dict:
     """llama.cpp through llama-cpp-python: prefill is ``eval`` of the prompt, decode its ``generate``
     loop (greedy, no repeat penalty), on ``threads`` threads (default: the CPUs this process may use)."""
+    import llama_cpp.llama_cpp as capi
     import numpy as np
     from llama_cpp import Llama
 
+    defaults = capi.llama_model_default_params
+
+    def no_repack():  # llama.cpp's repacked (AMX) int8 weights segfault on multi-token batches on these VMs
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    capi.llama_model_default_params = no_repack
     n_threads = threads or len(os.sched_getaffinity(0))
     llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 8, n_batch=min(512, prompt_len), n_threads=n_threads,
                 n_threads_batch=n_threads, verbose=False)
@@ -272,8 +282,9 @@ def main() -> None:
 
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     with tempfile.TemporaryDirectory() as tmp:
-        build_model(tmp, args.shape)
-        results = {side: run_side(side, args, tmp) for side in sides}
+        model_dir = str(Path(tmp) / "model")
+        build_model(model_dir, args.shape)
+        results = {side: run_side(side, args, model_dir) for side in sides}
     device = next((r["device"] for r in results.values() if "device" in r), None)
     common = {"shape": args.shape, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "dtype": args.dtype, "device": device, "torch_threads": args.torch_threads, "threads": args.threads}

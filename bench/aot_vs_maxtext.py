@@ -81,6 +81,7 @@ REMATS = {
         "save_qkv_attn": ("--config.model.remat='save_qkv_attn'",),
         "save_qkv_lse": ("--config.model.remat='save_qkv_lse'",),
         "offload_qkv_lse": ("--config.model.remat='offload_qkv_lse'",),
+        "save_qkv_lse_kept_loss": ("--config.model.remat='save_qkv_lse'", "--config.train.loss_recompute_logits=False"),
     }),
 }
 TOPOLOGIES = {"v5p-128": 64, "v6e-256": 256, "v5e-256": 256}  # MaxText's names -> chips

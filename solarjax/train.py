@@ -56,7 +56,8 @@ LossFn = Callable[[Params, Batch, ModelConfig], tuple[jax.Array, dict[str, jax.A
 
 
 def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mesh | None = None,
-                    rules: Mapping[str, Any] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    rules: Mapping[str, Any] | None = None,
+                    recompute_logits: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy of ``targets`` over tokens where ``loss_mask`` is set.
 
     Weights are cast to the compute dtype once (:func:`solarjax.model.compute_params`) and the
@@ -75,7 +76,7 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     if mesh is None:
         batch_size, seq_len = batch["targets"].shape
         chunk = chunk_length(batch_size // batch_shards(), seq_len)  # sized by the rows each device holds
-        ce = chunked_cross_entropy(x, head, batch["targets"], chunk)
+        ce = chunked_cross_entropy(x, head, batch["targets"], chunk, recompute_logits)
     else:
         ce = shd.vocab_parallel_cross_entropy(x, head, batch["targets"], mesh, rules)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -86,10 +87,11 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     return loss + moe.weighted_aux_loss(aux, cfg), {"loss": loss, "tokens": tokens, **moe.scalar_metrics(aux, cfg)}
 
 
-def default_loss(mesh: Mesh, rules: Mapping[str, Any] | None = None) -> LossFn:
-    """``next_token_loss``, vocab-parallel when the rules put the vocabulary on a mesh axis of size > 1."""
+def default_loss(mesh: Mesh, rules: Mapping[str, Any] | None = None, recompute_logits: bool = True) -> LossFn:
+    """``next_token_loss``, vocab-parallel when the rules put the vocabulary on a mesh axis of size > 1;
+    ``recompute_logits`` (``train.loss_recompute_logits``): see :func:`solarjax.losses.chunked_cross_entropy`."""
     if shd.logical_to_spec(("vocab",), shd.rules_from_config(rules), mesh)[0] is None:
-        return next_token_loss
+        return next_token_loss if recompute_logits else functools.partial(next_token_loss, recompute_logits=False)
     return functools.partial(next_token_loss, mesh=mesh, rules=rules)
 
 
@@ -530,7 +532,9 @@ class Task:
         return shd.batch_sharding(mesh, rules)
 
     def loss_fn(self, mesh: Mesh, rules) -> LossFn:
-        return default_loss(mesh, rules)
+        config = getattr(self, "config", None)  # set by setup()
+        recompute = config is None or config.train.get("loss_recompute_logits", True)
+        return default_loss(mesh, rules, recompute_logits=recompute)
 
     def batch(self, local: Mapping[str, np.ndarray], shardings) -> Batch:
         """This process' rows -> the global batch the step takes."""

@@ -102,13 +102,13 @@ def test_backend_resolution_and_refusals():
         preset("tiny", attention="flash")
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 20])
-def test_chunked_cross_entropy_equals_optax(chunk):
+@pytest.mark.parametrize("chunk, recompute", [(1, True), (5, True), (20, True), (5, False)])
+def test_chunked_cross_entropy_equals_optax(chunk, recompute):
     ks = jax.random.split(jax.random.key(4), 4)
     x, head = jax.random.normal(ks[0], (3, 20, 8)), jax.random.normal(ks[1], (8, 50))
     targets, weights = jax.random.randint(ks[2], (3, 20), 0, 50), jax.random.normal(ks[3], (3, 20))
     full = lambda x, w: optax.softmax_cross_entropy_with_integer_labels(x @ w, targets)  # noqa: E731
-    ours = lambda x, w: chunked_cross_entropy(x, w, targets, chunk)  # noqa: E731
+    ours = lambda x, w: chunked_cross_entropy(x, w, targets, chunk, recompute)  # noqa: E731
     np.testing.assert_allclose(ours(x, head), full(x, head), atol=1e-5)
     g_ours = jax.grad(lambda x, w: jnp.sum(ours(x, w) * weights), argnums=(0, 1))(x, head)
     g_full = jax.grad(lambda x, w: jnp.sum(full(x, w) * weights), argnums=(0, 1))(x, head)

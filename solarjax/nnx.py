@@ -139,7 +139,7 @@ def _put(root: nnx.Module, where: Place, value: jax.Array, cfg: ModelConfig) -> 
         setattr(_child(root, where.path, create=True), where.attr, nnx.Param(value))
 
 
-def _get(root: nnx.Module, where: Place) -> Any:
+def find(root: nnx.Module, where: Place) -> Any:
     """The :class:`Linear` of a matmul leaf, else the leaf's ``nnx.Param``."""
     module = _child(root, where.path)
     return module if where.linear else getattr(module, where.attr)
@@ -174,7 +174,7 @@ class CausalLM(nnx.Module):
         """One layer as :func:`model.run_layers` takes it: arrays, and :class:`_Product` handles for matmuls."""
         cfg, out = self.config, {}
         for where in places(cfg)[0]:
-            leaf = _get(layer, where)
+            leaf = find(layer, where)
             out[where.param.name] = _Product(leaf, tuple(where.param.shape(cfg))) if where.linear else leaf.value
         return out
 

@@ -97,12 +97,13 @@ def test_a_long_document_resumes_mid_document_exactly():
 
 
 MEMORY_SCRIPT = r"""
-import json, resource, sys
+import json, sys
 from solarjax import data
 from tests.train_fixtures import word_tokenizer
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # VmHWM: this program's own peak (ru_maxrss keeps a forking parent's across exec)
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 # one document of 5.6 MB x argv[2] (built without a list of words: the peak RSS stays low until now)
 doc = (" ".join(f"w{i}" for i in range(23)) + " ") * 65_000 * int(sys.argv[2])

@@ -171,7 +171,9 @@ def test_dpo_steps_raise_reward_accuracy(tmp_path, policy_dir):
     for a, b in zip(jax.tree.leaves(summary["reference"]), jax.tree.leaves(start)):
         np.testing.assert_array_equal(np.asarray(a), b)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= set(lines[0])
+    # first the step-0 eval (before any update: policy = reference, so the DPO loss is ln 2), then the steps
+    assert lines[0]["step"] == 0 and math.isclose(lines[0]["eval_loss"], math.log(2), rel_tol=1e-5)
+    assert {"reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"} <= set(lines[1])
     assert (tmp_path / "run" / "checkpoints" / "8" / "params").is_dir()
     # a second run of the same config resumes from the last checkpoint (here: nothing left to do)
     again = dpo.run_dpo(config)

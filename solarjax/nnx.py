@@ -255,3 +255,18 @@ def merge_lora(module: CausalLM, alpha: float) -> Params:
         return node
 
     return params_from_pure_dict(fold(nnx.to_pure_dict(nnx.state(module, nnx.Param))), module.config)
+
+
+def dequantized_params(module: CausalLM) -> Params:
+    """solarjax params of a Qwix PTQ model: every quantized kernel replaced by its dequantized values
+    (``qwix.dequantize``), to score or export what the quantized model computes."""
+    import qwix
+
+    pure = nnx.to_pure_dict(nnx.state(module))
+    for path, sub in module.iter_modules():
+        if isinstance(sub, Linear) and not isinstance(sub.kernel, nnx.Param):
+            node = pure
+            for name in path:
+                node = node[name]
+            node["kernel"] = qwix.dequantize(sub.kernel.array)
+    return params_from_pure_dict(pure, module.config)

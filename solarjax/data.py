@@ -98,7 +98,6 @@ def _expand(source: str | Sequence[str]) -> list[epath.Path]:
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", "")
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def read_records(source: str | Sequence[str], *, error: type[DataError] = DataError,

@@ -61,16 +61,6 @@ def converters(layout: str, ours: tuple[int, ...]) -> tuple[Callable, Callable]:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def layer_tensors(cfg: ModelConfig) -> dict[str, str]:
-    """HF layer-tensor suffix -> our leaf for ``cfg``'s family, in transformers' order."""
-    return {p.hf: p.name for p in families.get(cfg.arch).params(cfg)[0]}
-
-
-def global_tensors(cfg: ModelConfig) -> dict[str, str]:
-    """HF name -> our leaf of the embedding, final norm and (untied) head."""
-    return {p.hf: p.name for p in families.get(cfg.arch).params(cfg)[1]}
-
-
 # The Llama family's tables (merge's default filter names; the other families are in solarjax.families)
 LAYER_TENSORS = {p.hf: p.name for p in families.get("llama").layer_params}
 GLOBAL_TENSORS = {p.hf: p.name for p in families.get("llama").global_params}

@@ -28,7 +28,7 @@ import os
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -706,14 +706,6 @@ def _check_tensors(inputs: _Inputs) -> list[str]:
                 raise MergeError(f"tensor {name!r}: {ref.path} has shape {shape} but {other.path} has "
                                  f"{other.shapes[name]} (vocabulary or architecture mismatch)")
     return list(ref.shapes)
-
-
-def merged_tensors(recipe: Recipe, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, merged numpy array) for every tensor, reading one tensor name at a time."""
-    spec = method_spec(recipe.method)
-    inputs = _arrange(recipe, spec)
-    for t in _merge_plan(recipe, spec, inputs, _check_tensors(inputs), seed):
-        yield t.name, t.make()
 
 
 def _merge_plan(recipe: Recipe, spec: MethodSpec, inputs: _Inputs, names: list[str], seed: int) -> list[st.OutTensor]:

@@ -119,7 +119,7 @@ def _check_divisible(what: str, shape: tuple[int, ...], axes: tuple, spec: P, me
             )
 
 
-def param_specs(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Params:
+def param_partition_specs(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Params:
     """PartitionSpecs for every param, checked for divisibility (raises ``ShardingError``)."""
     rules = rules_from_config(rules)
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
@@ -136,7 +136,7 @@ def param_specs(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> Params:
     """``NamedSharding`` per param (a pytree like the params), for ``load_hf``/``load_params``/jit."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, rules),
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_partition_specs(cfg, mesh, rules),
                         is_leaf=lambda x: isinstance(x, P))
 
 

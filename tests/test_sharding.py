@@ -57,15 +57,15 @@ def test_indivisible_params_and_batch_are_named():
     cfg = preset("tiny")  # 4 heads, 2 kv heads, vocab 256, d 64
     mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
     with pytest.raises(sharding.ShardingError, match=r"wk.*kv_heads.*size 2.*tensor=4"):
-        sharding.param_specs(cfg, mesh)
+        sharding.param_partition_specs(cfg, mesh)
     # Replicating kv heads is the documented way out.
-    specs = sharding.param_specs(cfg, mesh, {"kv_heads": None})
+    specs = sharding.param_partition_specs(cfg, mesh, {"kv_heads": None})
     assert specs["layers"]["wk"] == P(None, None, None, None)
     assert specs["layers"]["wq"] == P(None, None, "tensor", None)
     with pytest.raises(sharding.ShardingError, match="vocab.*size 255"):
-        sharding.param_specs(cfg.replace(vocab_size=255), sharding.make_mesh(data=4, tensor=2))
+        sharding.param_partition_specs(cfg.replace(vocab_size=255), sharding.make_mesh(data=4, tensor=2))
     with pytest.raises(sharding.ShardingError, match="no axis 'model'"):
-        sharding.param_specs(cfg, mesh, {"mlp": "model", "kv_heads": None})
+        sharding.param_partition_specs(cfg, mesh, {"mlp": "model", "kv_heads": None})
     with pytest.raises(sharding.ShardingError, match=r"microbatch size 6.*8 devices"):
         sharding.check_batch(12, sharding.make_mesh(data=4, fsdp=2), grad_accum=2)
     with pytest.raises(sharding.ShardingError, match="grad_accum=5"):

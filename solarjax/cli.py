@@ -65,7 +65,5 @@ def one_line(err: BaseException) -> str:
     return str(err)
 
 
-import solarjax  # noqa: E402  (for __version__ above without a cycle at import time)
-
 if __name__ == "__main__":
     sys.exit(main())

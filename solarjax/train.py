@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from solarjax import ckpt, moe
 from solarjax import sharding as shd
+from solarjax.chips import peak_flops  # the one peak-FLOPs table
 from solarjax.config import ConfigError, ModelConfig, model_config_from_dict
 from solarjax.model import (Params, abstract_params, batch_shards, compute_params, head_matrix, hidden_states_and_aux,
                             init_params, norm)
@@ -214,8 +215,6 @@ def global_batch(local: Mapping[str, np.ndarray], batch_shardings: Mapping[str, 
 
 
 # ----------------------------------------------------------------------------- metrics
-
-from solarjax.chips import peak_flops  # noqa: E402  (the one peak-FLOPs table)
 
 
 def mfu(tokens_per_s: float, cfg: ModelConfig, seq_len: int, num_devices: int) -> float | None:

@@ -76,6 +76,7 @@ REMATS = {
     "full": (("remat_policy=full",), {
         "full": ("--config.model.remat='full'",),
         "offload_input": ("--config.model.remat='offload_input'",),
+        "full_chunk1024": ("--config.model.remat='full'", "--config.train.loss_chunk_tokens=1024"),
     }),
     "custom_qkv_context": (_SAVE_QKV, {
         "save_qkv_attn": ("--config.model.remat='save_qkv_attn'",),

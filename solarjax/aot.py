@@ -531,7 +531,8 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     optimizer, schedule = make_optimizer(config.optim, tc.steps)
     state_sh = train_state_shardings(cfg, optimizer, mesh, rules)
     batch_sh = shd.batch_sharding(mesh, rules)
-    loss_fn = default_loss(mesh, rules, recompute_logits=tc.get("loss_recompute_logits", True))  # train()'s own loss
+    loss_fn = default_loss(mesh, rules, recompute_logits=tc.get("loss_recompute_logits", True),
+                           chunk_tokens=tc.get("loss_chunk_tokens"))  # train()'s own loss
     step = jit_train_step(make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum, schedule=schedule),
                           state_sh, batch_sh)  # the trainer's own jit, activation sharding included
     state = abstract_train_state(cfg, optimizer, state_sh)

@@ -353,10 +353,12 @@ def base_config(**model: Any):
     # weights untouched) before the run stops; 0 stops at the first. eval_at_start: a held-out eval at
     # step 0, before any update (with eval_every > 0). loss_recompute_logits=False: the loss keeps
     # softmax - onehot (tokens x vocab, compute dtype) for its backward instead of redoing the head
-    # matmul (solarjax.losses.chunked_cross_entropy).
+    # matmul (solarjax.losses.chunked_cross_entropy). loss_chunk_tokens: tokens per loss chunk on each
+    # device (None: losses.CHUNK_TOKENS).
     config.train = C(dict(steps=100, batch_size=8, seq_len=128, grad_accum=1, seed=0, log_every=10,
                           eval_every=50, eval_batches=4, eval_at_start=True, out_dir=None, progress=True,
-                          max_nonfinite_skips=10, loss_recompute_logits=True))
+                          max_nonfinite_skips=10, loss_recompute_logits=True,
+                          loss_chunk_tokens=ml_collections.config_dict.placeholder(int)))
     # lr, schedule, warmup_steps, min_lr_ratio: None = decided by solarjax.optim.resolve_optim, from the
     # run: 3e-4 / cosine / 10 / 0.1 from scratch, the continued-pretraining schedule from a pretrained model
     # (typed placeholders: None until set, and an override of the wrong type is refused)

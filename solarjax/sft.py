@@ -20,6 +20,8 @@ raise ``SFTDataError`` naming ``file:line``, or are skipped and counted with ``s
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -230,8 +232,6 @@ class LoadStats:
     first_errors: list[str] = field(default_factory=list)
 
     def skip(self, err: Exception) -> None:
-        import re
-
         msg = str(err)
         reason = re.sub(r"\d+", "N", msg.split(": ", 1)[-1].split(" (")[0].split(", which")[0])
         self.skipped[reason] += 1
@@ -398,8 +398,6 @@ def keep_in_run(config, template: str) -> None:
     """Make the run directory a complete model before training: the whole tokenizer
     (:func:`solarjax.train.run_tokenizer`) and the prompt template it is tuned with
     (:data:`TEMPLATE_FILE`, which ``solarjax generate`` applies)."""
-    import json
-
     import jax
 
     from solarjax import ckpt
@@ -421,8 +419,6 @@ def keep_in_run(config, template: str) -> None:
 def recorded_template(model) -> str | None:
     """The template a run (or a step of one) was tuned with, from its :data:`TEMPLATE_FILE`; None when
     it records none (not tuned by solarjax, or not a run)."""
-    import json
-
     from solarjax import loading
 
     try:

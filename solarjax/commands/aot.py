@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from solarjax.commands._flags import accept_config_overrides, print_json
 
@@ -35,8 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from solarjax import aot
     from solarjax.config import apply_overrides, load_config
 

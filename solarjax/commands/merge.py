@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 from solarjax.commands._flags import add_json, add_out, add_progress, paths, report
 
@@ -34,8 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
     from solarjax.merge import merge_checkpoints
 
     paths(args)

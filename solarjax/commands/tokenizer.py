@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from solarjax.commands._flags import add_json, report
 
@@ -25,8 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from solarjax import data
     from solarjax.outputs import atomic_output_file, source_paths
 

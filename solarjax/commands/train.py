@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from solarjax.commands._flags import (add_training, check_export, claim_out_dir, export_gguf, export_hf, report,
                                       resolved_config, training_config)
@@ -24,8 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from solarjax.train import model_from_init
 
     if not args.config and not args.init:

@@ -9,6 +9,7 @@ only when complete.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from solarjax.commands._flags import add_json, add_model, add_out, add_progress, paths, report
@@ -92,8 +93,6 @@ def plan_spec(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from solarjax import dus, loading
     from solarjax.hf import CheckpointError, read_hf_config
 
@@ -129,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
 def _grow_in_memory(args: argparse.Namespace, spec: str) -> int:
     """Grow in memory: GGUF, Orbax and run sources, and growth specs with sparse upcycling or several
     steps (load, grow, save: HF for HF/GGUF sources, an upcycled model as a Mixtral; else Orbax)."""
-    import time
-
     from solarjax import upcycle
 
     start = time.perf_counter()

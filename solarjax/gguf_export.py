@@ -163,18 +163,14 @@ def _check_exportable(cfg: ModelConfig, arch: str) -> None:
 def _model_metadata(writer, cfg: ModelConfig, arch: str, want: str, name: str | None) -> None:
     p = f"{arch}."
     writer.add_name(name or f"solarjax {cfg.arch} {cfg.n_layers} layers")
-    writer.add_uint32(p + "context_length", int(cfg.max_seq_len))
-    writer.add_uint32(p + "embedding_length", int(cfg.d_model))
-    writer.add_uint32(p + "block_count", int(cfg.n_layers))
-    writer.add_uint32(p + "feed_forward_length", int(cfg.ffn_dim))
-    writer.add_uint32(p + "attention.head_count", int(cfg.n_heads))
-    writer.add_uint32(p + "attention.head_count_kv", int(cfg.n_kv_heads))
-    writer.add_uint32(p + "attention.key_length", int(cfg.head_dim))
-    writer.add_uint32(p + "attention.value_length", int(cfg.head_dim))
-    writer.add_uint32(p + "rope.dimension_count", int(cfg.head_dim))
+    for key, value in (("context_length", cfg.max_seq_len), ("embedding_length", cfg.d_model),
+                       ("block_count", cfg.n_layers), ("feed_forward_length", cfg.ffn_dim),
+                       ("attention.head_count", cfg.n_heads), ("attention.head_count_kv", cfg.n_kv_heads),
+                       ("attention.key_length", cfg.head_dim), ("attention.value_length", cfg.head_dim),
+                       ("rope.dimension_count", cfg.head_dim), ("vocab_size", cfg.vocab_size)):
+        writer.add_uint32(p + key, int(value))
     writer.add_float32(p + "rope.freq_base", float(cfg.rope_theta))
     writer.add_float32(p + "attention.layer_norm_rms_epsilon", float(cfg.rms_eps))
-    writer.add_uint32(p + "vocab_size", int(cfg.vocab_size))
     if cfg.rope_scaling is not None:
         writer.add_string(p + "rope.scaling.type", "linear")
         writer.add_float32(p + "rope.scaling.factor", float(cfg.rope_scaling["factor"]))

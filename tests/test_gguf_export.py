@@ -179,13 +179,9 @@ def _llama_cpp_greedy(path, prompt, n: int) -> tuple[list[int], np.ndarray]:
                           logits_all=True, type_k=0, type_v=0)
     llm.eval(list(prompt))
     last = np.array(llm.scores[len(prompt) - 1], dtype=np.float32)
-    llm.reset()
-    out = []
-    for token in llm.generate(list(prompt), temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        out.append(int(token))
-        if len(out) == n:
-            break
-    return out, last
+    from solarjax.llama_cpp_peer import greedy
+
+    return greedy(llm, prompt, n), last
 
 
 def _solarjax_greedy(src, prompt, n: int) -> tuple[list[int], np.ndarray]:

@@ -41,16 +41,27 @@ def _logits(x: jax.Array, head: jax.Array) -> jax.Array:
     return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
 
 
-def _forward(x, head, targets, n_chunks):
+def _forward(x, head, targets, n_chunks, keep: bool = False):
+    """Per-token cross-entropy and log-normaliser, chunk by chunk; ``keep``: instead of the
+    log-normaliser, every chunk's ``softmax - onehot`` in the compute dtype (chunked layout)."""
     def body(_, chunk):
         xc, tc = chunk
         logits = _logits(xc, head)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return None, (lse - target_logit, lse)
+        if not keep:
+            return None, (lse - target_logit, lse)
+        onehot = jax.nn.one_hot(tc, head.shape[1], dtype=logits.dtype)
+        return None, (lse - target_logit, (jnp.exp(logits - lse[..., None]) - onehot).astype(x.dtype))
 
-    _, (ce, lse) = jax.lax.scan(body, None, (_chunks(x, n_chunks), _chunks(targets, n_chunks)))
-    return _unchunk(ce), _unchunk(lse)
+    _, (ce, extra) = jax.lax.scan(body, None, (_chunks(x, n_chunks), _chunks(targets, n_chunks)))
+    return _unchunk(ce), (extra if keep else _unchunk(extra))
+
+
+def _head_step(d_head, xc, d_logits, head):
+    """One chunk of the backward: the head's gradient accumulated in fp32, and the chunk's ``dx``."""
+    dx = jnp.einsum("btv,dv->btd", d_logits, head, preferred_element_type=jnp.float32).astype(xc.dtype)
+    return d_head + jnp.einsum("btd,btv->dv", xc, d_logits, preferred_element_type=jnp.float32), dx
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -71,9 +82,7 @@ def _chunked_ce_bwd(n_chunks, residuals, g):
         probs = jnp.exp(_logits(xc, head) - lc[..., None])
         onehot = jax.nn.one_hot(tc, head.shape[1], dtype=probs.dtype)
         d_logits = ((probs - onehot) * gc[..., None]).astype(x.dtype)
-        dx = jnp.einsum("btv,dv->btd", d_logits, head, preferred_element_type=jnp.float32).astype(x.dtype)
-        d_head = d_head + jnp.einsum("btd,btv->dv", xc, d_logits, preferred_element_type=jnp.float32)
-        return d_head, dx
+        return _head_step(d_head, xc, d_logits, head)
 
     chunks = tuple(_chunks(a, n_chunks) for a in (x, targets, lse, g))
     d_head, dx = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), chunks)
@@ -83,27 +92,13 @@ def _chunked_ce_bwd(n_chunks, residuals, g):
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def _kept_forward(x, head, targets, n_chunks):
-    """The chunked forward that also keeps ``softmax - onehot`` of every chunk in the compute dtype."""
-    def body(_, chunk):
-        xc, tc = chunk
-        logits = _logits(xc, head)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        onehot = jax.nn.one_hot(tc, head.shape[1], dtype=logits.dtype)
-        return None, (lse - target_logit, (jnp.exp(logits - lse[..., None]) - onehot).astype(x.dtype))
-
-    _, (ce, residual) = jax.lax.scan(body, None, (_chunks(x, n_chunks), _chunks(targets, n_chunks)))
-    return _unchunk(ce), residual
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _kept_ce(x, head, targets, n_chunks):
     return _forward(x, head, targets, n_chunks)[0]
 
 
 def _kept_ce_fwd(x, head, targets, n_chunks):
-    ce, residual = _kept_forward(x, head, targets, n_chunks)
+    ce, residual = _forward(x, head, targets, n_chunks, keep=True)
     return ce, (x, head, residual)
 
 
@@ -113,9 +108,7 @@ def _kept_ce_bwd(n_chunks, residuals, g):
     def body(d_head, chunk):
         xc, rc, gc = chunk
         d_logits = (rc.astype(jnp.float32) * gc[..., None]).astype(x.dtype)
-        dx = jnp.einsum("btv,dv->btd", d_logits, head, preferred_element_type=jnp.float32).astype(x.dtype)
-        d_head = d_head + jnp.einsum("btd,btv->dv", xc, d_logits, preferred_element_type=jnp.float32)
-        return d_head, dx
+        return _head_step(d_head, xc, d_logits, head)
 
     chunks = (_chunks(x, n_chunks), residual, _chunks(g, n_chunks))
     d_head, dx = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), chunks)

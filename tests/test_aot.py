@@ -218,3 +218,29 @@ def test_maxtext_comparison_pairs_match_both_sides():
         bench.parse_args(["--sides", "torch"])
     with pytest.raises(SystemExit, match="no pair matches"):
         bench.select("v9-1:*")
+
+
+def test_save_qkv_lse_keeps_the_splash_output_once(capsys):
+    """splash names its output and log-sum-exp 'attn_lse': save_qkv_attn also keeps attn_out (the same
+    values transposed), save_qkv_lse does not; offload_input moves full remat's layer input to host."""
+    import jax.numpy as jnp
+
+    from solarjax import attention, model
+
+    base = aot.model_shape_config(load_config("tiny")).replace(
+        d_model=256, n_heads=2, n_kv_heads=1, head_dim=128, ffn_dim=512, n_layers=2, dtype="bfloat16",
+        attention="splash", max_seq_len=128)
+    tokens = jax.ShapeDtypeStruct((2, 128), jnp.int32)
+
+    def residuals(remat):  # jax's public report: one line per residual, e.g. 'bf16<host>[2,2,128,256] ...'
+        cfg = base.replace(remat=remat)
+        loss = lambda p, t: model.forward(p, t, cfg).astype(jnp.float32).mean()  # noqa: E731
+        capsys.readouterr()
+        with attention.kernels_interpreted():
+            jax.ad_checkpoint.print_saved_residuals(loss, model.abstract_params(cfg), tokens)
+        return [line.split(" ")[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+    out = lambda lines: sum(r in ("bf16[2,2,128,2,128]", "bf16[2,2,2,128,128]") for r in lines)  # noqa: E731
+    assert out(residuals("save_qkv_attn")) == 3  # query, attn_out and the kernel's output
+    assert out(residuals("save_qkv_lse")) == 2  # query and the kernel's output
+    assert [r for r in residuals("offload_input") if "<host>" in r] == ["bf16<host>[2,2,128,256]"]  # layer inputs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's GPU figures, as one prepared run on a lent machine.
+# The GPU measurements behind the GPU figures in docs/performance.md, as one prepared run on a lent machine.
 #   OUT=dir bash bench/gpu_run.sh A    # attention check, train step vs torch.compile, remat
 #   OUT=dir bash bench/gpu_run.sh B    # generation latency, eager peer, plain causal kernel
 # Every figure goes to $OUT/*.jsonl as soon as it exists, so a timeout keeps what finished.

@@ -261,7 +261,7 @@ def save_checkpoint(manager, state: Any, cfg: ModelConfig, data_iter: Any = None
 
     Size: the fp32 params plus AdamW's m and v (3x the params; 2.13 GB for a 191M model, tensorstore
     compressing a little), plus kilobytes of model config and data-iterator state: the floor for a
-    checkpoint a run resumes from (README, "CPU training memory")."""
+    checkpoint a run resumes from (docs/performance.md, "CPU training memory")."""
     import grain
 
     step = int(jax.device_get(state["step"]))

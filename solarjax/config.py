@@ -20,7 +20,7 @@ from solarjax.errors import ConfigError  # noqa: F401 (re-exported: where caller
 
 MOE_DISPATCH = ("auto", "ragged", "blocked", "megablox", "dense")
 # What each remat policy keeps for a layer's backward pass (the only list of their names; the model's
-# layer loop applies them). Measured memory/speed: README, "Remat policies". none: everything (fastest,
+# layer loop applies them). Measured memory/speed: docs/performance.md, "Remat policies". none: everything (fastest,
 # most memory); dots / dots_with_no_batch_dims: every matmul output (little recompute, the MLP's wide
 # activations dominate memory); save_qkv_attn: the attention inputs, its output and the kernel's
 # log-sum-exp, recomputing only the MLP (fused attention is never rerun); save_attn_out: only the

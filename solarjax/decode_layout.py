@@ -15,7 +15,7 @@ of small kernels per token. Two things in the training layout cost a decode step
 The one layer loop (``model.run_layers``: training forward, quantized eval, prefill, decode) and
 its layer functions (``model.qkv_projection``, ``model.finish_layer_with_stats``) accept either form.
 Training keeps the stacked, unfused layout (one compiled layer, FSDP over the stack, per-matrix
-sharding). Measured in README "Inference".
+sharding). Measured in docs/performance.md, "Inference".
 """
 
 from __future__ import annotations

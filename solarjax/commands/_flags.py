@@ -1,4 +1,4 @@
-"""The flags every verb shares, declared once (the README's "Command line" convention).
+"""The flags every verb shares, declared once (the "Command line" convention of docs/guide.md).
 
 ``--model`` names what a verb reads, ``--out`` what it writes; training verbs share ``--config``,
 ``--data``, ``--init``, ``--steps`` and friends; ``--no-progress`` and ``--json`` mean the same

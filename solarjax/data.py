@@ -287,7 +287,8 @@ def _clip(text: Any, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _token_text(value: Any) -> str:
+def token_text(value: Any) -> str:
+    """A special token as ``tokenizer_config.json`` writes it (a string or an AddedToken dict)."""
     return (value.get("content") if isinstance(value, dict) else value) or ""
 
 
@@ -310,19 +311,27 @@ def load_chat_template(path: str | os.PathLike | None) -> ChatTemplate | None:
     return chat_template_from(config, directory / "tokenizer_config.json", jinja if jinja.is_file() else None)
 
 
-def chat_template_from(config: dict, origin: str | os.PathLike, jinja: Path | None = None) -> ChatTemplate | None:
-    """The chat template of a ``tokenizer_config.json`` (as read, from a file or a GGUF), or of a
-    ``chat_template.jinja`` beside it; None when there is none."""
+def chat_template_text(config: dict, origin: str | os.PathLike, jinja: Path | None = None) -> tuple[str | None, str]:
+    """(template source, where it came from): a ``chat_template.jinja`` when there is one (as
+    transformers prefers it), else the ``chat_template`` of a ``tokenizer_config.json`` (its
+    ``default`` entry when the templates are named); None when there is none."""
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if jinja is not None:
         template, origin = jinja.read_text(encoding="utf-8"), jinja
+    return template or None, str(origin)
+
+
+def chat_template_from(config: dict, origin: str | os.PathLike, jinja: Path | None = None) -> ChatTemplate | None:
+    """The chat template of a ``tokenizer_config.json`` (as read, from a file or a GGUF), or of a
+    ``chat_template.jinja`` beside it; None when there is none."""
+    template, origin = chat_template_text(config, origin, jinja)
     if not template:
         return None
-    bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
-    return ChatTemplate(template, bos, eos, str(origin))
+    bos, eos = token_text(config.get("bos_token")), token_text(config.get("eos_token"))
+    return ChatTemplate(template, bos, eos, origin)
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -148,14 +148,14 @@ def _check_exportable(cfg: ModelConfig, arch: str) -> None:
         raise GGUFError(f"RoPE scaling {cfg.rope_scaling.get('rope_type')!r} is not written to GGUF by solarjax "
                         "(linear scaling is)")
     if arch == "gemma3":
-        n = cfg.n_layers
-        pattern = tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n))
-        if tuple(cfg.resolved_layer_types) != pattern:
+        from solarjax.families import gemma3
+
+        if tuple(cfg.resolved_layer_types) != gemma3.llama_cpp_layer_types(cfg.n_layers):
             raise GGUFError("llama.cpp's gemma3 makes every 6th layer a full-attention layer; this model's "
                             "layer_types differ (an up-scaled Gemma 3 re-indexes them), so its GGUF would "
                             "compute another model")
         scalar = float(cfg.query_pre_attn_scalar or cfg.head_dim)
-        if scalar != float(cfg.head_dim) or cfg.sliding_rope_theta != 10000.0:
+        if scalar != float(cfg.head_dim) or cfg.sliding_rope_theta != gemma3.LLAMA_CPP_LOCAL_THETA:
             raise GGUFError("llama.cpp's gemma3 assumes query_pre_attn_scalar = head_dim and a local RoPE base "
                             f"of 10000; this model has {scalar} and {cfg.sliding_rope_theta}")
 
@@ -227,10 +227,6 @@ def _merges(model: dict[str, Any]) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
 
-def _token_name(value: Any) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def _tokens(tok) -> tuple[list[str], dict[int, Any]]:
     vocab = tok.get_vocab(with_added_tokens=True)
     tokens = [None] * len(vocab)
@@ -249,28 +245,15 @@ def _add_bos(tok_json: dict[str, Any], config: dict[str, Any]) -> bool:
     return bool(single) and "SpecialToken" in single[0]
 
 
-def _chat_template(config: dict[str, Any], directory: Path) -> str | None:
-    template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja = directory / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template
-
-
 def tokenizer_metadata(writer, directory: Path, cfg: ModelConfig) -> None:
     """Write the tokenizer in ``directory`` (HF files) as GGUF ``tokenizer.*`` metadata."""
     from tokenizers import Tokenizer
 
+    from solarjax.data import chat_template_text, token_text
+    from solarjax.safetensors_io import read_json
+
     def read(name: str) -> dict[str, Any]:
-        path = directory / name
-        if not path.is_file():
-            return {}
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise GGUFError(f"{path} is not valid JSON: {err}") from None
+        return read_json(directory / name, GGUFError) if (directory / name).is_file() else {}
 
     if not (directory / "tokenizer.json").is_file():
         raise GGUFError("the model has no tokenizer.json; a GGUF needs its tokenizer (pass --tokenizer)")
@@ -309,7 +292,7 @@ def tokenizer_metadata(writer, directory: Path, cfg: ModelConfig) -> None:
     ids = {t: i for i, t in enumerate(tokens)}
     for key, value in (("bos", config.get("bos_token")), ("eos", config.get("eos_token")),
                        ("unknown", config.get("unk_token")), ("padding", config.get("pad_token"))):
-        name = _token_name(value)
+        name = token_text(value)
         if name in ids:
             writer.add_uint32(f"tokenizer.ggml.{key}_token_id", ids[name])
     eos = generation.get("eos_token_id", cfg.eos_token_id)
@@ -317,7 +300,8 @@ def tokenizer_metadata(writer, directory: Path, cfg: ModelConfig) -> None:
         writer.add_uint32("tokenizer.ggml.eos_token_id", int(eos[0] if isinstance(eos, list) else eos))
     writer.add_bool("tokenizer.ggml.add_bos_token", _add_bos(tok_json, config))
     writer.add_bool("tokenizer.ggml.add_eos_token", bool(config.get("add_eos_token", False)))
-    template = _chat_template(config, directory)
+    jinja = directory / "chat_template.jinja"
+    template, _ = chat_template_text(config, directory / "tokenizer_config.json", jinja if jinja.is_file() else None)
     if template:
         writer.add_string("tokenizer.chat_template", template)
 

@@ -67,12 +67,19 @@ def _to_hf(cfg) -> dict[str, Any]:
     return out
 
 
+LLAMA_CPP_LOCAL_THETA = 10000.0  # llama.cpp's gemma3 hard-codes the sliding layers' RoPE base
+
+
+def llama_cpp_layer_types(n_layers: int) -> tuple[str, ...]:
+    """The layer types llama.cpp's gemma3 runs (it stores none): every 6th layer full attention."""
+    return tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers))
+
+
 def _from_gguf(meta, values: dict[str, Any]) -> dict[str, Any]:
-    """llama.cpp's Gemma 3 metadata: the window; every 6th layer full; local RoPE base 10000."""
-    n = values["n_layers"]
-    return dict(sliding_window=int(meta("attention.sliding_window", 4096)), rope_local_theta=10000.0,
-                query_pre_attn_scalar=float(values["head_dim"]),
-                layer_types=tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)))
+    """llama.cpp's Gemma 3 metadata: the window; every 6th layer full; local RoPE base 10000;
+    the attention scale from head_dim."""
+    return dict(sliding_window=int(meta("attention.sliding_window", 4096)), rope_local_theta=LLAMA_CPP_LOCAL_THETA,
+                query_pre_attn_scalar=float(values["head_dim"]), layer_types=llama_cpp_layer_types(values["n_layers"]))
 
 
 _LAYER = (

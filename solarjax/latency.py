@@ -149,8 +149,6 @@ def latency_table(
     (else :func:`solarjax.config.preset` loads them). ``on_row`` sees each row as it is done.
     ``llama_cpp`` (GGUF types such as ``f32``, ``q8_0``) adds llama.cpp rows: the same random
     weights exported by :mod:`solarjax.gguf_export`, timed by :mod:`solarjax.llama_cpp_peer`."""
-    from solarjax.dus import upscale_params
-
     if new_tokens < 2:
         raise LatencyError(f"new tokens must be at least 2 (decode is timed as t(N) - t(1)), got {new_tokens}")
     if not prompt_lens or min(prompt_lens) < 1:
@@ -187,12 +185,10 @@ def latency_table(
                 bar.update(1)
             continue
         cfg = format_config(base, weights, accelerator)
-        params = M.init_params(jax.random.key(0), cfg.replace(param_dtype="float32" if weights == "int8"
-                                                              else cfg.param_dtype))
-        label = name
-        if variant == "dus":
-            params, cfg = upscale_params(params, cfg, f"solar:m={solar_m(cfg.n_layers)}")
-            label = f"{name}+dus"
+        stored = cfg.param_dtype  # int8 is quantized from float32 weights
+        label, params, cfg = random_model(name, cfg.replace(param_dtype="float32" if weights == "int8" else stored),
+                                          variant)
+        cfg = cfg.replace(param_dtype=stored)
         if weights == "int8":
             params = quant.quantize_params(params)
         if bar is not None:
@@ -211,19 +207,25 @@ def latency_table(
     return rows
 
 
+def random_model(name: str, cfg: ModelConfig, variant: str) -> tuple[str, Any, ModelConfig]:
+    """(row label, random params, config) of a preset, up-scaled by SOLAR's rule for ``dus``."""
+    from solarjax.dus import upscale_params
+
+    params = M.init_params(jax.random.key(0), cfg)
+    if variant != "dus":
+        return name, params, cfg
+    params, cfg = upscale_params(params, cfg, f"solar:m={solar_m(cfg.n_layers)}")
+    return f"{name}+dus", params, cfg
+
+
 def llama_cpp_row(name: str, base: ModelConfig, variant: str, qtype: str, prompt_lens: Sequence[int],
                   new_tokens: int, repeats: int, threads: int | None) -> Row:
     """One llama.cpp row: the preset's random float32 weights (up-scaled for ``dus``) as a GGUF of
     ``qtype``, timed on the CPU; peak memory is not measured (llama.cpp shares this process)."""
     from solarjax import gguf_export, llama_cpp_peer
-    from solarjax.dus import upscale_params
 
-    cfg = base.replace(dtype="float32", param_dtype="float32", remat="none")
-    params = M.init_params(jax.random.key(0), cfg)
-    label = name
-    if variant == "dus":
-        params, cfg = upscale_params(params, cfg, f"solar:m={solar_m(cfg.n_layers)}")
-        label = f"{name}+dus"
+    label, params, cfg = random_model(name, base.replace(dtype="float32", param_dtype="float32", remat="none"),
+                                      variant)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.gguf"
         gguf_export.write_gguf(path, params, cfg, llama_cpp_peer.placeholder_tokenizer(Path(tmp) / "tok"), qtype)

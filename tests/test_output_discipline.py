@@ -171,3 +171,20 @@ def test_a_logger_asked_for_and_missing_is_an_error_before_training(tmp_path, mo
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert 'pip install "solarjax[tensorboard]"' in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the first step
+
+
+def test_generate_json_is_one_object_for_one_prompt_or_several(run):
+    """``generate --json`` keeps the one-object rule with a batch of prompts: ``{"completions": [...]}``,
+    one entry per prompt in order, each the completion that prompt gets alone (greedy)."""
+    out = str(run[0])
+    base = ("generate", "--model", out, "--max-new-tokens", "4", "--temperature", "0", "--json", "--no-progress")
+    alone = []
+    for prompt in ("To be", "or not"):
+        code, stdout, stderr = cli(*base, "--prompt", prompt)
+        assert code == 0, stderr
+        alone.append(json.loads(stdout))
+    assert [a["prompt"] for a in alone] == ["To be", "or not"]
+    code, stdout, stderr = cli(*base, "--prompt", "To be", "--prompt", "or not")
+    assert code == 0, stderr
+    both = json.loads(stdout)  # the whole of stdout: one object
+    assert both == {"completions": alone}

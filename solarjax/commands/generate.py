@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop_strings=args.stop,
                    truncate=args.truncate)
-    if args.json:  # one object per prompt, when all are done
-        for prompt, text in zip(args.prompt, generate_text(params, cfg, tokenizer, prompts, **options)):
-            print_json({"prompt": prompt, "completion": text})
+    if args.json:  # one object when all are done: {prompt, completion}, or {completions: [...]} for several
+        done = [{"prompt": prompt, "completion": text}
+                for prompt, text in zip(args.prompt, generate_text(params, cfg, tokenizer, prompts, **options))]
+        print_json(done[0] if len(done) == 1 else {"completions": done})
         return 0
     if len(prompts) == 1 and not args.no_stream:
         def stream(piece: str) -> None:

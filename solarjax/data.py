@@ -102,21 +102,26 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", "")
 
 
 def read_records(source: str | Sequence[str], *, error: type[DataError] = DataError,
-                 text_ok: bool = False) -> Iterator[tuple[str, Any]]:
+                 text_ok: bool = False, max_line_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
     """``(where, record)`` for every JSONL line / Parquet row of a source (files, globs, dirs): the
     one record reader of pretraining, SFT and DPO data. A line that is not JSON comes as an ``error``
     instance in its place (callers skip or raise it); with ``text_ok`` a text file is one record, a str.
 
-    Streams: one line (or 1024 Parquet rows) is in memory at a time, beside what the caller keeps.
-    A JSONL line that is not UTF-8 comes as an ``error`` naming file, line and column, like bad JSON;
-    in a text file it raises one."""
+    Streams: one line (or 1024 Parquet rows) is in memory at a time, beside what the caller keeps;
+    with ``max_line_bytes`` a longer line is never held whole: it comes as an ``error`` naming file
+    and line, and reading goes on at the next line. A JSONL line that is not UTF-8 comes as an
+    ``error`` naming file, line and column, like bad JSON; in a text file it raises one."""
     allowed = (".txt, .md, " if text_ok else "") + ".jsonl or .parquet"
     for path in _expand(source):
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
             with path.open("rb") as f:
-                for line_no, raw in enumerate(f, 1):
+                for line_no, raw in enumerate(_lines(f, max_line_bytes), 1):
                     where = f"{path}:{line_no}"
+                    if raw is None:
+                        yield where, error(f"{where}: a line longer than {max_line_bytes} bytes (the most a "
+                                           "record may hold)")
+                        continue
                     try:
                         line = raw.decode("utf-8")
                     except UnicodeDecodeError as err:
@@ -147,6 +152,21 @@ def read_records(source: str | Sequence[str], *, error: type[DataError] = DataEr
             yield str(path), text
         else:
             raise error(f"{path}: unsupported data file type {suffix!r} (use {allowed})")
+
+
+def _lines(f, limit: int | None) -> Iterator[bytes | None]:
+    """The lines of a binary file; with ``limit``, None in place of a longer one, which is read past
+    in ``limit``-sized chunks rather than held."""
+    if limit is None:
+        yield from f
+        return
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):  # at most limit bytes before its newline
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(limit + 1)
+        yield None
 
 
 def _bad_byte(raw: bytes, err: UnicodeDecodeError) -> str:
@@ -560,6 +580,29 @@ def _to_batch(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def process_order(items: Sequence[Any], *, batch_size: int, seq_len: int, seed: int, shuffle: bool, repeat: bool,
+                  process_index: int, process_count: int, what: str = "documents", batch_name: str = "batch_size",
+                  error: type[DataError] = DataError) -> tuple[list[Any], Any]:
+    """``(shard, order)``: this process' items (every ``process_count``-th from ``process_index``, so
+    each process loads only its share) and a grain ``MapDataset`` of indices into the shard, shuffled
+    with ``seed`` and, with ``repeat``, repeated for ever (grain reshuffles every epoch).
+    The one grain preamble of pretraining, SFT and DPO: the same seed orders each the same way, and a
+    shape or a split that cannot work is one ``error`` line naming ``batch_name``/``what``."""
+    import grain
+
+    if batch_size <= 0 or seq_len <= 0:
+        raise error(f"{batch_name}={batch_size} and seq_len={seq_len} must be positive")
+    if len(items) < process_count:
+        raise error(f"{len(items)} {what} cannot be split among {process_count} processes")
+    shard = list(items)[process_index::process_count]
+    order = grain.MapDataset.range(len(shard))
+    if shuffle:
+        order = order.shuffle(seed=seed)
+    if repeat:
+        order = order.repeat(None)
+    return shard, order
+
+
 def make_dataset(
     documents: Sequence[str],
     tokenizer,
@@ -586,18 +629,10 @@ def make_dataset(
     """
     import grain
 
-    if batch_size <= 0 or seq_len <= 0:
-        raise DataError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
-    if len(documents) < process_count:
-        raise DataError(f"{len(documents)} documents cannot be split among {process_count} processes")
-    shard = list(documents)[process_index::process_count]
+    shard, order = process_order(documents, batch_size=batch_size, seq_len=seq_len, seed=seed, shuffle=shuffle,
+                                 repeat=repeat, process_index=process_index, process_count=process_count)
     if not shard:
         raise DataError("no documents to make a dataset of")
-    order = grain.MapDataset.range(len(shard))
-    if shuffle:
-        order = order.shuffle(seed=seed)
-    if repeat:
-        order = order.repeat(None)
     ds = _piece_dataset(shard, order, _Tokenize(tokenizer, bos_id, eos_id, piece_chars), None if repeat else 1)
     # A few threads tokenize pieces ahead, a bounded buffer of them (each at most PIECE_CHARS of text):
     # grain's default, 16 threads x 500 whole documents ahead, held one 47 MB document's tokens many

@@ -38,11 +38,10 @@ import numpy as np
 import optax
 
 from solarjax.config import ConfigError, ModelConfig
-from solarjax.data import ChatTemplateBudgetError, DataError
 from solarjax import moe
 from solarjax.model import Params, hidden_states_and_aux, lm_head
-from solarjax.sft import (Encoder, LoadStats, PadBatch, SFTDataError, check_messages, keep_in_run, make_encoder,
-                          read_records, resolve_tokenizer)
+from solarjax.sft import (Encoder, LoadStats, SFTDataError, batched, check_messages, keep_in_run, load_encoded,
+                          make_encoder, resolve_tokenizer)
 from solarjax.train import Task
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -115,23 +114,19 @@ def pair_messages(record: Any, where: str) -> tuple[list[dict], list[dict]]:
 
 def load_pairs(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bool = False
                ) -> tuple[list[tuple[dict, dict]], LoadStats]:
-    """Every preference record encoded as ``(chosen, rejected)`` examples (last assistant turn scored)."""
-    stats, pairs = LoadStats(), []
-    truncated_before = encoder.truncated
-    for where, record in read_records(source):
-        try:
-            chosen, rejected = pair_messages(record, where)
-            pairs.append((encoder.encode(chosen, where, last_turn_only=True),
-                          encoder.encode(rejected, where, last_turn_only=True)))
-        except DataError as err:  # SFTDataError, or the chat template's
-            if not skip_bad or isinstance(err, ChatTemplateBudgetError):  # a hostile template is not a bad record
-                raise
-            stats.skip(err)
-    stats.kept, stats.truncated = len(pairs), encoder.truncated - truncated_before
-    if not pairs:
-        raise SFTDataError(f"data source {source!r} has no usable preference pairs" +
-                           (f" ({stats.summary('pairs')})" if stats.skipped else ""))
-    return pairs, stats
+    """Every preference record encoded as ``(chosen, rejected)`` examples (last assistant turn scored);
+    chat records are refused when template=auto found no chat template, as SFT's are."""
+    def encode(record: Any, where: str) -> tuple[dict, dict]:
+        return tuple(encoder.encode(chat, where, last_turn_only=True) for chat in pair_messages(record, where))
+
+    return load_encoded(source, encode, encoder, skip_bad=skip_bad, what="pairs", label="preference pairs",
+                        chat=chat_pair, section="dpo")
+
+
+def chat_pair(record: dict) -> str | None:
+    """What makes a preference record a chat, as the refusal names it: messages in place of text."""
+    fields = [k for k in ("prompt", "chosen", "rejected") if isinstance(record.get(k), list)]
+    return f"a record with messages in {fields}" if fields else None
 
 
 def _pad_row(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -180,20 +175,15 @@ def make_dpo_dataset(
 
     Without ``repeat`` (eval) the last batch is filled up with empty rows (``pair`` 0, no weight).
     """
-    import grain
+    from solarjax.data import process_order
 
-    if pairs_per_batch <= 0 or seq_len <= 0:
-        raise SFTDataError(f"pairs per batch ({pairs_per_batch}) and seq_len ({seq_len}) must be positive")
-    if len(pairs) < process_count:
-        raise SFTDataError(f"{len(pairs)} pairs cannot be split among {process_count} processes")
-    ds = grain.MapDataset.source(list(pairs))[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)
-    ds = ds.map(_PadPair(seq_len)).to_iter_dataset().batch(pairs_per_batch, drop_remainder=repeat)
-    ds = ds.map(_ToRows(1 + process_index * pairs_per_batch))
-    return ds if repeat else ds.map(PadBatch(2 * pairs_per_batch))  # empty rows have pair 0: no weight
+    shard, order = process_order(pairs, batch_size=pairs_per_batch, seq_len=seq_len, seed=seed, shuffle=shuffle,
+                                 repeat=repeat, process_index=process_index, process_count=process_count,
+                                 what="pairs", batch_name="pairs_per_batch", error=SFTDataError)
+    ds = order.map(shard.__getitem__).map(_PadPair(seq_len)).to_iter_dataset()
+    # rows after pairing, so the empty rows that fill a short eval batch have pair 0: no weight
+    return batched(ds, pairs_per_batch, rows=2 * pairs_per_batch, repeat=repeat,
+                   to_rows=_ToRows(1 + process_index * pairs_per_batch))
 
 
 # ----------------------------------------------------------------------------- loss

@@ -25,7 +25,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -70,11 +70,17 @@ def alpaca_generation_prompt(instruction: str, tokenizer: Any, bos_id: int | Non
 # ----------------------------------------------------------------------------- records
 
 
+# A JSONL line longer than this is a bad record, never read whole: one record is tokenized whole
+# (tokenizers' Encoding keeps ~250 bytes per token), and a fine-tuning example is seq_len tokens.
+MAX_RECORD_BYTES = 16 * 2**20
+
+
 def read_records(source: str | Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """``(where, record)`` for every JSONL line / Parquet row (``solarjax.data.read_records``)."""
+    """``(where, record)`` for every JSONL line / Parquet row (``solarjax.data.read_records``, lines
+    bounded by :data:`MAX_RECORD_BYTES`)."""
     from solarjax.data import read_records as read
 
-    return read(source, error=SFTDataError)
+    return read(source, error=SFTDataError, max_line_bytes=MAX_RECORD_BYTES)
 
 
 def _text_field(record: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:
@@ -248,33 +254,52 @@ class LoadStats:
         return line
 
 
-def load_examples(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bool = False
-                  ) -> tuple[list[dict[str, np.ndarray]], LoadStats]:
-    """Every record of ``source`` encoded; bad ones raise (naming file:line) or are counted."""
-    stats, examples = LoadStats(), []
+def load_encoded(source: str | Sequence[str], encode: Callable[[Any, str], Any], encoder: Encoder, *,
+                 skip_bad: bool = False, what: str = "examples", label: str | None = None,
+                 chat: Callable[[dict], str | None] | None = None, section: str = "sft") -> tuple[list, LoadStats]:
+    """``encode(record, where)`` of every record of ``source``: the one loader of SFT and DPO. A bad
+    record raises (naming file:line) or, with ``skip_bad``, is counted in the stats; a chat record
+    (``chat``) without a chat template is refused (:func:`refuse_chat`), and a hostile template
+    stops the load. ``what``/``label`` name the items in the summary and the "none usable" error."""
+    stats, out = LoadStats(), []
     truncated_before = encoder.truncated
     for where, record in read_records(source):
-        refuse_chat(encoder, record, where)
+        refuse_chat(encoder, record, where, chat=chat or chat_record, section=section)
         try:
-            examples.append(encoder.encode(record_messages(record, where), where))
+            out.append(encode(record, where))
         except DataError as err:  # SFTDataError, or the chat template's
             if not skip_bad or isinstance(err, ChatTemplateBudgetError):  # a hostile template is not a bad record
                 raise
             stats.skip(err)
-    stats.kept, stats.truncated = len(examples), encoder.truncated - truncated_before
-    if not examples:
-        raise SFTDataError(f"data source {source!r} has no usable examples" +
-                           (f" ({stats.summary()})" if stats.skipped else ""))
-    return examples, stats
+    stats.kept, stats.truncated = len(out), encoder.truncated - truncated_before
+    if not out:
+        raise SFTDataError(f"data source {source!r} has no usable {label or what}" +
+                           (f" ({stats.summary(what)})" if stats.skipped else ""))
+    return out, stats
 
 
-def refuse_chat(encoder: Encoder, record: Any, where: str) -> None:
-    """A ``messages`` record when template=auto found no chat template: one error (never skipped,
-    the data is fine: the tokenizer lacks the template), naming where the template was looked for."""
-    if encoder.no_chat_template and isinstance(record, dict) and "messages" in record:
-        raise SFTDataError(f"{where}: a 'messages' record needs a chat template, and {encoder.no_chat_template}; "
-                           "set sft.chat_template=FILE (a .jinja or tokenizer_config.json), or sft.template=alpaca "
-                           "to render single-turn chats as Alpaca prompts")
+def load_examples(source: str | Sequence[str], encoder: Encoder, *, skip_bad: bool = False
+                  ) -> tuple[list[dict[str, np.ndarray]], LoadStats]:
+    """Every record of ``source`` encoded; bad ones raise (naming file:line) or are counted."""
+    return load_encoded(source, lambda record, where: encoder.encode(record_messages(record, where), where),
+                        encoder, skip_bad=skip_bad)
+
+
+def chat_record(record: dict) -> str | None:
+    """What makes an SFT record a chat, as the refusal names it: a ``messages`` field."""
+    return "a 'messages' record" if "messages" in record else None
+
+
+def refuse_chat(encoder: Encoder, record: Any, where: str, *, chat: Callable[[dict], str | None] = chat_record,
+                section: str = "sft") -> None:
+    """A chat record (``chat`` names what makes it one) when template=auto found no chat template:
+    one error (never skipped, the data is fine: the tokenizer lacks the template), naming where the
+    template was looked for and the ``section``'s settings that choose another."""
+    kind = chat(record) if encoder.no_chat_template and isinstance(record, dict) else None
+    if kind:
+        raise SFTDataError(f"{where}: {kind} needs a chat template, and {encoder.no_chat_template}; "
+                           f"set {section}.chat_template=FILE (a .jinja or tokenizer_config.json), or "
+                           f"{section}.template=alpaca to render single-turn chats as Alpaca prompts")
 
 
 # ----------------------------------------------------------------------------- packing
@@ -303,6 +328,14 @@ class PadBatch:
         return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
+def batched(ds, batch_size: int, *, rows: int, repeat: bool, to_rows: Callable | None = None):
+    """``ds`` (an ``IterDataset``) in batches of ``batch_size`` items, then ``to_rows`` (items to
+    trainer rows); without ``repeat`` (eval) the short last batch is kept, filled up to ``rows`` empty rows."""
+    ds = ds.batch(batch_size, drop_remainder=repeat)
+    ds = ds.map(to_rows) if to_rows is not None else ds
+    return ds if repeat else ds.map(PadBatch(rows))
+
+
 def make_sft_dataset(
     examples: Sequence[dict[str, np.ndarray]],
     *,
@@ -324,21 +357,17 @@ def make_sft_dataset(
     """
     import grain
 
-    if batch_size <= 0 or seq_len <= 0:
-        raise SFTDataError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
-    if len(examples) < process_count:
-        raise SFTDataError(f"{len(examples)} examples cannot be split among {process_count} processes")
-    ds = grain.MapDataset.source(list(examples))[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)
+    from solarjax.data import process_order
+
+    shard, order = process_order(examples, batch_size=batch_size, seq_len=seq_len, seed=seed, shuffle=shuffle,
+                                 repeat=repeat, process_index=process_index, process_count=process_count,
+                                 what="examples", error=SFTDataError)
     lengths = {"inputs": seq_len, "targets": seq_len, "loss_mask": seq_len}
     ds = grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(), length_struct=lengths, num_packing_bins=packing_bins or 4 * batch_size,
-        seed=seed, shuffle_bins=shuffle, max_sequences_per_bin=None if pack else 1)
-    ds = ds.map(_to_batch).batch(batch_size, drop_remainder=repeat)
-    return ds if repeat else ds.map(PadBatch(batch_size))
+        order.map(shard.__getitem__).to_iter_dataset(), length_struct=lengths,
+        num_packing_bins=packing_bins or 4 * batch_size, seed=seed, shuffle_bins=shuffle,
+        max_sequences_per_bin=None if pack else 1)
+    return batched(ds.map(_to_batch), batch_size, rows=batch_size, repeat=repeat)
 
 
 # ----------------------------------------------------------------------------- config and run

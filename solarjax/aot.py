@@ -499,14 +499,17 @@ def _shard_nbytes(tree) -> int:
 
 
 def model_shape_config(config):
-    """``ModelConfig`` of the trained model: ``config.model``, up-scaled when ``init.upscale`` says so."""
+    """``ModelConfig`` of the trained model: ``config.model``, grown by ``init.upscale`` through the
+    one growth entry point ``train`` uses (DUS plans, ``upcycle:`` and ``+`` chains, Gemma 3's
+    ``layer_types`` re-indexed), so aot compiles the model ``train`` would build."""
     from solarjax.train import model_config
 
     cfg = model_config(config).replace(param_dtype="float32")
     if config.init.upscale:
-        from solarjax.dus import parse_plan_spec, plan_layers
+        from solarjax.upcycle import grown_config
 
-        cfg = cfg.replace(n_layers=len(plan_layers(parse_plan_spec(config.init.upscale, cfg.n_layers))))
+        cfg = grown_config(cfg, config.init.upscale, allow_shallower=config.init.get("allow_shallower", False))
+        cfg = cfg.replace(param_dtype="float32")
     return cfg
 
 

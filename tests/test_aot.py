@@ -244,3 +244,62 @@ def test_save_qkv_lse_keeps_the_splash_output_once(capsys):
     assert out(residuals("save_qkv_attn")) == 3  # query, attn_out and the kernel's output
     assert out(residuals("save_qkv_lse")) == 2  # query and the kernel's output
     assert [r for r in residuals("offload_input") if "<host>" in r] == ["bf16<host>[2,2,128,256]"]  # layer inputs
+
+
+# ----------------------------------------------------------------------------- grown models
+# train's own setup (train.init_model on CPU) is the oracle for the config aot compiles.
+
+def _grown(preset: str, upscale: str, **model):
+    """``preset`` shrunk to a few-thousand-parameter model (``model`` overrides by field), grown by ``upscale``."""
+    import ml_collections
+
+    from solarjax.config import apply_overrides
+
+    config = load_config(preset)
+    small = {"d_model": 32, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 64, "vocab_size": 64,
+             "max_seq_len": 64, "dtype": "float32", **model}
+    config.model = ml_collections.ConfigDict({**config.model.to_dict(), **small})
+    apply_overrides(config, ["train.batch_size=4", "train.seq_len=16", "mesh.data=2", "mesh.fsdp=2",
+                             "mesh.tensor=1", f"init.upscale={upscale!r}"])
+    return config
+
+
+def _trained_config(config):
+    """The ModelConfig of the params ``train`` builds from ``config``, and those params' layer count."""
+    from solarjax import sharding as shd
+    from solarjax import train as tr
+
+    mesh = shd.mesh_from_config(config.mesh, jax.devices()[:4])
+    cfg, params = tr.init_model(config, mesh, shd.rules_from_config(config.mesh.rules))
+    return cfg, params
+
+
+GEMMA_TYPES = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(6)]
+GROWN = [
+    ("tiny", "solar:m=1+upcycle:experts=4,k=2", {"n_layers": 3}),
+    ("tiny", "upcycle:experts=4,k=2,split=2", {"n_layers": 2}),
+    ("gemma3_1b", "solar:m=2", {"n_layers": 6, "layer_types": GEMMA_TYPES}),
+]
+
+
+@pytest.mark.parametrize("preset,upscale,model", GROWN, ids=["dus+upcycle", "upcycle", "gemma3-dus"])
+def test_aot_compiles_the_model_train_grows(preset, upscale, model):
+    config = _grown(preset, upscale, **model)
+    cfg, params = _trained_config(config)
+    shape = aot.model_shape_config(config)
+    assert shape == cfg
+    layers = params["layers"]
+    assert layers["wq"].shape[0] == shape.n_layers
+    if "upcycle" in upscale:
+        assert shape.arch == "mixtral" and shape.n_experts == 4 == layers["w_router"].shape[-1]
+        assert layers["w_gate"].shape[1] == shape.n_experts
+    else:  # solar:m=2 on 6 layers keeps 0-3 then 2-5: each copy keeps its source layer's type
+        assert shape.n_layers == 8
+        assert list(shape.layer_types) == [GEMMA_TYPES[i] for i in (0, 1, 2, 3, 2, 3, 4, 5)]
+
+
+def test_upcycled_step_compiles_on_cpu():
+    """The upcycled, depth-grown step lowers and compiles (XLA:CPU stands in for the TPU compiler)."""
+    config = _grown("tiny", "solar:m=1+upcycle:experts=4,k=2", n_layers=3)
+    report = aot.compile_train_step(config, aot.parse_topology("v5p-8"), devices=jax.devices()[:4])
+    assert report.params == aot.model_shape_config(config).num_params() and report.compile_seconds > 0

@@ -83,6 +83,8 @@ REMATS = {
         "save_qkv_lse": ("--config.model.remat='save_qkv_lse'",),
         "offload_qkv_lse": ("--config.model.remat='offload_qkv_lse'",),
         "save_qkv_lse_kept_loss": ("--config.model.remat='save_qkv_lse'", "--config.train.loss_recompute_logits=False"),
+        "offload_qkv_lse_kept_loss": ("--config.model.remat='offload_qkv_lse'",
+                                      "--config.train.loss_recompute_logits=False"),
         # not a match for MaxText's policy: the preset's candidate when HBM has room (less recompute)
         "dots_kept_loss": ("--config.model.remat='dots_with_no_batch_dims'", "--config.train.loss_recompute_logits=False"),
     }),

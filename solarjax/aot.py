@@ -506,7 +506,7 @@ def model_shape_config(config):
 
     cfg = model_config(config).replace(param_dtype="float32")
     if config.init.upscale:
-        from solarjax.upcycle import grown_config
+        from solarjax.growth import grown_config
 
         cfg = grown_config(cfg, config.init.upscale, allow_shallower=config.init.get("allow_shallower", False))
         cfg = cfg.replace(param_dtype="float32")

@@ -209,7 +209,7 @@ def latency_table(
 
 def random_model(name: str, cfg: ModelConfig, variant: str) -> tuple[str, Any, ModelConfig]:
     """(row label, random params, config) of a preset, up-scaled by SOLAR's rule for ``dus``."""
-    from solarjax.dus import upscale_params
+    from solarjax.growth.dus import upscale_params
 
     params = M.init_params(jax.random.key(0), cfg)
     if variant != "dus":

@@ -6,7 +6,7 @@ seed) and is scored on the same held-out batches, so differences come from the p
 ``solarjax demo`` runs two arms (base, SOLAR m=7) on SmolLM2-135M; ``solarjax ablate`` runs any
 list of arms, one result file each, so an interrupted sweep resumes where it stopped.
 
-An arm's spec is a growth spec (:mod:`solarjax.upcycle`): a DUS plan, sparse upcycling into a
+An arm's spec is a growth spec (:mod:`solarjax.growth`): a DUS plan, sparse upcycling into a
 Mixture of Experts (``upcycle:experts=8,k=2``), or both chained with ``+``. For DUS against MoE the
 arms get *equal training FLOPs* rather than equal steps (:func:`flop_matched_budgets`, active
 parameters counted), and :func:`run_arm` can measure each trained arm's decode latency and memory.
@@ -208,7 +208,7 @@ def run_arm(arm: Arm, base: BaseModel, budget: Budget, out_dir: Path | None, *, 
     """Grow (if the arm has a spec), score, train on the budget, score again; return the record.
     ``latency``: also measure the trained model's decode ms/token and peak memory (:func:`decode_cost`)."""
     from solarjax import train
-    from solarjax.upcycle import grow
+    from solarjax.growth import grow
     cfg, params = base.cfg.replace(dtype=budget.dtype), base.params
     if arm.spec:
         params, cfg = grow(params, cfg, arm.spec, jax.random.key(budget.seed))
@@ -272,8 +272,8 @@ def flop_matched_budgets(arms: Sequence[Arm], cfg: ModelConfig, budget: Budget) 
     """Equal training FLOPs for every arm: the budget is ``budget.steps`` steps of the base model
     ``cfg`` (``flops_per_token`` x tokens, active parameters counted), and each arm gets
     ``round(budget / its FLOPs per step)`` steps (at least 1) on the same batch stream, so the arms
-    share a prefix of it. Every spec is checked (:func:`solarjax.upcycle.grown_config`) first."""
-    from solarjax.upcycle import grown_config
+    share a prefix of it. Every spec is checked (:func:`solarjax.growth.grown_config`) first."""
+    from solarjax.growth import grown_config
 
     tokens = budget.batch_size * budget.seq_len
     total = budget.steps * tokens * cfg.flops_per_token(budget.seq_len)

@@ -14,20 +14,20 @@ def test_param_counts_match_published_sizes(name, billions):
 @pytest.mark.parametrize("name, billions, rel", [("llama3_2_1b", 1.24, 5e-3), ("qwen2_5_0_5b", 0.49, 1e-2),
                                                  ("qwen3_0_6b", 0.60, 1e-2), ("gemma3_1b", 1.0, 5e-3)])
 def test_family_presets_match_published_sizes_and_grow_by_their_plan(name, billions, rel):
-    from solarjax import dus
+    from solarjax.growth import dus, plans
 
     cfg = preset(name)
     assert cfg.num_params() == pytest.approx(billions * 1e9, rel=rel)
     grown_config = load_config(f"{name}_solar")
-    plan = dus.parse_plan_spec(grown_config.init.upscale, cfg.n_layers)
-    grown = dus.grown_config(cfg, plan)
-    assert grown.n_layers == len(dus.plan_layers(plan)) > cfg.n_layers
+    plan = plans.parse_plan_spec(grown_config.init.upscale, cfg.n_layers)
+    grown = dus.plan_config(cfg, plan)
+    assert grown.n_layers == len(plans.plan_layers(plan)) > cfg.n_layers
     embed = cfg.vocab_size * cfg.d_model  # tied: one table; every layer has the same size
     per_layer = (cfg.num_params() - embed - cfg.d_model) // cfg.n_layers
     assert grown.num_params() == cfg.num_params() + (grown.n_layers - cfg.n_layers) * per_layer
     if cfg.layer_types is not None:  # Gemma: every copied layer keeps its type (5 sliding : 1 full)
-        assert grown.layer_types == tuple(cfg.layer_types[i] for i in dus.plan_layers(plan))
-        assert grown.layer_types.count("full_attention") == sum(i % 6 == 5 for i in dus.plan_layers(plan))
+        assert grown.layer_types == tuple(cfg.layer_types[i] for i in plans.plan_layers(plan))
+        assert grown.layer_types.count("full_attention") == sum(i % 6 == 5 for i in plans.plan_layers(plan))
 
 
 def test_presets_describe_the_published_architectures():

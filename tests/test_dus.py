@@ -19,9 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 
 from conftest import make_hf_model, save_hf_model
-from solarjax import ckpt, dus, hf, model, safetensors_io
+from solarjax import ckpt, hf, model, safetensors_io
+from solarjax.growth import dus, plans
 from solarjax.cli import main
-from solarjax.dus import PlanError
+from solarjax.growth.plans import PlanError
 
 TOKENS = np.random.RandomState(0).randint(0, 256, size=(2, 20))  # longer than Mistral's window (8)
 
@@ -80,40 +81,40 @@ def run_cli(*args):
     ("0:3,1:4*0.5", 4, [(0, 3), (1, 4, 0.5)]),
 ])
 def test_parse_plan_spec(spec, n, expected):
-    plan = dus.parse_plan_spec(spec, n)
+    plan = plans.parse_plan_spec(spec, n)
     assert [tuple(s)[: 3 if s.scale is not None else 2] for s in plan] == expected
-    assert dus.parse_plan_spec(dus.format_plan(plan), n) == plan
+    assert plans.parse_plan_spec(plans.format_plan(plan), n) == plan
 
 
 def test_named_operators():
-    assert dus.solar(32, 8) == dus.make_plan([(0, 24), (8, 32)], 32)
-    assert len(dus.plan_layers(dus.solar(32, 8))) == 48  # SOLAR 10.7B
-    assert dus.solar(6, 0) == dus.repeat(6, 2)
-    assert dus.plan_layers(dus.llama_pro(8, 4)) == [0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7]
-    assert dus.plan_scales(dus.llama_pro(8, 4))[:3] == [None, None, 0.0]
-    assert dus.make_plan([[0, 2], (1, 3, 2)], 3) == (dus.Slice(0, 2), dus.Slice(1, 3, 2.0))
+    assert plans.solar(32, 8) == plans.make_plan([(0, 24), (8, 32)], 32)
+    assert len(plans.plan_layers(plans.solar(32, 8))) == 48  # SOLAR 10.7B
+    assert plans.solar(6, 0) == plans.repeat(6, 2)
+    assert plans.plan_layers(plans.llama_pro(8, 4)) == [0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 7, 7]
+    assert plans.plan_scales(plans.llama_pro(8, 4))[:3] == [None, None, 0.0]
+    assert plans.make_plan([[0, 2], (1, 3, 2)], 3) == (plans.Slice(0, 2), plans.Slice(1, 3, 2.0))
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: dus.make_plan([], 4), "empty"),
-    (lambda: dus.make_plan([(0, 5)], 4), r"\[0, 5\) is out of range"),
-    (lambda: dus.make_plan([(2, 2)], 4), "out of range"),
-    (lambda: dus.make_plan([(-1, 2)], 4), "out of range"),
-    (lambda: dus.make_plan([(0, 2.5)], 4), "integers"),
-    (lambda: dus.make_plan([(0, 2, float("nan"))], 4), "finite"),
-    (lambda: dus.make_plan([(0,)], 4), "expected"),
-    (lambda: dus.solar(32, -1), "non-negative"),
-    (lambda: dus.solar(32, 32), "smaller than n=32"),
-    (lambda: dus.repeat(4, 0), "k=0"),
-    (lambda: dus.middle(4, 3, 2), "start < end"),
-    (lambda: dus.llama_pro(32, 5), "must divide n=32"),
-    (lambda: dus.parse_plan_spec("", 4), "empty"),
-    (lambda: dus.parse_plan_spec("grow:m=1", 4), "unknown plan method 'grow'"),
-    (lambda: dus.parse_plan_spec("solar:k=1", 4), "bad argument 'k=1'"),
-    (lambda: dus.parse_plan_spec("solar:m=x", 4), "not an integer"),
-    (lambda: dus.parse_plan_spec("solar", 4), "needs m=INT"),
-    (lambda: dus.parse_plan_spec("0-3", 4), "cannot read range"),
-    (lambda: dus.parse_plan_spec("0:3*x", 4), "not a number"),
+    (lambda: plans.make_plan([], 4), "empty"),
+    (lambda: plans.make_plan([(0, 5)], 4), r"\[0, 5\) is out of range"),
+    (lambda: plans.make_plan([(2, 2)], 4), "out of range"),
+    (lambda: plans.make_plan([(-1, 2)], 4), "out of range"),
+    (lambda: plans.make_plan([(0, 2.5)], 4), "integers"),
+    (lambda: plans.make_plan([(0, 2, float("nan"))], 4), "finite"),
+    (lambda: plans.make_plan([(0,)], 4), "expected"),
+    (lambda: plans.solar(32, -1), "non-negative"),
+    (lambda: plans.solar(32, 32), "smaller than n=32"),
+    (lambda: plans.repeat(4, 0), "k=0"),
+    (lambda: plans.middle(4, 3, 2), "start < end"),
+    (lambda: plans.llama_pro(32, 5), "must divide n=32"),
+    (lambda: plans.parse_plan_spec("", 4), "empty"),
+    (lambda: plans.parse_plan_spec("grow:m=1", 4), "unknown plan method 'grow'"),
+    (lambda: plans.parse_plan_spec("solar:k=1", 4), "bad argument 'k=1'"),
+    (lambda: plans.parse_plan_spec("solar:m=x", 4), "not an integer"),
+    (lambda: plans.parse_plan_spec("solar", 4), "needs m=INT"),
+    (lambda: plans.parse_plan_spec("0-3", 4), "cannot read range"),
+    (lambda: plans.parse_plan_spec("0:3*x", 4), "not a number"),
 ])
 def test_invalid_plans_say_what_and_why(call, message):
     with pytest.raises(PlanError, match=message):
@@ -122,7 +123,7 @@ def test_invalid_plans_say_what_and_why(call, message):
 
 def test_config_per_layer_lists_are_reindexed():
     hf_cfg = {"num_hidden_layers": 3, "layer_types": ["a", "b", "c"], "dtype": "float32", "sliding_window": 8}
-    out = dus.upscaled_hf_config(hf_cfg, dus.parse_plan_spec("0:2,1:3", 3), dtype="bfloat16")
+    out = dus.upscaled_hf_config(hf_cfg, plans.parse_plan_spec("0:2,1:3", 3), dtype="bfloat16")
     assert out == {"num_hidden_layers": 4, "layer_types": ["a", "b", "b", "c"], "dtype": "bfloat16",
                    "sliding_window": 8}
 
@@ -174,7 +175,7 @@ def test_in_memory_upscale_equals_on_disk(hf_llama_dir, tmp_path):
 
 def test_solar_m0_equals_repeat_in_memory(hf_llama_dir):
     cfg, params = hf.load_hf(hf_llama_dir, dtype="bfloat16")
-    grown, grown_cfg = dus.upscale_params(params, cfg, dus.solar(cfg.n_layers, 0))
+    grown, grown_cfg = dus.upscale_params(params, cfg, plans.solar(cfg.n_layers, 0))
     assert grown_cfg.n_layers == 8
     for name, leaf in params["layers"].items():
         expected = np.concatenate([np.asarray(leaf)] * 2)  # numpy oracle
@@ -321,3 +322,20 @@ def test_small_scaled_tensors_between_copied_ones(tmp_path):
     _, disk = hf.load_hf(tmp_path / "out")
     for name, leaf in grown["layers"].items():
         np.testing.assert_array_equal(np.asarray(disk["layers"][name]), np.asarray(leaf), err_msg=name)
+
+
+@pytest.mark.parametrize("record,layers", [
+    (plans.Solar(m=2), [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]),  # SOLAR: [0, n - m) + [m, n)
+    (plans.Seam(first_end=6, second_start=4), [0, 1, 2, 3, 4, 5, 4, 5, 6, 7]),
+    (plans.Repeat(k=2), list(range(8)) * 2),
+    (plans.Middle(start=3, end=5), [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]),
+    (plans.Interleave(start=6, k=2), [0, 1, 2, 3, 4, 5, 6, 6, 7, 7]),
+    (plans.LlamaPro(new=2), [0, 1, 2, 3, 3, 4, 5, 6, 7, 7]),
+    (plans.Ranges(((0, 6), (4, 6, 0.5), (6, 8))), [0, 1, 2, 3, 4, 5, 4, 5, 6, 7]),
+])
+def test_typed_plan_steps_round_trip_through_their_spec(record, layers):
+    """Each operator's record is its spec string and its plan: the string parses back to the record,
+    and the plan stacks the layers the operator's definition lists (written out for n = 8)."""
+    assert plans.parse_plan_step(record.spec()) == record
+    assert plans.plan_layers(record.plan(8)) == layers == plans.plan_layers(plans.parse_plan_spec(record.spec(), 8))
+    assert type(record) is plans.Ranges or plans.OPERATORS[record.NAME] is type(record)

@@ -18,7 +18,8 @@ import pytest
 import torch
 import transformers
 
-from solarjax import dus, hf, model
+from solarjax import hf, model
+from solarjax.growth import dus, plans
 from solarjax.config import ConfigError
 
 SHAPE = dict(vocab_size=97, hidden_size=48, intermediate_size=72, num_hidden_layers=4, num_attention_heads=4,
@@ -136,7 +137,7 @@ def test_solar_upscale_equals_mergekit_and_transformers_agrees(case, tmp_path):
 
     from test_dus import mergekit_passthrough
 
-    plan = dus.parse_plan_spec("solar:m=1", case.cfg.n_layers)  # layers 0..2 then 1..3
+    plan = plans.parse_plan_spec("solar:m=1", case.cfg.n_layers)  # layers 0..2 then 1..3
     ours_dir = dus.upscale_hf(case.path, tmp_path / "ours", plan)
     theirs_dir = tmp_path / "mergekit"
     try:

@@ -206,11 +206,12 @@ def test_llama_cpp_decodes_the_f32_export_like_solarjax(tiny_llama, tiny_llama_f
 def test_llama_cpp_decodes_the_upscaled_smollm2_like_solarjax(tmp_path):
     """The real SmolLM2-135M, up-scaled with SOLAR's rule (30 -> 46 layers), exported at F32."""
     _llama_cpp()
-    from solarjax import dus, gguf, gguf_export, loading
+    from solarjax import gguf, gguf_export, loading
+    from solarjax.growth import dus, plans
     from solarjax.outputs import scratch_dir
 
     cfg, params, tokenizer = gguf.load_gguf()
-    params, cfg = dus.upscale_params(params, cfg, dus.solar(cfg.n_layers, 7))
+    params, cfg = dus.upscale_params(params, cfg, plans.solar(cfg.n_layers, 7))
     out = tmp_path / "smollm2_solar.gguf"
     with scratch_dir(out, "tok") as files:
         loading.copy_tokenizer(gguf.default_gguf_path(), files)

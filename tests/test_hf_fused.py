@@ -76,10 +76,10 @@ def test_fused_checkpoints_load_with_transformers_logits(name, fused):
 
 
 def test_the_streaming_upscaler_passes_fused_experts_through(fused, tmp_path):
-    from solarjax import dus
+    from solarjax.growth import dus, plans
 
     net, path = fused["mixtral"]
-    out = dus.upscale_hf(path, tmp_path / "grown", dus.make_plan([(0, 2), (1, 2)], 2))
+    out = dus.upscale_hf(path, tmp_path / "grown", plans.make_plan([(0, 2), (1, 2)], 2))
     grown = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert grown.config.num_hidden_layers == 3
     cfg, params = hf.load_hf(out)

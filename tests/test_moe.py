@@ -405,11 +405,11 @@ def test_depth_upscaling_copies_whole_moe_layers(case, tmp_path):
     computes the grown model's logits as solarjax does."""
     from safetensors.numpy import load_file
 
-    from solarjax import dus
+    from solarjax.growth import dus, plans
 
     if case.name != "mixtral_e5_k3":
         pytest.skip("checked once")
-    plan = dus.make_plan([(0, 2), (1, 2)], case.cfg.n_layers)
+    plan = plans.make_plan([(0, 2), (1, 2)], case.cfg.n_layers)
     source = {k: v for f in hf.safetensors_files(case.path) for k, v in load_file(f).items()}
     on_disk = dus.upscale_hf(case.path, tmp_path / "disk", plan)
     grown_t = {k: v for f in hf.safetensors_files(on_disk) for k, v in load_file(f).items()}
@@ -417,7 +417,7 @@ def test_depth_upscaling_copies_whole_moe_layers(case, tmp_path):
     for name, value in grown_t.items():
         if name.startswith(prefix):
             new_i, rest = name[len(prefix):].split(".", 1)
-            src_name = f"{prefix}{dus.plan_layers(plan)[int(new_i)]}.{rest}"
+            src_name = f"{prefix}{plans.plan_layers(plan)[int(new_i)]}.{rest}"
         else:
             src_name = name
         np.testing.assert_array_equal(value, source[src_name], err_msg=name)

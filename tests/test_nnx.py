@@ -21,7 +21,8 @@ import transformers
 pytest.importorskip("flax.nnx")
 from flax import nnx  # noqa: E402
 
-from solarjax import dus, hf, model  # noqa: E402
+from solarjax import hf, model  # noqa: E402
+from solarjax.growth import dus  # noqa: E402
 from solarjax import nnx as snnx  # noqa: E402
 from test_families import SHAPE, Case, _configs, logits_of, randomise_norms_and_biases  # noqa: E402
 from test_moe import CASES as MOE_CASES  # noqa: E402

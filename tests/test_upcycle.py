@@ -1,4 +1,4 @@
-"""Sparse upcycling (solarjax.upcycle), checked against transformers and NumPy.
+"""Sparse upcycling (solarjax.growth.upcycle), checked against transformers and NumPy.
 
 The identity: with identical experts an upcycled model computes the dense model's function, so the
 exported Mixtral, loaded by transformers, must give the logits transformers gives the dense source
@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from solarjax import dus, hf, model, upcycle
+from solarjax import growth, hf, model
+from solarjax.growth import dus, upcycle
 from solarjax.cli import main
 from solarjax.config import ConfigError, ModelConfig
 
@@ -36,7 +37,7 @@ def test_upcycled_mixtral_equals_the_dense_model_in_transformers(fixture, spec, 
     dense_dir = src if dense_plan is None else dus.upscale_hf(src, tmp_path / "dense", dense_plan)
     expected, dense_net = hf_logits(dense_dir, transformers.LlamaForCausalLM)
     cfg, params = hf.load_hf(src)
-    grown, moe_cfg = upcycle.grow(params, cfg, spec)
+    grown, moe_cfg = growth.grow(params, cfg, spec)
     out = hf.save_hf(grown, moe_cfg, tmp_path / "moe", source_dir=src)
     got, net = hf_logits(out, transformers.MixtralForCausalLM)
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -140,7 +141,7 @@ def test_upcycling_keeps_the_devices_of_sharded_params(dense):
 def test_families_mixtral_cannot_express_are_refused_in_one_line(arch, extra, message):
     cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64, arch=arch, **extra)
     with pytest.raises(ConfigError, match=message) as err:
-        upcycle.grown_config(cfg, "upcycle:experts=4,k=2")
+        growth.grown_config(cfg, "upcycle:experts=4,k=2")
     assert "\n" not in str(err.value)
 
 
@@ -151,7 +152,7 @@ def test_families_mixtral_cannot_express_are_refused_in_one_line(arch, extra, me
 ])
 def test_bad_growth_specs_are_one_line(dense, spec, message):
     with pytest.raises(ConfigError, match=message):
-        upcycle.grown_config(dense[0], spec)
+        growth.grown_config(dense[0], spec)
 
 
 def test_training_init_takes_a_growth_spec():

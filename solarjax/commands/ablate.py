@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from solarjax import research
-    from solarjax.upcycle import grown_config
+    from solarjax.growth import grown_config
 
     paths(args)
     plans = [p.strip() for p in args.plans.split(";") if p.strip()]

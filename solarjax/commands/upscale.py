@@ -72,7 +72,7 @@ def register(subparsers) -> None:
 
 def plan_spec(args: argparse.Namespace) -> str:
     """The plan (or growth) spec string the flags describe."""
-    from solarjax.dus import PlanError
+    from solarjax.growth.plans import PlanError
 
     if getattr(args, "upcycle", None):
         upcycle = "upcycle:" + args.upcycle.removeprefix("upcycle:")
@@ -93,7 +93,8 @@ def plan_spec(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from solarjax import dus, loading
+    from solarjax import growth, loading
+    from solarjax.growth import dus, plans
     from solarjax.hf import CheckpointError, read_hf_config
 
     paths(args)
@@ -103,24 +104,22 @@ def run(args: argparse.Namespace) -> int:
     if args.format not in ("auto", kind):
         raise CheckpointError(f"{args.src} is a {source.description}, not {args.format}")
     spec = plan_spec(args)
-    from solarjax import upcycle
-
-    if source.kind != "hf" or len(upcycle.growth_steps(spec)) > 1 or upcycle.is_upcycle(spec):
+    if source.kind != "hf" or len(growth.growth_steps(spec)) > 1 or growth.is_upcycle(spec):
         return _grow_in_memory(args, spec)
     # an HF source is streamed without being modelled, so any Llama-family config.json is fine
     n_src = read_hf_config(source.weights).get("num_hidden_layers")
-    plan = dus.parse_plan_spec(spec, n_src)
+    plan = plans.parse_plan_spec(spec, n_src)
     if not args.allow_shallower:
-        dus.check_deeper(plan, n_src, spec)
+        plans.check_deeper(plan, n_src, spec)
     start = time.perf_counter()
     dus.upscale_hf(args.src, args.dst, plan, dtype=args.dtype, max_shard_size=args.max_shard_size,
                    overwrite=args.overwrite, progress=not args.no_progress)
     seconds = time.perf_counter() - start
     size = sum(f.stat().st_size for f in args.dst.rglob("*") if f.is_file())
-    n_out = len(dus.plan_layers(plan))
+    n_out = len(plans.plan_layers(plan))
     report(args, {"model": str(args.src), "out": str(args.dst), "layers_in": n_src, "layers_out": n_out,
-                  "plan": dus.format_plan(plan), "bytes": size, "seconds": seconds},
-           f"{args.src} ({n_src} layers) -> {args.dst} ({n_out} layers), plan {dus.format_plan(plan)}: "
+                  "plan": plans.format_plan(plan), "bytes": size, "seconds": seconds},
+           f"{args.src} ({n_src} layers) -> {args.dst} ({n_out} layers), plan {plans.format_plan(plan)}: "
            f"{size / 1e9:.3f} GB in {seconds:.1f} s ({size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
     return 0
 
@@ -128,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
 def _grow_in_memory(args: argparse.Namespace, spec: str) -> int:
     """Grow in memory: GGUF, Orbax and run sources, and growth specs with sparse upcycling or several
     steps (load, grow, save: HF for HF/GGUF sources, an upcycled model as a Mixtral; else Orbax)."""
-    from solarjax import upcycle
+    from solarjax import growth
 
     start = time.perf_counter()
-    cfg_in, cfg = upcycle.grow_loaded(args.src, args.dst, spec, dtype=args.dtype, max_shard_size=args.max_shard_size,
+    cfg_in, cfg = growth.grow_loaded(args.src, args.dst, spec, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                       overwrite=args.overwrite, progress=not args.no_progress,
                                       allow_shallower=args.allow_shallower)
     seconds = time.perf_counter() - start

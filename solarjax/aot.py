@@ -517,9 +517,7 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     """Lower and compile ``solarjax train``'s step for ``topo``; a report (``fits=False`` on OOM)."""
     from solarjax import sharding as shd
     from solarjax.attention import resolve as resolve_attention
-    from solarjax.optim import make_optimizer
-    from solarjax.train import (abstract_batch, abstract_train_state, default_loss, jit_train_step,
-                                make_train_step, train_state_shardings)
+    from solarjax.train import abstract_batch, abstract_train_state, build_step
 
     devices = devices if devices is not None else topology_devices(topo)
     mesh = aot_mesh(config.mesh, devices, topo.num_slices)
@@ -529,15 +527,10 @@ def compile_train_step(config, topo: Topology, devices: list | None = None) -> A
     cfg = model_shape_config(config)
     if tc.seq_len > cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
-    optimizer, schedule = make_optimizer(config.optim, tc.steps)
-    state_sh = train_state_shardings(cfg, optimizer, mesh, rules)
-    batch_sh = shd.batch_sharding(mesh, rules)
-    loss_fn = default_loss(mesh, rules, recompute_logits=tc.get("loss_recompute_logits", True),
-                           chunk_tokens=tc.get("loss_chunk_tokens"))  # train()'s own loss
-    step = jit_train_step(make_train_step(cfg, optimizer, loss_fn, grad_accum=tc.grad_accum, schedule=schedule),
-                          state_sh, batch_sh)  # the trainer's own jit, activation sharding included
-    state = abstract_train_state(cfg, optimizer, state_sh)
-    batch = abstract_batch(tc.batch_size, tc.seq_len, batch_sh)
+    built = build_step(config, mesh, rules, cfg)  # train()'s own optimizer, loss, step and jit
+    step = built.step
+    state = abstract_train_state(cfg, built.optimizer, built.state_shardings)
+    batch = abstract_batch(tc.batch_size, tc.seq_len, built.batch_shardings)
     tokens = tc.batch_size * tc.seq_len
     report = AotReport(
         topology=topo.name, topology_name=topo.topology_name, num_slices=topo.num_slices, chips=topo.num_chips,

@@ -35,16 +35,15 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from solarjax.config import ConfigError, ModelConfig
-from solarjax import moe
-from solarjax.model import Params, hidden_states_and_aux, lm_head
+from solarjax.losses import DPO_LOSS_TYPES as LOSS_TYPES
+from solarjax.losses import make_dpo_loss_fn, sequence_logps
+from solarjax.model import Params
 from solarjax.sft import (Encoder, LoadStats, SFTDataError, batched, check_messages, keep_in_run, load_encoded,
                           make_encoder, resolve_tokenizer)
 from solarjax.train import Task
 
-LOSS_TYPES = ("sigmoid", "ipo")
 ROW_KEYS = ("pair", "ref_logps")  # per-row extras beside the trainer's (B, T) batch keys
 
 
@@ -184,60 +183,6 @@ def make_dpo_dataset(
     # rows after pairing, so the empty rows that fill a short eval batch have pair 0: no weight
     return batched(ds, pairs_per_batch, rows=2 * pairs_per_batch, repeat=repeat,
                    to_rows=_ToRows(1 + process_index * pairs_per_batch))
-
-
-# ----------------------------------------------------------------------------- loss
-
-
-def sequence_logps(params: Params, batch: Mapping[str, jax.Array], cfg: ModelConfig,
-                   average: bool = False, with_aux: bool = False):
-    """Per row: the sum (or mean) of ``log p(target)`` over ``loss_mask`` tokens, fp32; with
-    ``with_aux`` also the Mixture-of-Experts router losses of the same forward (``{}`` if dense)."""
-    x, aux = hidden_states_and_aux(params, batch["tokens"], cfg, positions=batch["positions"],
-                                   segment_ids=batch["segment_ids"])
-    logp = -optax.softmax_cross_entropy_with_integer_labels(lm_head(params, x, cfg), batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    total = jnp.sum(logp * mask, axis=-1)
-    total = total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0) if average else total
-    return (total, aux) if with_aux else total
-
-
-def dpo_loss(policy_logps: jax.Array, ref_logps: jax.Array, pair: jax.Array, *, beta: float,
-             label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean DPO loss over the pairs in the rows, and its metrics; rows are matched by signed ``pair`` ids."""
-    partner = (pair[:, None] == -pair[None, :]).astype(jnp.float32)  # chosen row i -> its rejected row
-    ref_logps = jax.lax.stop_gradient(ref_logps)
-    chosen = (pair > 0).astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(chosen), 1.0)
-    pc, pr = policy_logps, partner @ policy_logps
-    rc, rr = ref_logps, partner @ ref_logps
-    h = (pc - pr) - (rc - rr)
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ConfigError(f"dpo loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    mean = lambda x: jnp.sum(chosen * x) / n  # noqa: E731
-    chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
-    loss = mean(losses)
-    return loss, {"loss": loss, "reward_accuracy": mean((chosen_reward > rejected_reward).astype(jnp.float32)),
-                  "reward_margin": mean(chosen_reward - rejected_reward), "chosen_reward": mean(chosen_reward),
-                  "rejected_reward": mean(rejected_reward), "chosen_logp": mean(pc), "rejected_logp": mean(pr)}
-
-
-def make_dpo_loss_fn(beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
-    """A trainer ``loss_fn(params, batch, cfg)``; the batch carries ``pair`` and ``ref_logps``."""
-    def loss_fn(params, batch, cfg):
-        logps, aux = sequence_logps(params, batch, cfg, average=loss_type == "ipo", with_aux=True)
-        loss, metrics = dpo_loss(logps, batch["ref_logps"], batch["pair"], beta=beta,
-                                 label_smoothing=label_smoothing, loss_type=loss_type)
-        if not aux:
-            return loss, metrics
-        # an MoE policy keeps its router balanced while it is tuned, as in pretraining
-        return loss + moe.weighted_aux_loss(aux, cfg), {**metrics, **moe.scalar_metrics(aux, cfg)}
-
-    return loss_fn
 
 
 # ----------------------------------------------------------------------------- the trainer's hooks

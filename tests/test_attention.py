@@ -20,7 +20,7 @@ from solarjax import model as M
 from solarjax import sharding as shd
 from solarjax.config import ConfigError, preset
 from solarjax.losses import chunk_length, chunked_cross_entropy
-from solarjax.train import next_token_loss
+from solarjax.losses import next_token_loss
 
 B, T, H, K, D = 2, 160, 4, 2, 16
 SEGMENTS = np.array([[1] * 50 + [2] * 70 + [3] * 40, [1] * 160], np.int32)

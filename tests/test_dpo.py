@@ -13,7 +13,7 @@ from conftest import make_hf_model, save_hf_model  # noqa: E402
 from sft_fixtures import (build_tokenizer, hf_tokenizer, model_with_tokenizer, preference_records,  # noqa: E402
                           write_jsonl)
 
-from solarjax import dpo, sft  # noqa: E402
+from solarjax import dpo, losses, sft  # noqa: E402
 from solarjax.config import ConfigError  # noqa: E402
 from solarjax.data import load_tokenizer  # noqa: E402
 
@@ -99,9 +99,9 @@ def test_loss_equals_numpy_on_transformers_logps(tmp_path, policy_dir, reference
     assert batch["tokens"].shape == (2 * len(records), 48)
     cfg, policy = load_hf(policy_dir)
     _, reference = load_hf(reference_dir)
-    logps = jax.jit(lambda p, b: dpo.sequence_logps(p, b, cfg, average=loss_type == "ipo"))
+    logps = jax.jit(lambda p, b: losses.sequence_logps(p, b, cfg, average=loss_type == "ipo"))
     ref_logps = logps(reference, batch)
-    loss_fn = jax.jit(dpo.make_dpo_loss_fn(0.5, ls, loss_type), static_argnums=2)
+    loss_fn = jax.jit(losses.make_dpo_loss_fn(0.5, ls, loss_type), static_argnums=2)
     _, metrics = loss_fn(policy, {**batch, "ref_logps": ref_logps}, cfg)
     for key, value in expected.items():
         np.testing.assert_allclose(float(metrics[key]), value, rtol=2e-5, atol=1e-6, err_msg=key)
@@ -129,19 +129,19 @@ def test_pairs_stay_whole_in_microbatches_and_across_processes():
     pair = np.concatenate([p["pair"] for p in parts])  # the global batch: process 0's rows, then process 1's
     assert sorted(np.abs(pair)) == sorted(list(range(1, 9)) * 2)
     policy, reference = rng.normal(size=16), rng.normal(size=16)
-    full = dpo.dpo_loss(policy, reference, pair, beta=0.3)[1]
+    full = losses.dpo_loss(policy, reference, pair, beta=0.3)[1]
     micro = []
     for i in range(2):  # solarjax.train's microbatch split
         rows = np.arange(i, 16, 2)
         assert sorted(pair[rows][pair[rows] > 0]) == sorted(-pair[rows][pair[rows] < 0])
-        micro.append(dpo.dpo_loss(policy[rows], reference[rows], pair[rows], beta=0.3)[1])
+        micro.append(losses.dpo_loss(policy[rows], reference[rows], pair[rows], beta=0.3)[1])
     for key in ("loss", "reward_margin", "reward_accuracy"):
         np.testing.assert_allclose(np.mean([float(m[key]) for m in micro]), float(full[key]), rtol=1e-6)
     # an eval set that does not fill the last batch: empty rows (pair 0) change nothing
     last = list(dpo.make_dpo_dataset(pairs[:5], seq_len=8, pairs_per_batch=4, shuffle=False, repeat=False))[-1]
     np.testing.assert_array_equal(last["pair"], [1, -1, 0, 0, 0, 0, 0, 0])
-    padded = dpo.dpo_loss(policy[:8], reference[:8], last["pair"], beta=0.3)[1]
-    alone = dpo.dpo_loss(policy[:2], reference[:2], np.array([1, -1]), beta=0.3)[1]
+    padded = losses.dpo_loss(policy[:8], reference[:8], last["pair"], beta=0.3)[1]
+    alone = losses.dpo_loss(policy[:2], reference[:2], np.array([1, -1]), beta=0.3)[1]
     assert float(padded["loss"]) == pytest.approx(float(alone["loss"]), rel=1e-6)
 
 
@@ -230,7 +230,7 @@ def test_moe_policy_adds_its_router_losses():
              "loss_mask": jnp.ones((4, 8)), "segment_ids": jnp.ones((4, 8), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(8), (4, 8)), "pair": jnp.asarray([1, -1, 2, -2]),
              "ref_logps": jnp.asarray([-30.0, -31.0, -29.0, -30.5])}
-    loss_fn = dpo.make_dpo_loss_fn(beta=0.1)
+    loss_fn = losses.make_dpo_loss_fn(beta=0.1)
     loss, metrics = loss_fn(params, batch, cfg)
     plain, _ = loss_fn(params, batch, cfg.replace(router_aux_loss_coef=0.0, router_z_loss_coef=0.0))
     assert float(loss - plain) == pytest.approx(0.5 * float(metrics["moe_balance_loss"])

@@ -105,3 +105,16 @@ def hf_tokenizer(directory: Path):
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
+
+
+def alpaca_rows(tok, instruction: str, response: str, input: str = "", bos: int = 1, eos: int = 2) -> dict:
+    """The oracle row of an Alpaca example, from the tokenizer alone: ``bos + ids(prompt + response) +
+    eos`` shifted by one, the loss on the response tokens and eos (a Whitespace pre-tokenizer makes
+    the prompt's ids a prefix of the whole text's)."""
+    from solarjax.sft import alpaca_prompt
+
+    prompt = alpaca_prompt(instruction, input)
+    ids = [bos] + tok.encode(prompt + response, add_special_tokens=False).ids + [eos]
+    prompt_len = 1 + len(tok.encode(prompt, add_special_tokens=False).ids)
+    assert ids[:prompt_len][1:] == tok.encode(prompt, add_special_tokens=False).ids
+    return {"tokens": ids[:-1], "targets": ids[1:], "loss_mask": [0] * (prompt_len - 1) + [1] * (len(ids) - prompt_len)}

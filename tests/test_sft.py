@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sft_fixtures import (PLAIN_CHAT_TEMPLATE, alpaca_records, chat_records, hf_tokenizer,  # noqa: E402
+from sft_fixtures import (PLAIN_CHAT_TEMPLATE, alpaca_records, alpaca_rows, chat_records, hf_tokenizer,  # noqa: E402
                           model_with_tokenizer, write_jsonl)
 
 from solarjax import sft  # noqa: E402
@@ -111,6 +111,35 @@ def test_unpacked_rows_hold_one_example(tok):
     assert [b["tokens"].shape[0] for b in batches] == [2, 2, 2]  # the last one filled up with an empty row
     assert all(b["segment_ids"].max() == 1 for b in batches)
     assert batches[-1]["segment_ids"][1].max() == 0 and batches[-1]["loss_mask"][1].sum() == 0
+
+
+def test_rows_from_a_file_are_the_tokenizers_ids_and_the_records_masks(tmp_path, tok):
+    """JSONL -> load_examples -> unpacked eval batches, against the tokenizer applied to each record,
+    the mask from the record's prompt/response split, and the padding arithmetic (5 rows in 3 x 2)."""
+    records = alpaca_records(5)
+    examples, stats = sft.load_examples(str(write_jsonl(tmp_path / "d.jsonl", records)), sft.Encoder(tok, 64))
+    assert stats.kept == 5 and not stats.skipped and not stats.truncated
+    batches = list(sft.make_sft_dataset(examples, seq_len=64, batch_size=2, pack=False, shuffle=False, repeat=False))
+    assert len(batches) == 3 and all(b[k].shape == (2, 64) for b in batches for k in b)
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(2)]
+    for record, row in zip(records, rows):
+        want = alpaca_rows(tok, record["instruction"], record["output"], record["input"])
+        n = len(want["tokens"])
+        for key in ("tokens", "targets", "loss_mask"):
+            np.testing.assert_array_equal(row[key], want[key] + [0] * (64 - n), err_msg=key)
+        np.testing.assert_array_equal(row["segment_ids"], [1] * n + [0] * (64 - n))
+        np.testing.assert_array_equal(row["positions"][:n], np.arange(n))
+    assert all(not row[k].any() for row in rows[5:] for k in row)  # the filler row: nothing at all
+
+
+def test_a_long_line_is_a_bad_record_naming_its_line(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(sft, "MAX_RECORD_BYTES", 200)
+    good = alpaca_records(2)
+    path = write_jsonl(tmp_path / "long.jsonl", [good[0], {"instruction": "Repeat.", "output": "red " * 60}, good[1]])
+    with pytest.raises(sft.SFTDataError, match=rf"long\.jsonl:2: a line longer than 200 bytes"):
+        sft.load_examples(str(path), sft.Encoder(tok, 64))
+    examples, stats = sft.load_examples(str(path), sft.Encoder(tok, 64), skip_bad=True)
+    assert len(examples) == 2 and sum(stats.skipped.values()) == 1
 
 
 def test_bad_records_name_file_and_line(tmp_path, tok):

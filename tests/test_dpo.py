@@ -236,3 +236,21 @@ def test_moe_policy_adds_its_router_losses():
     assert float(loss - plain) == pytest.approx(0.5 * float(metrics["moe_balance_loss"])
                                                 + 0.25 * float(metrics["moe_z_loss"]), rel=1e-5)
     assert float(metrics["moe_balance_loss"]) >= 1.0 - 1e-6 and len(metrics["expert_load"]) == 3
+
+
+def test_chat_pairs_without_a_chat_template_are_refused(tmp_path, policy_dir):
+    """template=auto on a tokenizer without a chat template: messages in a pair are one error naming
+    file:line and the dpo settings, never skipped as a bad record; text pairs still load (as SFT)."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "tokenizer.json").write_bytes((policy_dir / "tokenizer.json").read_bytes())
+    encoder = sft.make_encoder(_config_with_dpo(), _cfg(policy_dir), load_tokenizer(plain), plain, "dpo")
+    assert encoder.template == "alpaca" and encoder.no_chat_template
+    path = write_jsonl(tmp_path / "p.jsonl", preference_records(2) + [CHAT_RECORD])
+    for skip_bad in (False, True):
+        with pytest.raises(sft.SFTDataError, match=r"p\.jsonl:3: a record with messages in \['chosen', 'rejected'\] "
+                                                   r"needs a chat template.*dpo\.chat_template=FILE") as err:
+            dpo.load_pairs(str(path), encoder, skip_bad=skip_bad)
+        assert str(plain) in str(err.value) and "\n" not in str(err.value)
+    pairs, _ = dpo.load_pairs(str(write_jsonl(tmp_path / "text.jsonl", preference_records(2))), encoder)
+    assert len(pairs) == 2

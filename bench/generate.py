@@ -19,7 +19,9 @@ CPU against llama.cpp (the small-model survey's table, one command; needs ``pip 
         --sides ours,ours_int8,llama_cpp_f32,llama_cpp_f16,llama_cpp_q8_0,llama_cpp_q4_1,hf_eager
 
 Sides: ``ours`` (solarjax ``generate``: prefill and the whole decode loop one compiled program),
-``ours_int8`` (the same with weight-only int8, :mod:`solarjax.quant`), ``hf_compiled``
+``ours_int8`` (the same with weight-only int8, :mod:`solarjax.quant`; on CPU its decode projections
+run the C++ int8 kernel, :mod:`solarjax.kernels.cpu_int8`, when it is built: the ``int8_kernel``
+line says which code path), ``ours_int8_xla`` (int8 with that kernel off: XLA's convert + dot), ``hf_compiled``
 (transformers ``generate`` with ``cache_implementation="static"`` and a ``CompileConfig``:
 its decode step under ``torch.compile``, CUDA graphs on a GPU via mode ``reduce-overhead``) and
 ``hf_eager`` (transformers ``generate``, dynamic cache, eager). All are timed through their
@@ -54,7 +56,7 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
 }
 LLAMA_CPP_TYPES = ("f32", "f16", "q8_0", "q4_1")
-SIDES = ("ours", "ours_int8", "hf_compiled", "hf_eager", *(f"llama_cpp_{t}" for t in LLAMA_CPP_TYPES))
+SIDES = ("ours", "ours_int8", "ours_int8_xla", "hf_compiled", "hf_eager", *(f"llama_cpp_{t}" for t in LLAMA_CPP_TYPES))
 
 
 def build_model(path: str, shape: str) -> None:
@@ -130,6 +132,7 @@ def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats:
     from solarjax import generate as G
     from solarjax import quant
     from solarjax.decode_layout import unstack_layers
+    from solarjax.kernels import cpu_int8
 
     cfg, params, _ = G.load_model(path, dtype=dtype)
     cfg = cfg.replace(dtype=dtype)
@@ -148,7 +151,8 @@ def bench_ours(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats:
     stats = device.memory_stats() or {}
     peak = stats.get("peak_bytes_in_use") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"prefill_ms": prefill_ms, "decode_ms_per_token": decode_ms, "peak_memory_mb": peak / 2**20,
-            "weight_mb": quant.param_bytes(params) / 2**20, "first_call_s": compile_s, "device": device.device_kind}
+            "weight_mb": quant.param_bytes(params) / 2**20, "first_call_s": compile_s, "device": device.device_kind,
+            "int8_kernel": (cpu_int8.isa() if int8 and cpu_int8.available() else "off")}
 
 
 def bench_transformers(path: str, prompt_len: int, new_tokens: int, dtype: str, repeats: int, compiled: bool,
@@ -208,8 +212,11 @@ def run_side(side: str, args: argparse.Namespace, model_dir: str) -> dict:
            "--repeats", str(args.repeats), "--ours-unroll", args.ours_unroll,
            *(["--torch-threads", str(args.torch_threads)] if args.torch_threads else []),
            *(["--threads", str(args.threads)] if args.threads else [])]
+    env = os.environ.copy()
+    if side == "ours_int8_xla":
+        env["SOLARJAX_CPU_INT8_KERNEL"] = "0"  # solarjax.kernels.cpu_int8.DISABLE_ENV
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=args.side_timeout,
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.side_timeout,
                               preexec_fn=_pin(args.threads))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.side_timeout} s"}
@@ -240,7 +247,7 @@ def main() -> None:
     if args.side:  # child process: one side, one JSON object
         common = (args.model_dir, args.prompt_len, args.new_tokens, args.dtype, args.repeats)
         if args.side.startswith("ours"):
-            result = bench_ours(*common, int8=args.side == "ours_int8", unroll=args.ours_unroll)
+            result = bench_ours(*common, int8=args.side.startswith("ours_int8"), unroll=args.ours_unroll)
         elif args.side.startswith("llama_cpp_"):
             result = bench_llama_cpp(args.model_dir, args.prompt_len, args.new_tokens, args.repeats, args.threads)
         else:
@@ -266,6 +273,9 @@ def main() -> None:
     for side, result in results.items():
         if "error" in result:
             print(json.dumps({"figure": "error", "side": side, "error": result["error"], **common}))
+    kernels = {side: r["int8_kernel"] for side, r in results.items() if "int8_kernel" in r}
+    if kernels:
+        print(json.dumps({"figure": "int8_kernel", **kernels, **common}))
     for figure in ("prefill_ms", "decode_ms_per_token", "peak_memory_mb", "first_call_s"):
         values = {side: (round(r[figure], 3) if figure in r else None) for side, r in results.items()}
         ours = values.get("ours")

@@ -45,10 +45,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void matvec_avx512(const fl
 #define load_tail(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail_mask, (p))))
   int64_t k = 0;
   for (; k + kRowsPerStep <= k_dim; k += kRowsPerStep) {
-    const int8_t* w0 = w + k * n_dim;
-    const int8_t* w1 = w0 + n_dim;
-    const int8_t* w2 = w1 + n_dim;
-    const int8_t* w3 = w2 + n_dim;
+    const int8_t *w0 = w + k * n_dim, *w1 = w0 + n_dim, *w2 = w1 + n_dim, *w3 = w2 + n_dim;
     for (int64_t n = 0; n < n_dim; n += 16) {
       const bool tail = n >= n_vec;
       const __m512 f0 = tail ? load_tail(w0 + n) : load(w0 + n);
@@ -102,10 +99,7 @@ __attribute__((target("avx2,fma"))) void matvec_avx2(const float* x, const int8_
 #define load(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))
   int64_t k = 0;
   for (; k + kRowsPerStep <= k_dim; k += kRowsPerStep) {
-    const int8_t* w0 = w + k * n_dim;
-    const int8_t* w1 = w0 + n_dim;
-    const int8_t* w2 = w1 + n_dim;
-    const int8_t* w3 = w2 + n_dim;
+    const int8_t *w0 = w + k * n_dim, *w1 = w0 + n_dim, *w2 = w1 + n_dim, *w3 = w2 + n_dim;
     for (int64_t n = 0; n < n_vec; n += 8) {
       const __m256 f0 = load(w0 + n), f1 = load(w1 + n), f2 = load(w2 + n), f3 = load(w3 + n);
       for (int64_t b = 0; b < batch; ++b) {

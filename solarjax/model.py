@@ -22,9 +22,10 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from solarjax import attention as attn
-from solarjax import families
+from solarjax import families, moe
 from solarjax.config import REMAT_POLICIES, ModelConfig
 from solarjax.families.spec import Family, Param
+from solarjax.ffn import activation_fn, mlp
 from solarjax.kernels import cpu_int8
 
 Params = dict[str, Any]
@@ -228,28 +229,6 @@ def attention_masks(q_positions, kv_positions, q_segments, kv_segments, cfg: Mod
                       for k in range(cfg.n_kinds)])
 
 
-def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name == "silu":
-        return jax.nn.silu
-    if name == "gelu_tanh":
-        return functools.partial(jax.nn.gelu, approximate=True)
-    raise ValueError(f"activation {name!r} is not implemented")
-
-
-def mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array | None, w_down: jax.Array, activation: str = "silu") -> jax.Array:
-    """Gated feed-forward: SwiGLU (``silu``) or GeGLU (``gelu_tanh``). ``w_up=None``: ``w_gate`` is
-    the decode layout's fused ``(d, 2·ffn)`` gate-and-up matrix (solarjax.decode_layout).
-
-    Written with ``@`` (the same dot_general as ``einsum("btd,df->btf")``) so a weight object with
-    ``__rmatmul__`` computes its own product: :mod:`solarjax.nnx` runs each one in its named submodule."""
-    if w_up is None:
-        gate, up = jnp.split(x @ w_gate.astype(x.dtype), 2, axis=-1)
-    else:
-        gate = x @ w_gate.astype(x.dtype)
-        up = x @ w_up.astype(x.dtype)
-    return (_activation(activation)(gate) * up) @ w_down.astype(x.dtype)
-
-
 def project_heads(h: jax.Array, w: jax.Array) -> jax.Array:
     """(b, t, d) @ (d, heads, head_dim) -> (b, t, heads, head_dim) as one 2-D matmul.
 
@@ -301,9 +280,7 @@ def finish_layer_with_stats(x: jax.Array, attn_out: jax.Array, layer: Params, cf
     h = norm(x, layer["mlp_norm"], cfg)
     stats = None
     if "w_router" in layer:
-        from solarjax import moe
-
-        out, stats = moe.moe_block(h, layer, cfg, _activation(family(cfg).activation), valid,
+        out, stats = moe.moe_block(h, layer, cfg, activation_fn(family(cfg).activation), valid,
                                    _ACTIVATION_SHARDING.get())
     elif "w_gate_up" in layer:
         out = mlp(h, layer["w_gate_up"], None, layer["w_down"], family(cfg).activation)
@@ -527,8 +504,6 @@ def hidden_states_and_aux(
                              valid=valid, with_stats=True)
     if stats is None:
         return x, {}
-    from solarjax import moe
-
     return x, moe.aux_losses(stats, cfg)
 
 

@@ -50,7 +50,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from solarjax import families
 from solarjax.config import ConfigError, ModelConfig
+from solarjax.ffn import mlp
 
 
 class Routing(NamedTuple):
@@ -247,9 +249,7 @@ def moe_block(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig, activation:
 def shared_expert(h: jax.Array, layer: dict[str, Any], cfg: ModelConfig) -> jax.Array:
     """Qwen2-MoE's shared expert: the family's gated MLP on every token, scaled by
     ``sigmoid(h @ w_shared_router)``."""
-    from solarjax.model import family, mlp  # the one gated MLP (model imports this module lazily too)
-
-    out = mlp(h, layer["w_shared_gate"], layer["w_shared_up"], layer["w_shared_down"], family(cfg).activation)
+    out = mlp(h, layer["w_shared_gate"], layer["w_shared_up"], layer["w_shared_down"], families.get(cfg.arch).activation)
     scale = jax.nn.sigmoid(jnp.einsum("btd,do->bto", h.astype(jnp.float32), layer["w_shared_router"].astype(jnp.float32)))
     return (out.astype(jnp.float32) * scale).astype(h.dtype)
 
